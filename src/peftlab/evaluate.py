@@ -1,0 +1,64 @@
+"""Evaluation: a fine-tuned run's stored weights -> metrics on the held-out test split."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunKey
+from .data import REGRESSION, load_split
+from .io import read_json, write_json
+from .methods import build_method
+from .metrics import compute_metrics
+from .models import ModelSpec, load_model, load_tokenizer
+from .provenance import device, git_commit, set_seed, versions
+from .train import Collator, make_loader, predict
+
+
+def evaluate(
+    key: RunKey,
+    model_spec: ModelSpec,
+    data_dir: str | Path,
+    finetune_record_path: str | Path,
+    weights_path: str | Path,
+    out_path: str | Path,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Rebuild base model + method, load the stored tensors, score the test split."""
+    set_seed(key.seed, threads)
+    dev = device()
+    stats = read_json(Path(data_dir) / "stats.json")
+    ft = read_json(finetune_record_path)
+    test_df = load_split(data_dir, "test")
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
+    model = method.load(model, weights_path).to(dev)
+    loader = make_loader(test_df, ft["config"]["training"]["eval_batch_size"],
+                         Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION), shuffle=False)
+    t0 = time.perf_counter()
+    outputs, labels = predict(model, loader, dev, desc="test")
+    elapsed = time.perf_counter() - t0
+    metrics = compute_metrics(stats["problem_type"], outputs, labels)
+    record = {
+        "schema_version": 1,
+        "rule": "evaluate",
+        "status": "completed",
+        "run": key.tags() | {"seed": key.seed},
+        "split": "test",
+        "n_examples": int(len(test_df)),
+        "data_fingerprint": stats["fingerprint"],
+        "main_metric": stats["main_metric"],
+        "metrics": metrics,
+        "eval_time_s": elapsed,
+        "examples_per_s": len(test_df) / elapsed if elapsed > 0 else None,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    write_json(out_path, record)
+    return record

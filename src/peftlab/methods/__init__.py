@@ -1,0 +1,47 @@
+"""The method registry: name in config -> ``Method`` class.
+
+``METHODS`` must equal the ``methods`` enum of ``workflow/schemas/config.schema.yaml``
+(a test checks it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from .base import Method, MethodConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"method '{cls.name}' registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}") from None
+
+
+def build_method(name: str, params: dict | None, target_overrides: dict | None = None) -> Method:
+    cls = get_method(name)
+    return cls(cls.config_cls.from_dict(name, params), target_overrides)
+
+
+def method_source_files(name: str) -> list[Path]:
+    """The source files a method's results depend on (for code-aware reruns)."""
+    import inspect
+
+    cls = get_method(name)
+    here = Path(__file__).parent
+    return sorted({Path(inspect.getfile(cls)), here / "base.py"})
+
+
+from . import bitfit, full, lora  # noqa: E402,F401  (registration side effects)
+
+__all__ = ["METHODS", "Method", "MethodConfig", "build_method", "get_method", "register"]

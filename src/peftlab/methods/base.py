@@ -1,0 +1,110 @@
+"""The method protocol: every fine-tuning method is one module registering one ``Method``.
+
+A method takes a freshly loaded pretrained classifier and its typed config, decides what
+trains (``apply``), and can save/restore exactly what it trained. Adding a method means:
+a new module here, a ``register`` call, a variant file under ``config/experiments/<name>/``
+and a row in the parametrized tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import count_parameters, head_module_names
+
+
+@dataclass
+class MethodConfig:
+    """Base class of the typed per-method configs (fields = the variant's ``method:`` keys)."""
+
+    @classmethod
+    def from_dict(cls, method: str, values: dict[str, Any] | None) -> "MethodConfig":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"method '{method}': unknown parameter(s) {unknown}; allowed: {sorted(known) or 'none'}"
+            )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"method '{method}': {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """Base class; subclasses set ``name``, ``family``, ``config_cls`` and implement ``apply``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]  # "full", "weight", "representation" or "sparse"
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, target_overrides: dict[str, str] | None = None):
+        self.config = config
+        self.target_overrides = target_overrides or {}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Return the model to train, with ``requires_grad`` set on exactly what trains."""
+        raise NotImplementedError
+
+    def expected_trainable_parameters(self, model: nn.Module) -> int:
+        """Closed-form count of trainable parameters on the *unmodified* ``model``."""
+        raise NotImplementedError
+
+    # -- helpers shared by methods ---------------------------------------------------------
+    @staticmethod
+    def freeze(model: nn.Module) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    @staticmethod
+    def unfreeze_head(model: nn.Module) -> list[str]:
+        names = head_module_names(model)
+        for name in names:
+            for p in getattr(model, name).parameters():
+                p.requires_grad_(True)
+        return names
+
+    @staticmethod
+    def head_parameters(model: nn.Module) -> int:
+        return sum(count_parameters(getattr(model, n)) for n in head_module_names(model))
+
+    # -- persistence -----------------------------------------------------------------------
+    def trainable_state(self, model: nn.Module) -> dict[str, Any]:
+        """What this method must store: the tensors that train (everything else is the base)."""
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        from ..io import atomic_path
+
+        state = {k: v.contiguous() for k, v in self.trainable_state(model).items()}
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"method": self.name})
+
+    def load(self, model: nn.Module, path: str | Path) -> nn.Module:
+        """Apply the method to a fresh base ``model`` and restore the stored tensors."""
+        from safetensors.torch import load_file
+
+        model = self.apply(model)
+        state = load_file(str(path))
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ConfigError(
+                f"stored weights at {path} do not fit method '{self.name}' with this config "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); rerun its finetune job"
+            )
+        model.load_state_dict(state, strict=False)
+        return model

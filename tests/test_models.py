@@ -1,0 +1,353 @@
+"""Tests of peftlab.models: the three built-in models, local folders, target roles, padding.
+
+MiniLM ships as a plain folder inside its package, so its tests are fast. MPNet (unzipped from
+five packages) and SmolLM2 (dequantized from GGUF) are built into ``$PEFTLAB_CACHE`` on first
+use; those tests are marked ``slow`` and share one session-wide cache in a tmp folder, so no
+test writes to the home folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab.errors import ModelError
+from peftlab.models import (
+    BUILTIN_MODELS,
+    ROLES,
+    ModelSpec,
+    count_parameters,
+    head_module_names,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    resolve_targets,
+)
+
+SENTENCES = [
+    "A short one.",
+    "This sentence is considerably longer, so the first one needs several pad tokens.",
+]
+PADDING_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Expected:
+    model_type: str
+    layers: int
+    backbone_params: int  # parameters of the pretrained backbone inside the classifier
+    padding_sides: tuple[str, ...]  # sides on which a padded batch must match single inputs
+
+
+# Backbone counts as loaded into *ForSequenceClassification: MiniLM 22.7M (BERT incl. pooler),
+# MPNet 108.9M (its classifier drops the 0.59M pooler of the 109.5M checkpoint), SmolLM2
+# 134.5M (embeddings tied with the LM head). Encoders use absolute positions, so only right
+# padding is position-preserving; the Llama head reads the last non-pad token on either side.
+EXPECTED = {
+    "minilm-l6": Expected("bert", 6, 22_713_216, ("right",)),
+    "mpnet-base": Expected("mpnet", 12, 108_895_872, ("right",)),
+    "smollm2-135m": Expected("llama", 30, 134_515_008, ("right", "left")),
+}
+BUILTIN_PARAMS = [
+    pytest.param(name, marks=() if name == "minilm-l6" else pytest.mark.slow, id=name)
+    for name in EXPECTED
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peftlab_cache(tmp_path_factory):
+    """One cache for the whole session, so MPNet/SmolLM2 are converted once and off $HOME."""
+    cache = tmp_path_factory.mktemp("peftlab-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PEFTLAB_CACHE", str(cache))
+        yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # ~1 GB of converted weights: pytest keeps 3 runs
+
+
+@dataclass
+class Loaded:
+    name: str
+    spec: ModelSpec
+    tokenizer: object
+    model: nn.Module
+
+
+@pytest.fixture(scope="session", params=BUILTIN_PARAMS)
+def builtin(request, peftlab_cache) -> Loaded:
+    name = request.param
+    spec = ModelSpec.from_config(name, {})
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, num_labels=2, problem_type="single_label_classification", seed=0)
+    model.eval()
+    return Loaded(name, spec, tokenizer, model)
+
+
+@pytest.fixture(scope="session")
+def minilm(peftlab_cache) -> Loaded:
+    spec = ModelSpec.from_config("minilm-l6", {})
+    model = load_model(spec, num_labels=2, problem_type="single_label_classification", seed=0)
+    return Loaded("minilm-l6", spec, load_tokenizer(spec), model.eval())
+
+
+def _logits(loaded: Loaded, sentences: list[str], padding_side: str = "right"):
+    tokenizer = loaded.tokenizer
+    before, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        batch = tokenizer(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return loaded.model(**batch).logits, batch
+    finally:
+        tokenizer.padding_side = before
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in models
+# ---------------------------------------------------------------------------------------
+
+
+def test_builtin_model_architecture_and_size(builtin):
+    exp = EXPECTED[builtin.name]
+    config = builtin.model.config
+    assert config.model_type == exp.model_type
+    assert config.num_hidden_layers == exp.layers
+    assert config.num_labels == 2
+    assert config.problem_type == "single_label_classification"
+    assert next(builtin.model.parameters()).dtype == torch.float32
+    backbone = getattr(builtin.model, builtin.model.base_model_prefix)
+    assert count_parameters(backbone) == pytest.approx(exp.backbone_params, rel=1e-3)
+    head = head_module_names(builtin.model)
+    assert head and builtin.model.base_model_prefix not in head
+    head_params = count_parameters(builtin.model) - count_parameters(backbone)
+    assert 0 < head_params < 1_000_000
+
+
+def test_builtin_model_forward_on_padded_batch(builtin):
+    logits, batch = _logits(builtin, SENTENCES)
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
+    mask = batch["attention_mask"]
+    assert mask[0].sum() < mask[1].sum() == mask.shape[1]  # the short row is really padded
+
+
+def test_padded_batch_matches_single_sentences(builtin):
+    alone = torch.cat([_logits(builtin, [s])[0] for s in SENTENCES])
+    pad_id = builtin.tokenizer.pad_token_id
+    for side in EXPECTED[builtin.name].padding_sides:
+        batched, batch = _logits(builtin, SENTENCES, side)
+        pad_at = 0 if side == "left" else -1
+        assert batch["input_ids"][0, pad_at] == pad_id
+        diff = (batched - alone).abs().max().item()
+        assert diff <= PADDING_ATOL, f"{side} padding changes the logits by {diff:.2e}"
+
+
+def test_pad_token_is_defined_and_shared_with_the_head(builtin):
+    pad_id = builtin.tokenizer.pad_token_id
+    assert pad_id is not None
+    assert builtin.model.config.pad_token_id == pad_id
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_role_resolves_to_one_linear_per_layer(builtin, role):
+    exp = EXPECTED[builtin.name]
+    names = resolve_targets(builtin.model, [role])
+    per_layer = 2 if (exp.model_type == "llama" and role == "ffn_in") else 1  # gate + up
+    assert len(names) == exp.layers * per_layer
+    modules = dict(builtin.model.named_modules())
+    assert all(isinstance(modules[n], nn.Linear) for n in names)
+    layer_ids = {int(part) for n in names for part in n.split(".") if part.isdigit()}
+    assert layer_ids == set(range(exp.layers))
+
+
+def test_query_value_targets(builtin):
+    layers = EXPECTED[builtin.name].layers
+    names = resolve_targets(builtin.model, ["query", "value"])
+    assert len(names) == 2 * layers == len(set(names))
+    assert names == sorted(names)
+    assert not set(names) & set(resolve_targets(builtin.model, ["key"]))
+
+
+def test_all_roles_together_are_disjoint(builtin):
+    exp = EXPECTED[builtin.name]
+    names = resolve_targets(builtin.model, list(ROLES))
+    per_layer = 7 if exp.model_type == "llama" else 6  # Llama has gate_proj and up_proj
+    assert len(names) == exp.layers * per_layer
+
+
+# ---------------------------------------------------------------------------------------
+# Cached conversions (MPNet zip, SmolLM2 GGUF)
+# ---------------------------------------------------------------------------------------
+
+
+def _no_leftovers(models_dir: Path) -> None:
+    assert not [p.name for p in models_dir.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_mpnet_is_unpacked_once_into_the_cache(peftlab_cache):
+    spec = ModelSpec.from_config("mpnet-base", {})
+    path = Path(resolve_model_path(spec))
+    assert path == peftlab_cache / "models" / "mpnet-base"
+    weights = path / "model.safetensors"
+    assert weights.stat().st_size > 400_000_000
+    assert (path / "tokenizer.json").exists()
+    stamp = weights.stat().st_mtime_ns
+    assert Path(resolve_model_path(spec)) == path
+    assert weights.stat().st_mtime_ns == stamp  # second call reuses, does not unpack again
+    _no_leftovers(path.parent)
+
+
+@pytest.mark.slow
+def test_smollm2_is_dequantized_once_to_a_plain_folder(peftlab_cache):
+    spec = ModelSpec.from_config("smollm2-135m", {})
+    path = Path(resolve_model_path(spec))
+    assert path == peftlab_cache / "models" / "smollm2-135m"
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert "quantization_config" not in config
+    assert config.get("pad_token_id") is not None
+    assert "GGUF" in (path / "PEFTLAB_SOURCE.txt").read_text()
+    assert not list(path.glob("*.gguf"))
+    weights = path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert Path(resolve_model_path(spec)) == path
+    assert weights.stat().st_mtime_ns == stamp
+    _no_leftovers(path.parent)
+    assert spec.notes and "GGUF" in spec.notes
+
+
+@pytest.mark.slow
+def test_smollm2_dequantized_weights_still_generate_text(peftlab_cache):
+    """A wrong dequantization (or q/k permutation) would produce garbage, not 'Paris'."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec.from_config("smollm2-135m", {})
+    tok = load_tokenizer(spec)
+    lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=torch.float32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = lm.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+# ---------------------------------------------------------------------------------------
+# Seeds, local folders, errors (fast: MiniLM only)
+# ---------------------------------------------------------------------------------------
+
+
+def test_head_initialisation_follows_the_seed(minilm):
+    again = load_model(minilm.spec, 2, "single_label_classification", seed=0)
+    other = load_model(minilm.spec, 2, "single_label_classification", seed=1)
+    head = minilm.model.classifier.weight
+    assert torch.equal(again.classifier.weight, head)
+    assert not torch.equal(other.classifier.weight, head)
+    # the pretrained backbone does not depend on the seed
+    assert torch.equal(
+        other.bert.embeddings.word_embeddings.weight,
+        minilm.model.bert.embeddings.word_embeddings.weight,
+    )
+
+
+def test_regression_head_has_one_output(minilm):
+    model = load_model(minilm.spec, num_labels=1, problem_type="regression", seed=0)
+    assert model.config.problem_type == "regression"
+    assert model.classifier.out_features == 1
+
+
+def test_local_folder_loads_like_the_builtin(minilm, tmp_path):
+    copy = tmp_path / "my-minilm"
+    shutil.copytree(resolve_model_path(minilm.spec), copy)
+    spec = ModelSpec.from_config("mine", {"pretrained": str(copy)})
+    assert spec.pretrained == str(copy)
+    assert spec.notes == ""
+    assert resolve_model_path(spec) == str(copy)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, 2, "single_label_classification", seed=0).eval()
+    assert model.config.model_type == "bert"
+    assert len(resolve_targets(model, ["query", "value"])) == 12
+    mine = Loaded("mine", spec, tokenizer, model)
+    assert torch.allclose(_logits(mine, SENTENCES)[0], _logits(minilm, SENTENCES)[0], atol=1e-6)
+
+
+def test_builtin_spec_from_config_keeps_entry_fields():
+    spec = ModelSpec.from_config("minilm-l6", {"targets": {"query": r"self\.query$"}})
+    assert spec.pretrained is None
+    assert spec.targets == {"query": r"self\.query$"}
+    assert set(BUILTIN_MODELS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("entry", [{}, None, {"revision": "main"}])
+def test_unknown_name_without_pretrained_is_an_error(entry):
+    with pytest.raises(ModelError, match="'no-such-model' is not built in.*pretrained"):
+        ModelSpec.from_config("no-such-model", entry)
+
+
+def test_missing_local_folder_is_an_error(tmp_path):
+    spec = ModelSpec.from_config("mine", {"pretrained": str(tmp_path / "absent")})
+    with pytest.raises(ModelError, match="does not exist"):
+        load_tokenizer(spec)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(spec, 2, "single_label_classification")
+
+
+def test_folder_without_config_is_an_error(tmp_path):
+    spec = ModelSpec.from_config("mine", {"pretrained": str(tmp_path)})
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(spec, 2, "single_label_classification")
+
+
+def test_folder_without_weights_is_an_error(minilm, tmp_path):
+    shutil.copy(Path(resolve_model_path(minilm.spec)) / "config.json", tmp_path)
+    spec = ModelSpec.from_config("mine", {"pretrained": str(tmp_path)})
+    with pytest.raises(ModelError, match="cannot load model 'mine'"):
+        load_model(spec, 2, "single_label_classification")
+
+
+# ---------------------------------------------------------------------------------------
+# Target resolution errors and overrides
+# ---------------------------------------------------------------------------------------
+
+
+def test_unknown_role_is_an_error(minilm):
+    with pytest.raises(ModelError, match="unknown target role 'qkv'"):
+        resolve_targets(minilm.model, ["qkv"])
+
+
+def test_override_pattern_replaces_the_table(minilm):
+    only_two = {"query": r"layer\.[01]\.attention\.self\.query$"}
+    names = resolve_targets(minilm.model, ["query"], only_two)
+    assert names == [
+        "bert.encoder.layer.0.attention.self.query",
+        "bert.encoder.layer.1.attention.self.query",
+    ]
+    with pytest.raises(ModelError, match="matches no linear module"):
+        resolve_targets(minilm.model, ["value"], {"value": r"no_such_module$"})
+
+
+class _Toy(nn.Module):
+    class config:  # noqa: N801 - mimics a transformers config
+        model_type = "toy"
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"wq": nn.Linear(4, 4)}) for _ in range(3))
+
+
+def test_unknown_architecture_needs_a_targets_override():
+    toy = _Toy()
+    with pytest.raises(ModelError, match="no module pattern for role 'query' on model type 'toy'"):
+        resolve_targets(toy, ["query"])
+    assert resolve_targets(toy, ["query"], {"query": r"\.wq$"}) == [
+        "blocks.0.wq",
+        "blocks.1.wq",
+        "blocks.2.wq",
+    ]

@@ -1,0 +1,29 @@
+rule prepare_data:
+    """Load a task, make its fixed seeded splits and tokenize them for one model."""
+    output:
+        train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
+        validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
+        test=f"{RESULTS}/data/{{model}}/{{task}}/test.parquet",
+        stats=report(
+            f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+            caption="../report/data_stats.rst",
+            category="Data",
+            labels={"model": "{model}", "task": "{task}"},
+        ),
+    params:
+        model=lambda w: config["models"][w.model],
+        task=lambda w: config["tasks"][w.task],
+        data=config["data"],
+        code=files_fingerprint([SRC / "data.py"]),
+    log:
+        "logs/prepare_data/{model}/{task}.log",
+    benchmark:
+        "benchmarks/prepare_data/{model}/{task}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/peftlab.yaml"
+    script:
+        "../scripts/prepare_data.py"

@@ -1,0 +1,29 @@
+rule finetune:
+    """Fine-tune one (model, task, method, variant, seed); keep the best validation step."""
+    input:
+        train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
+        validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
+        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+        experiment=experiment_inputs,
+    output:
+        weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
+        record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",
+    params:
+        model=lambda w: config["models"][w.model],
+        experiments_dir=config["experiments_dir"],
+        mlflow=config["mlflow"],
+        results_dir=RESULTS,
+        code=method_code,
+    log:
+        f"logs/finetune/{RUN_DIR}.log",
+    benchmark:
+        f"benchmarks/finetune/{RUN_DIR}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    conda:
+        "../../envs/peftlab.yaml"
+    script:
+        "../scripts/finetune.py"

@@ -1,0 +1,17 @@
+# Thin wrapper: comparison_report -> peftlab.report.write_report
+from peftlab.cli import run_step
+from peftlab.report import write_report
+
+sm = snakemake  # noqa: F821
+
+run_step(
+    "comparison_report",
+    sm.log[0],
+    lambda: write_report(
+        sm.input.summary,
+        list(sm.input.stats),
+        dict(sm.params.config),
+        sm.output.html,
+        finetune_paths=list(sm.input.finetune),
+    ),
+)

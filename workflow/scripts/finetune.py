@@ -1,0 +1,29 @@
+# Thin wrapper: finetune[model,task,method,variant,seed] -> peftlab.train.finetune
+from pathlib import Path
+
+from peftlab.cli import run_step
+from peftlab.config import RunKey, load_experiment
+from peftlab.models import ModelSpec
+from peftlab.tracking import log_record
+from peftlab.train import finetune
+
+sm = snakemake  # noqa: F821
+w = sm.wildcards
+
+
+def main():
+    key = RunKey(w.model, w.task, w.method, w.variant, int(w.seed))
+    record = finetune(
+        key,
+        ModelSpec.from_config(w.model, sm.params.model),
+        load_experiment(sm.params.experiments_dir, w.method, w.variant),
+        data_dir=Path(sm.input.stats).parent,
+        weights_path=sm.output.weights,
+        record_path=sm.output.record,
+        threads=sm.threads,
+        code_fingerprint=sm.params.code,
+    )
+    log_record(record, sm.output.record, sm.params.results_dir, sm.params.mlflow)
+
+
+run_step("finetune", sm.log[0], main)
