@@ -12,6 +12,16 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model=NAME,
+    task=NAME,
+    method=NAME,
+    variant=NAME,
+    seed="[0-9]+",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"

@@ -56,10 +56,11 @@ def _validator_with_defaults(schema: dict):
 
 def _format_error(err, where: str) -> str:
     path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-    if err.validator == "propertyNames":
-        # the offending key is the instance of the deepest sub-error
-        sub = err.context[0] if err.context else err
-        return f"{where}: key '{sub.instance}' under '{path}' is not allowed: {sub.message}"
+    if "propertyNames" in err.absolute_schema_path:
+        # the offending key itself is bad (e.g. an unknown method name)
+        sub = err.context[0] if err.validator == "propertyNames" and err.context else err
+        allowed = sub.validator_value if sub.validator == "enum" else sub.schema.get("pattern", sub.message)
+        return f"{where}: key '{sub.instance}' under '{path}' is not allowed; use one of {allowed}"
     if err.validator == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
         return f"{where}: at '{path}': {err.message}; allowed keys: {allowed}"

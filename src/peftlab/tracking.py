@@ -23,14 +23,19 @@ log = logging.getLogger(__name__)
 IDENTITY_TAGS = ("model", "task", "method", "variant", "seed")
 
 
-def tracking_uri(results_dir: str | Path, configured: str | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` > config's ``mlflow.tracking_uri`` > sqlite under results."""
+def default_store(results_dir: str | Path) -> str:
+    """The embedded default: a SQLite file in the results folder (absolute path)."""
+    return str(Path(results_dir).resolve() / "mlflow.db")
+
+
+def tracking_uri(mlflow_config: dict) -> str:
+    """``MLFLOW_TRACKING_URI`` > config's ``mlflow.tracking_uri`` > sqlite ``default_store``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    if configured:
-        return configured
-    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+    if mlflow_config.get("tracking_uri"):
+        return mlflow_config["tracking_uri"]
+    return f"sqlite:///{mlflow_config['default_store']}"
 
 
 def _lock_for(uri: str):
@@ -82,24 +87,24 @@ def _metrics_of(record: dict) -> list[tuple[str, float, int]]:
 def log_record(
     record: dict,
     record_path: str | Path,
-    results_dir: str | Path,
-    mlflow_config: dict | None = None,
+    mlflow_config: dict,
     artifacts: list[str | Path] = (),
 ) -> str | None:
-    """Mirror one result record into MLflow; returns the run id, or None when tracking failed."""
-    mlflow_config = mlflow_config or {}
-    uri = tracking_uri(results_dir, mlflow_config.get("tracking_uri"))
+    """Mirror one result record into MLflow; returns the run id, or None when tracking failed.
+
+    ``mlflow_config`` is config.yaml's ``mlflow`` section plus ``default_store``.
+    """
+    uri = tracking_uri(mlflow_config)
     try:
         with _lock_for(uri):
-            return _log(record, record_path, uri, mlflow_config.get("experiment", "peftlab"),
-                        Path(results_dir), artifacts)
+            return _log(record, record_path, uri, mlflow_config.get("experiment", "peftlab"), artifacts)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
         log.warning("MLflow tracking at %s failed (%s: %s); the record at %s is kept",
                     uri, type(exc).__name__, exc, record_path)
         return None
 
 
-def _log(record, record_path, uri, experiment, results_dir, artifacts) -> str:
+def _log(record, record_path, uri, experiment, artifacts) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -108,7 +113,7 @@ def _log(record, record_path, uri, experiment, results_dir, artifacts) -> str:
     if exp is None:
         location = None
         if uri.startswith("sqlite:///"):
-            location = (results_dir.resolve() / "mlartifacts").as_uri()
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         exp_id = client.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
@@ -144,11 +149,10 @@ def _log(record, record_path, uri, experiment, results_dir, artifacts) -> str:
     return run_id
 
 
-def runs_table(results_dir: str | Path, mlflow_config: dict | None = None):
+def runs_table(mlflow_config: dict):
     """All active runs of the experiment as a DataFrame (for tests and the report)."""
     import mlflow
 
-    mlflow_config = mlflow_config or {}
-    mlflow.set_tracking_uri(tracking_uri(results_dir, mlflow_config.get("tracking_uri")))
+    mlflow.set_tracking_uri(tracking_uri(mlflow_config))
     return mlflow.search_runs(experiment_names=[mlflow_config.get("experiment", "peftlab")])
 

@@ -1,4 +1,4 @@
-# Helpers shared by every rule file: config validation, run discovery, input functions.
+# Helpers for the workflow files: config validation, run discovery, input functions.
 import sys
 from pathlib import Path
 
@@ -8,6 +8,7 @@ from peftlab.config import experiment_files, iter_runs, validate_config
 from peftlab.errors import PeftlabError
 from peftlab.io import files_fingerprint
 from peftlab.methods import method_source_files
+from peftlab.tracking import default_store
 
 try:
     validate_config(config)
@@ -17,14 +18,10 @@ except PeftlabError as exc:
 RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))
 SRC = Path(workflow.basedir) / "src" / "peftlab"
-
-
-wildcard_constraints:
-    model="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    task="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    method="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    variant="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    seed="[0-9]+",
+# config.yaml's mlflow section plus the embedded default store (absolute: jobs may run
+# on other nodes of a shared filesystem)
+MLFLOW = dict(config["mlflow"], default_store=default_store(RESULTS))
+NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 RUN_DIR = "{model}/{task}/{method}/{variant}/seed{seed}"
@@ -50,7 +47,8 @@ def experiment_inputs(wildcards):
 
 def method_code(wildcards):
     """Fingerprint of the code a method's results depend on: its module, the method base,
-    the training loop and model loading. Editing another method's module leaves it alone."""
+    the training loop and model loading. Editing another method's module leaves it alone.
+    """
     shared = [SRC / "train.py", SRC / "models.py", SRC / "metrics.py"]
     return files_fingerprint(method_source_files(wildcards.method) + shared)
 

@@ -10,20 +10,20 @@ rule prepare_data:
             category="Data",
             labels={"model": "{model}", "task": "{task}"},
         ),
+    log:
+        "logs/prepare_data/{model}/{task}.log",
+    benchmark:
+        "benchmarks/prepare_data/{model}/{task}.tsv"
+    conda:
+        "../../envs/peftlab.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         model=lambda w: config["models"][w.model],
         task=lambda w: config["tasks"][w.task],
         data=config["data"],
         code=files_fingerprint([SRC / "data.py"]),
-    log:
-        "logs/prepare_data/{model}/{task}.log",
-    benchmark:
-        "benchmarks/prepare_data/{model}/{task}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../../envs/peftlab.yaml"
     script:
         "../scripts/prepare_data.py"

@@ -7,19 +7,18 @@ rule evaluate:
         record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",
     output:
         metrics=f"{RESULTS}/evaluate/{RUN_DIR}/metrics.json",
-    params:
-        model=lambda w: config["models"][w.model],
-        mlflow=config["mlflow"],
-        results_dir=RESULTS,
-        code=files_fingerprint([SRC / "evaluate.py", SRC / "metrics.py"]),
     log:
         f"logs/evaluate/{RUN_DIR}.log",
+    conda:
+        "../../envs/peftlab.yaml"
     threads: config["threads"]
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=1,
-    conda:
-        "../../envs/peftlab.yaml"
+    params:
+        model=lambda w: config["models"][w.model],
+        mlflow=MLFLOW,
+        code=files_fingerprint([SRC / "evaluate.py", SRC / "metrics.py"]),
     script:
         "../scripts/evaluate.py"

@@ -8,22 +8,21 @@ rule finetune:
     output:
         weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
         record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",
-    params:
-        model=lambda w: config["models"][w.model],
-        experiments_dir=config["experiments_dir"],
-        mlflow=config["mlflow"],
-        results_dir=RESULTS,
-        code=method_code,
     log:
         f"logs/finetune/{RUN_DIR}.log",
     benchmark:
         f"benchmarks/finetune/{RUN_DIR}.tsv"
+    conda:
+        "../../envs/peftlab.yaml"
     threads: config["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    conda:
-        "../../envs/peftlab.yaml"
+    params:
+        model=lambda w: config["models"][w.model],
+        experiments_dir=config["experiments_dir"],
+        mlflow=MLFLOW,
+        code=method_code,
     script:
         "../scripts/finetune.py"

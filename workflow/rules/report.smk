@@ -32,11 +32,11 @@ rule comparison_report:
             caption="../report/comparison.rst",
             category="Results",
         ),
-    params:
-        config=config,
     log:
         "logs/comparison_report.log",
     conda:
         "../../envs/peftlab.yaml"
+    params:
+        config=config,
     script:
         "../scripts/comparison_report.py"

@@ -22,7 +22,7 @@ def main():
         out_path=sm.output.metrics,
         threads=sm.threads,
     )
-    log_record(record, sm.output.metrics, sm.params.results_dir, sm.params.mlflow)
+    log_record(record, sm.output.metrics, sm.params.mlflow)
 
 
 run_step("evaluate", sm.log[0], main)

@@ -23,7 +23,7 @@ def main():
         threads=sm.threads,
         code_fingerprint=sm.params.code,
     )
-    log_record(record, sm.output.record, sm.params.results_dir, sm.params.mlflow)
+    log_record(record, sm.output.record, sm.params.mlflow)
 
 
 run_step("finetune", sm.log[0], main)

@@ -1,0 +1,115 @@
+"""Config validation (one-line errors), experiment layering, schema enum = method registry."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from peftlab.config import (
+    TrainConfig,
+    iter_runs,
+    load_experiment,
+    load_schema,
+    load_yaml,
+    validate_config,
+)
+from peftlab.errors import ConfigError
+from peftlab.methods import METHODS
+
+
+@pytest.fixture()
+def config(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    return load_yaml(repo / "config" / "config.yaml")
+
+
+def test_default_config_is_valid_and_gets_defaults(config):
+    cfg = validate_config(config)
+    assert cfg["experiments_dir"] == "config/experiments"
+    assert cfg["results_dir"] == "results"
+    assert cfg["mlflow"]["experiment"] == "peftlab"
+    runs = list(iter_runs(cfg))
+    assert len(runs) == len(cfg["models"]) * len(cfg["tasks"]) * 3 * len(cfg["seeds"])
+    assert {r.method for r in runs} == {"full", "bitfit", "lora"}
+
+
+def test_schema_method_enum_equals_registry():
+    schema = load_schema("config")
+    assert sorted(schema["properties"]["methods"]["propertyNames"]["enum"]) == sorted(METHODS)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["methods"].update(lorra=["default"]), ["methods", "'lorra'", "bitfit"]),
+        (lambda c: c.update(seeds=[-1]), ["seeds.0", "-1", "minimum"]),
+        (lambda c: c.update(seeds="zero"), ["seeds", "'zero'", "array"]),
+        (lambda c: c.update(modles={}), ["modles", "allowed keys"]),
+        (lambda c: c["tasks"].update(rotten_tomatoes={"max_length": 2}), ["tasks.rotten_tomatoes.max_length", "2"]),
+        (lambda c: c["tasks"].update(bbc_news={"source": "s3"}), ["tasks.bbc_news.source", "'s3'", "glue"]),
+        (lambda c: c["methods"].update(lora=["nope"]), ["lora", "nope", "config/experiments/lora/nope.yaml"]),
+        (lambda c: c["tasks"].update(mystery={}), ["mystery", "source: glue"]),
+        (lambda c: c["models"].update(mystery={}), ["mystery", "pretrained"]),
+        (lambda c: c["tasks"].update(t={"source": "file"}), ["t", "path"]),
+    ],
+)
+def test_bad_config_gives_one_line_error(config, mutate, expected):
+    bad = copy.deepcopy(config)
+    mutate(bad)
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_experiment_layering_overrides_defaults(repo):
+    exp = load_experiment(repo / "config" / "experiments", "lora", "default")
+    defaults = load_yaml(repo / "config" / "experiments" / "defaults.yaml")["training"]
+    variant = load_yaml(repo / "config" / "experiments" / "lora" / "default.yaml")
+    assert exp.training.learning_rate == variant["training"]["learning_rate"]
+    assert exp.training.batch_size == defaults["batch_size"]  # inherited
+    assert exp.method_params == variant["method"]
+    assert exp.resolved()["training"] == exp.training.to_dict()
+
+
+def _write_variant(tmp_path, repo, method, variant, body):
+    (tmp_path / method).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "defaults.yaml").write_text((repo / "config/experiments/defaults.yaml").read_text())
+    (tmp_path / method / f"{variant}.yaml").write_text(yaml.safe_dump(body))
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "expected"),
+    [
+        ("lora", {"method": {"r": 0}}, "r must be a positive integer"),
+        ("lora", {"method": {"rank": 4}}, "unknown parameter(s) ['rank']"),
+        ("lora", {"method": {"targets": ["qkv"]}}, "targets ['qkv'] invalid"),
+        ("full", {"training": {"learning_rate": -1}}, "learning_rate"),
+        ("full", {"training": {"lr_scheduler": "step"}}, "'step' is not allowed"),
+        ("full", {"training": {"epochs": 2, "batchsize": 3}}, "batchsize"),
+    ],
+)
+def test_bad_experiment_gives_one_line_error(tmp_path, repo, method, body, expected):
+    _write_variant(tmp_path, repo, method, "bad", body)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(tmp_path, method, "bad")
+    assert expected in str(info.value)
+    assert "bad.yaml" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("models:\n  a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml line \d+: not valid YAML"):
+        load_yaml(path)
+
+
+def test_train_config_validates():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    assert TrainConfig().lr_scheduler == "linear"

@@ -1,0 +1,104 @@
+"""The training loop and evaluation on the real MiniLM-L6 and real rotten_tomatoes examples."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from peftlab.config import Experiment, RunKey, TrainConfig
+from peftlab.errors import TrainingError
+from peftlab.evaluate import evaluate
+from peftlab.metrics import classification_metrics, regression_metrics
+from peftlab.train import Collator, finetune
+
+
+def _experiment(method="lora", **training):
+    params = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["query", "value"]}}.get(method, {})
+    cfg = TrainConfig(**({"max_steps": 6, "batch_size": 16, "eval_batch_size": 32, "learning_rate": 1e-3,
+                          "evals_per_epoch": 2, "log_every_steps": 2} | training))
+    return Experiment(method, "default", cfg, params, ())
+
+
+def _run(tmp_path, spec, data_dir, name, seed=0, method="lora", **training):
+    key = RunKey("minilm-l6", "rotten_tomatoes", method, "default", seed)
+    out = tmp_path / name
+    rec = finetune(key, spec, _experiment(method, **training), data_dir, out / "w.safetensors",
+                   out / "result.json", threads=1)
+    return key, out, rec
+
+
+def test_finetune_record_and_evaluate(tmp_path, minilm_spec, tiny_task_dir):
+    key, out, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "a")
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["steps"] == 6
+    assert on_disk["trainable_params"] == 12 * 4 * 768 + 770
+    assert 0 < on_disk["trainable_percent"] < 1
+    assert [p["step"] for p in on_disk["curves"]["validation"]] == [2, 4, 6]
+    assert on_disk["best_validation"]["step"] in (2, 4, 6)
+    assert on_disk["best_validation"]["accuracy"] == max(p["accuracy"] for p in on_disk["curves"]["validation"])
+    assert on_disk["peak_memory"]["host_rss_mb"] > 100
+    assert on_disk["versions"]["torch"].startswith("2.13")
+    assert on_disk["stored_size_bytes"] == (out / "w.safetensors").stat().st_size
+    assert on_disk["config"]["training"]["max_steps"] == 6
+    ev = evaluate(key, minilm_spec, tiny_task_dir, out / "result.json", out / "w.safetensors", out / "metrics.json", threads=1)
+    assert ev["n_examples"] == 48
+    assert set(ev["metrics"]) >= {"accuracy", "macro_f1", "mcc"}
+    assert 0 <= ev["metrics"]["accuracy"] <= 1
+
+
+def test_same_seed_same_numbers_bitwise(tmp_path, minilm_spec, tiny_task_dir):
+    _, _, a = _run(tmp_path, minilm_spec, tiny_task_dir, "a", method="bitfit", max_steps=4)
+    _, _, b = _run(tmp_path, minilm_spec, tiny_task_dir, "b", method="bitfit", max_steps=4)
+    _, _, c = _run(tmp_path, minilm_spec, tiny_task_dir, "c", seed=1, method="bitfit", max_steps=4)
+    assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
+    assert a["curves"]["validation"] == b["curves"]["validation"]
+    assert (tmp_path / "a" / "w.safetensors").read_bytes() == (tmp_path / "b" / "w.safetensors").read_bytes()
+    assert a["curves"]["train_loss"] != c["curves"]["train_loss"]
+
+
+def test_nan_loss_is_a_clear_error(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
+    import peftlab.train as train_mod
+
+    real = train_mod.load_model
+
+    def poisoned(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.classifier.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(train_mod, "load_model", poisoned)
+    with pytest.raises(TrainingError) as info:
+        _run(tmp_path, minilm_spec, tiny_task_dir, "nan", method="full")
+    assert "loss became nan at step 0" in str(info.value)
+    assert "lower learning_rate" in str(info.value)
+    assert not (tmp_path / "nan" / "result.json").exists()  # no half result that looks complete
+
+
+def test_collator_pads_dynamically():
+    col = Collator(pad_token_id=0, regression=False)
+    batch = col([{"input_ids": np.array([5, 6, 7]), "label": 1}, {"input_ids": np.array([5]), "label": 0}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].dtype == torch.long
+
+
+def test_metrics_known_values():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    m = classification_metrics(logits, np.array([0, 1, 1, 1]))
+    assert m["accuracy"] == 0.75
+    assert m["f1"] == pytest.approx(0.8)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["mcc"] == pytest.approx(1 / np.sqrt(3))
+    r = regression_metrics(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 5.0]))
+    assert r["spearman"] == pytest.approx(1.0) and 0.9 < r["pearson"] < 1.0
+
+
+def test_train_config_is_a_frozen_dataclass():
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
