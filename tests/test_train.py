@@ -102,3 +102,26 @@ def test_train_config_is_a_frozen_dataclass():
     cfg = TrainConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 3
+
+
+def test_regression_task_trains_and_scores(tmp_path, minilm_spec, minilm_tokenizer):
+    import pandas as pd
+
+    from peftlab.data import TaskSpec, prepare_task
+
+    rng = np.random.default_rng(0)
+    words = ["great", "fine", "dull", "awful", "superb", "bad"]
+    df = pd.DataFrame({"text": [" ".join(rng.choice(words, 6)) for _ in range(80)]})
+    df["score"] = df["text"].str.count("great|superb") - df["text"].str.count("awful|bad")
+    df.to_csv(tmp_path / "scores.csv", index=False)
+    spec = TaskSpec.from_config("scores", {"source": "file", "path": str(tmp_path / "scores.csv"),
+                                           "label_column": "score", "problem_type": "regression"})
+    prepare_task(spec, minilm_tokenizer, tmp_path / "data")
+    key = RunKey("minilm-l6", "scores", "bitfit", "default", 0)
+    rec = finetune(key, minilm_spec, _experiment("bitfit", max_steps=4), tmp_path / "data",
+                   tmp_path / "w.safetensors", tmp_path / "r.json", threads=1)
+    assert rec["main_metric"] == "pearson" and "pearson" in rec["best_validation"]
+    assert rec["final_validation"]["step"] == 4
+    ev = evaluate(key, minilm_spec, tmp_path / "data", tmp_path / "r.json", tmp_path / "w.safetensors",
+                  tmp_path / "m.json", threads=1)
+    assert set(ev["metrics"]) == {"pearson", "spearman", "mse"}

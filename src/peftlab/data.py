@@ -80,7 +80,7 @@ class TaskSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, entry: dict | None, data_defaults: dict | None = None) -> "TaskSpec":
+    def from_config(cls, name: str, entry: dict | None, data_defaults: dict | None = None) -> TaskSpec:
         entry = dict(entry or {})
         d = dict(data_defaults or {})
         source = entry.get("source") or ("builtin" if name in BUILTIN_TASKS else None)
@@ -363,7 +363,7 @@ def tokenize_split(part: pd.DataFrame, tokenizer, max_length: int) -> tuple[pd.D
         "example_id": part["example_id"].to_numpy(),
         "input_ids": [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]],
         "label": part["label"].to_numpy(),
-        "text": [x if b is None else f"{x} [SEP] {y}" for x, y in zip(a, b or a)],
+        "text": [x if b is None else f"{x} [SEP] {y}" for x, y in zip(a, b or a, strict=True)],
     })
     if "token_type_ids" in enc:
         out["token_type_ids"] = [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]

@@ -19,9 +19,9 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -208,7 +208,7 @@ class ModelSpec:
     targets: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, entry: dict | None) -> "ModelSpec":
+    def from_config(cls, name: str, entry: dict | None) -> ModelSpec:
         entry = dict(entry or {})
         spec = cls(
             name=name,

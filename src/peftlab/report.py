@@ -67,7 +67,7 @@ def aggregate(finetune_paths: list[str], evaluate_paths: list[str], csv_path: st
     """One row per run, in the config's order."""
     if len(finetune_paths) != len(evaluate_paths):
         raise ValueError("every finetune record needs its evaluate record")
-    rows = [summary_row(read_json(f), read_json(e)) for f, e in zip(finetune_paths, evaluate_paths)]
+    rows = [summary_row(read_json(f), read_json(e)) for f, e in zip(finetune_paths, evaluate_paths, strict=True)]
     df = pd.DataFrame(rows)
     with atomic_path(csv_path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
@@ -109,7 +109,7 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for keys, g in df.groupby(["model", "task", "method", "variant"], sort=False):
         mean, ci = mean_ci95(g["test_main"].to_numpy())
-        rows.append(dict(zip(["model", "task", "method", "variant"], keys)) | {
+        rows.append(dict(zip(["model", "task", "method", "variant"], keys, strict=True)) | {
             "family": g["family"].iloc[0],
             "main_metric": g["main_metric"].iloc[0],
             "n_seeds": len(g),
@@ -177,7 +177,7 @@ def figure_metric_per_method(runs: pd.DataFrame, palette: dict, title: str) -> s
     """Each seed as a dot, the mean as a diamond with the same 95% t-interval as the tables."""
     import matplotlib.pyplot as plt
 
-    labels = [_label(m, v) for m, v in zip(runs["method"], runs["variant"])]
+    labels = [_label(m, v) for m, v in zip(runs["method"], runs["variant"], strict=True)]
     runs = runs.assign(label=labels)
     order = list(dict.fromkeys(labels))
     rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
@@ -266,13 +266,13 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
         read_json(base / "finetune" / f"{r.model}/{r.task}/{r.method}/{r.variant}/seed{r.seed}/result.json")
         for r in runs.itertuples()
     ]
-    palette = method_palette(sorted({_label(m, v) for m, v in zip(runs["method"], runs["variant"])}))
+    palette = method_palette(sorted({_label(m, v) for m, v in zip(runs["method"], runs["variant"], strict=True)}))
     any_record = records[0] if records else {}
     versions = any_record.get("versions", {})
     commits = sorted(set(runs["git_commit"].dropna()))
 
     parts = [f"<h1>peftlab comparison report</h1><p class='note'>Generated "
-             f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} from {len(runs)} runs.</p>"]
+             f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M UTC} from {len(runs)} runs.</p>"]
     # --- setup ---------------------------------------------------------------------------
     parts.append("<h2 id='setup'>Setup</h2><ul>")
     for name, entry in config["models"].items():

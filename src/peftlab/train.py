@@ -230,6 +230,7 @@ def finetune(
         "epochs": step / steps_per_epoch,
         "curves": curves,
         "best_validation": {"step": best["step"], **best["metrics"]},
+        "final_validation": curves["validation"][-1] if curves["validation"] else {},
         "train_time_s": train_time,
         "peak_memory": peak_memory_mb(dev),
         "stored_size_bytes": dir_size_bytes(weights_path),

@@ -24,7 +24,7 @@ class MethodConfig:
     """Base class of the typed per-method configs (fields = the variant's ``method:`` keys)."""
 
     @classmethod
-    def from_dict(cls, method: str, values: dict[str, Any] | None) -> "MethodConfig":
+    def from_dict(cls, method: str, values: dict[str, Any] | None) -> MethodConfig:
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
