@@ -91,6 +91,15 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
     stored = (tmp_path / "w.safetensors").stat().st_size
     assert stored >= 4 * expected  # fp32 tensors of every trainable parameter
 
+    # mergeable methods give a plain base-architecture model with the same outputs
+    if m.mergeable:
+        plain = m.merge(loaded)
+        assert type(plain).__name__ == "BertForSequenceClassification"
+        assert not [n for n, _ in plain.named_modules() if "lora" in n or "modules_to_save" in n]
+        with torch.no_grad():
+            merged_out = plain(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert (merged_out - ref).abs().max().item() <= 1e-5
+
 
 def test_method_registry_lookup_error():
     from peftlab.errors import ConfigError

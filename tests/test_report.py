@@ -28,3 +28,25 @@ def test_palette_is_stable():
     b = method_palette(["bitfit", "lora", "full"])
     assert a == b and len(set(map(tuple, a.values()))) == 3
     assert np.allclose(a["bitfit"], method_palette(["bitfit", "full"])["bitfit"])
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path):
+    import os
+
+    from peftlab.io import atomic_path, write_json
+
+    write_json(tmp_path / "a.json", {"x": float("nan"), "y": 1})
+    assert (tmp_path / "a.json").read_text().count("null") == 1
+    assert oct((tmp_path / "a.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]  # nothing half-written left behind
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -107,6 +107,12 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     ft_runs = runs[runs["tags.rule"] == "finetune"]
     assert "metrics.validation_accuracy" in ft_runs and "params.config.training.learning_rate" in ft_runs
 
+    # the same outputs feed Snakemake's own report (report() categories and captions)
+    res = snakemake("--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config",
+                    "--report", "smk-report.html", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (work / "smk-report.html").stat().st_size > 10_000
+
     # nothing to do on a second run; a rerun of one job replaces (not duplicates) its MLflow run
     res = snakemake("-c2", "--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config", "-n", cwd=work)
     assert "Nothing to be done" in res.stdout + res.stderr

@@ -133,6 +133,10 @@ def finetune(
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
     base_params = count_parameters(model)
     method = build_method(key.method, experiment.method_params, model_spec.targets)
+    collator = Collator(tokenizer.pad_token_id, regression)
+    if method.needs_calibration:
+        calib = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
+        method.calibrate(model.to(dev), ({k: v.to(dev) for k, v in b.items()} for b in calib))
     expected = method.expected_trainable_parameters(model)
     model = method.apply(model).to(dev)
     trainable = count_parameters(model, trainable_only=True)
@@ -143,7 +147,6 @@ def finetune(
         )
     log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
 
-    collator = Collator(tokenizer.pad_token_id, regression)
     train_loader = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
     val_loader = make_loader(val_df, cfg.eval_batch_size, collator, shuffle=False)
     steps_per_epoch = len(train_loader)

@@ -42,6 +42,16 @@ def method_source_files(name: str) -> list[Path]:
     return sorted({Path(inspect.getfile(cls)), here / "base.py"})
 
 
-from . import bitfit, full, lora  # noqa: E402,F401  (registration side effects)
+def _discover() -> None:
+    """Import every module of this package: each registers its method on import."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = ["METHODS", "Method", "MethodConfig", "build_method", "get_method", "register"]

@@ -48,10 +48,20 @@ class Method:
     family: ClassVar[str]  # "full", "weight", "representation" or "sparse"
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     description: ClassVar[str] = ""
+    # True when the trained update folds into the base weights: ``merge`` then returns a plain
+    # base-architecture model with no added inference cost
+    mergeable: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, target_overrides: dict[str, str] | None = None):
         self.config = config
         self.target_overrides = target_overrides or {}
+
+    # True when ``calibrate`` must see training batches before ``apply`` (e.g. a gradient-
+    # selected mask); the trainer then calls it with the run's own seeded loader
+    needs_calibration: ClassVar[bool] = False
+
+    def calibrate(self, model: nn.Module, batches) -> None:
+        """Look at training batches (an iterable of model inputs with labels) before ``apply``."""
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Return the model to train, with ``requires_grad`` set on exactly what trains."""
@@ -60,6 +70,12 @@ class Method:
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         """Closed-form count of trainable parameters on the *unmodified* ``model``."""
         raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain base-architecture model computing what ``model`` computes (mergeable only)."""
+        if not self.mergeable:
+            raise TypeError(f"method '{self.name}' cannot be merged into the base weights")
+        return model
 
     # -- helpers shared by methods ---------------------------------------------------------
     @staticmethod

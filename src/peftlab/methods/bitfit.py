@@ -27,6 +27,7 @@ def _bias_parameters(model: nn.Module):
 class BitFit(Method):
     name = "bitfit"
     family = "weight"
+    mergeable = True  # the trained tensors are the base weights themselves
     config_cls = BitFitConfig
     description = "bias terms only"
 

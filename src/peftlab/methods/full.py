@@ -13,6 +13,7 @@ from .base import Method, MethodConfig
 class FullFineTuning(Method):
     name = "full"
     family = "full"
+    mergeable = True  # the trained tensors are the base weights themselves
     config_cls = MethodConfig
     description = "all weights train (the reference every PEFT method is measured against)"
 

@@ -39,6 +39,7 @@ class Lora(Method):
     name = "lora"
     family = "weight"
     config_cls = LoraConfig
+    mergeable = True
     description = "low-rank update of the target matrices (peft)"
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -54,6 +55,10 @@ class Lora(Method):
             modules_to_save=head_module_names(model),
         )
         return peft.get_peft_model(model, peft_config)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        # W + (alpha / r) B A folded into W; peft unwraps the trained head copy as well
+        return model.merge_and_unload()
 
     def expected_trainable_parameters(self, model: nn.Module) -> int:
         # r (d_in + d_out) per target matrix, plus the (fully trained) head
