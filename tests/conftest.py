@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,33 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peftlab_cache(tmp_path_factory):
+    """One model cache for the whole session: MPNet/SmolLM2 are converted once, off $HOME."""
+    cache = tmp_path_factory.mktemp("peftlab-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PEFTLAB_CACHE", str(cache))
+        yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # ~1 GB of converted weights: pytest keeps 3 runs
+
+
+@pytest.fixture(scope="session")
+def builtin_model_factory(peftlab_cache):
+    """``factory(name, num_labels=2)`` -> (spec, tokenizer, fresh model seeded 0) for a built-in."""
+    from peftlab.models import ModelSpec, load_model, load_tokenizer
+
+    tokenizers = {}
+
+    def factory(name: str, num_labels: int = 2, seed: int = 0):
+        spec = ModelSpec.from_config(name, {})
+        if name not in tokenizers:
+            tokenizers[name] = load_tokenizer(spec)
+        model = load_model(spec, num_labels, "single_label_classification", seed=seed)
+        return spec, tokenizers[name], model
+
+    return factory
 
 
 @pytest.fixture(scope="session")

@@ -60,16 +60,6 @@ BUILTIN_PARAMS = [
 ]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def peftlab_cache(tmp_path_factory):
-    """One cache for the whole session, so MPNet/SmolLM2 are converted once and off $HOME."""
-    cache = tmp_path_factory.mktemp("peftlab-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PEFTLAB_CACHE", str(cache))
-        yield cache
-    shutil.rmtree(cache, ignore_errors=True)  # ~1 GB of converted weights: pytest keeps 3 runs
-
-
 @dataclass
 class Loaded:
     name: str
