@@ -48,6 +48,10 @@ def test_finetune_record_and_evaluate(tmp_path, minilm_spec, tiny_task_dir):
     assert ev["n_examples"] == 48
     assert set(ev["metrics"]) >= {"accuracy", "macro_f1", "mcc"}
     assert 0 <= ev["metrics"]["accuracy"] <= 1
+    inf = ev["inference"]
+    assert inf["mergeable"] and inf["merged_class"] == "BertForSequenceClassification"
+    assert inf["merged_max_abs_diff"] <= 1e-5
+    assert inf["unmerged_ms_per_batch"] > 0 and inf["merged_ms_per_batch"] > 0 and inf["base_ms_per_batch"] > 0
 
 
 def test_same_seed_same_numbers_bitwise(tmp_path, minilm_spec, tiny_task_dir):

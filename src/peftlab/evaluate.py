@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,47 @@ from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, git_commit, set_seed, versions
 from .train import Collator, make_loader, predict
+
+
+def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
+    """Median wall time of one forward pass on ``batch`` (after one warm-up pass)."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if batch["input_ids"].is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**batch)
+            if batch["input_ids"].is_cuda:
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def inference_cost(method, model, base_model, batch: dict) -> dict[str, Any]:
+    """Latency of the trained model as stored (unmerged), merged when the method allows it,
+    and of the plain pretrained architecture on the same batch, which a merged model must
+    match; a method that cannot be merged pays ``added_latency_ratio`` at inference."""
+    with torch.no_grad():
+        unmerged_logits = model(**batch).logits
+    out: dict[str, Any] = {
+        "batch_size": int(batch["input_ids"].shape[0]),
+        "base_ms_per_batch": forward_latency_ms(base_model, batch),
+        "unmerged_ms_per_batch": forward_latency_ms(model, batch),
+        "mergeable": method.mergeable,
+    }
+    if method.mergeable:
+        merged = method.merge(model)
+        with torch.no_grad():
+            diff = (merged(**batch).logits - unmerged_logits).abs().max().item()
+        out["merged_ms_per_batch"] = forward_latency_ms(merged, batch)
+        out["merged_max_abs_diff"] = diff
+        out["merged_class"] = type(merged).__name__
+    deployed = out.get("merged_ms_per_batch", out["unmerged_ms_per_batch"])
+    out["added_latency_ratio"] = deployed / out["base_ms_per_batch"]
+    return out
 
 
 def evaluate(
@@ -43,6 +85,9 @@ def evaluate(
     outputs, labels = predict(model, loader, dev, desc="test")
     elapsed = time.perf_counter() - t0
     metrics = compute_metrics(stats["problem_type"], outputs, labels)
+    batch = {k: v.to(dev) for k, v in next(iter(loader)).items() if k != "labels"}
+    base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
+    inference = inference_cost(method, model, base_model, batch)
     record = {
         "schema_version": 1,
         "rule": "evaluate",
@@ -55,6 +100,7 @@ def evaluate(
         "metrics": metrics,
         "eval_time_s": elapsed,
         "examples_per_s": len(test_df) / elapsed if elapsed > 0 else None,
+        "inference": inference,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "versions": versions(),
