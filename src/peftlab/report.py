@@ -125,6 +125,8 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             "train_time_s": float(g["train_time_s"].mean()),
             "peak_rss_mb": float(g["peak_rss_mb"].mean()),
             "stored_size_bytes": int(g["stored_size_bytes"].iloc[0]),
+            "added_latency_ratio": float(g["added_latency_ratio"].mean())
+            if "added_latency_ratio" in g and g["added_latency_ratio"].notna().any() else None,
         })
     return pd.DataFrame(rows)
 
@@ -327,7 +329,8 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
             ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
             ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4),
             ("train_time_s", "train time (s)", 1), ("peak_rss_mb", "peak RSS (MB)", 0),
-            ("stored_size_bytes", "stored bytes", 0)]))
+            ("stored_size_bytes", "stored bytes", 0),
+            ("added_latency_ratio", "inference latency vs base", 2)]))
 
     # --- all runs ------------------------------------------------------------------------
     parts.append("<h2 id='runs'>All runs</h2>")
