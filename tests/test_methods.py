@@ -3,6 +3,9 @@ trainable count = closed-form formula, only the intended tensors change, save/lo
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 
@@ -18,6 +21,16 @@ CASES = [
     ("bitfit", {}, lambda n: n.endswith("bias") or n.startswith("classifier.")),
     ("lora", {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["query", "value"]},
      lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
+    ("gift", {"r": 4, "targets": ["query", "value"]},
+     lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
+    ("hiwi", {"r": 4},
+     lambda n: n.startswith("classifier.")
+     or re.search(r"(intermediate|layer\.\d+\.output)\.dense\.weight$", n) is not None),
+    # non-mergeable methods add modules: the base model's own tensors that change are the head's
+    ("loreft", {"r": 2, "first_n": 2, "last_n": 2, "tied_positions": False, "dropout": 0.0},
+     lambda n: n.startswith("classifier.") or ".loreft." in n),
+    ("adapter", {"placement": "houlsby", "bottleneck": 8},
+     lambda n: n.startswith("classifier.") or ".adapter." in n),
 ]
 
 
@@ -54,6 +67,7 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
     expected = m.expected_trainable_parameters(base)
     model = m.apply(base)
     assert count_parameters(model, trainable_only=True) == expected
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     batch = _batch(tiny_task_dir, minilm_tokenizer)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -63,8 +77,8 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
         opt.step()
         opt.zero_grad()
 
-    # merge LoRA to compare base-architecture weights; others are the base model already
-    merged = model.merge_and_unload() if method == "lora" else model
+    # compare base-architecture weights: mergeable methods fold their update in (on a copy)
+    merged = m.merge(copy.deepcopy(model)) if m.mergeable else model
     after = merged.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     intended = {n for n in before if should_change(n)}
@@ -74,12 +88,11 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
     else:
         assert changed == intended - {"bert.embeddings.position_ids"}
 
+    # every trainable tensor (base or added by the method) moved
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, initial[n])]
+    assert not unchanged, f"trainable tensors that never changed: {unchanged[:5]}"
+
     # save / load reproduces outputs exactly
-    model = m.apply(_fresh(minilm_spec)) if method == "lora" else model
-    if method == "lora":  # retrain the fresh wrapper a step so adapters are non-trivial
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        model(**batch).loss.backward()
-        opt.step()
     model.eval()
     with torch.no_grad():
         ref = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -104,8 +117,9 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
 def test_method_registry_lookup_error():
     from peftlab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown method 'lorra': use one of bitfit, full, lora"):
+    with pytest.raises(ConfigError) as info:
         build_method("lorra", {})
+    assert str(info.value) == f"unknown method 'lorra': use one of {', '.join(sorted(METHODS))}"
 
 
 def test_variant_files_build(repo):

@@ -1,0 +1,285 @@
+"""LoReFT (Wu et al., 2024, "ReFT: Representation Finetuning for Language Models"), hand-written.
+
+In: a pretrained classifier. Out: the same model, frozen, with a low-rank edit of the hidden
+state added after chosen transformer blocks (ReFT paper, Eq. 2):
+
+    Phi(h) = h + R^T (W h + b - R h)
+
+R (r x d) has orthonormal rows; W (r x d), b (r) are a plain linear map. The edit acts on the
+OUTPUT of each chosen block, only at the first ``first_n`` and last ``last_n`` non-pad tokens
+of every sequence (found from the attention mask, so left and right padding give the same
+positions). Only the edits and the classification head train. The edit acts on activations,
+so it cannot be merged into the weights: inference pays for it (a few r x d products per
+intervened block).
+
+How it is wired without wrapping the model (the model keeps its class and state-dict names):
+a forward pre-hook on the backbone reads the attention mask of each call and computes which
+positions are intervened; a forward hook on each chosen block applies the edit there. The
+edit modules are children of their block (``<block>.loreft.{tied,first,last}``), so they are
+ordinary parameters for the optimizer, ``count_parameters`` and the default save/load.
+
+Two defects of the obvious implementation, avoided here:
+* ``torch.nn.utils.parametrizations.orthogonal`` (Householder map, used for r < d) stores the
+  signs of R's columns as the +-1 diagonal of its ``original`` parameter and reads them with
+  ``.int()``. Decoupled weight decay (AdamW, which peftlab applies to every 2-D tensor)
+  shrinks -1 to -0.99999, ``.int()`` truncates it to 0 and R becomes the zero matrix after
+  one step: the edit silently vanishes. A first parametrization (``_SnapSigns``) rounds that
+  diagonal back to exact signs, so decay only regularises the reflectors.
+* ``use_trivialization=True`` (torch's default) keeps a d x d ``base`` buffer per edit that
+  the checkpoint would have to store (d^2 floats instead of r d); it is switched off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import orthogonal
+
+from ..errors import ConfigError
+from . import register
+from .base import Method, MethodConfig
+
+
+@dataclass
+class LoreftConfig(MethodConfig):
+    layers: list[int] | str = "all"  # block indices (0-based) or "all"
+    r: int = 1  # rank of the edit (rows of R)
+    first_n: int = 1  # p: edit the first p non-pad tokens
+    last_n: int = 1  # s: edit the last s non-pad tokens
+    tied_positions: bool = True  # one edit shared by first and last positions, else two
+    dropout: float = 0.05  # dropout on the edit R^T (W h + b - R h) while training
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise ValueError(f"layers must be 'all' or a list of block indices, got {self.layers!r}")
+        else:
+            layers = list(self.layers) if isinstance(self.layers, list | tuple) else None
+            if (
+                not layers
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+                or len(set(layers)) != len(layers)
+            ):
+                raise ValueError(
+                    f"layers must be 'all' or a non-empty list of distinct block indices >= 0, got {self.layers!r}"
+                )
+            self.layers = layers
+        for key in ("r", "first_n", "last_n"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "r" else 0):
+                bound = "a positive integer" if key == "r" else "an integer >= 0"
+                raise ValueError(f"{key} must be {bound}, got {value!r}")
+        if self.first_n == 0 and self.last_n == 0:
+            raise ValueError("first_n and last_n are both 0: no position would be edited")
+        if not isinstance(self.tied_positions, bool):
+            raise ValueError(f"tied_positions must be true or false, got {self.tied_positions!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def edits_per_layer(self) -> list[str]:
+        """Names of the separate edits each chosen block gets."""
+        if self.first_n and self.last_n and not self.tied_positions:
+            return ["first", "last"]
+        return ["tied"]
+
+
+# ---------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------
+
+NONE, FIRST, LAST = -1, 0, 1
+
+
+def intervention_positions(attention_mask: torch.Tensor, first_n: int, last_n: int) -> torch.Tensor:
+    """(batch, seq) tensor: FIRST / LAST at the edited positions, NONE elsewhere (and at pads).
+
+    Positions count non-pad tokens only, so padding on either side gives the same tokens.
+    A sequence of n < first_n + last_n tokens is split so that no token is edited twice:
+    the first group gets at most min(first_n, n // 2) tokens before the last group takes
+    what it needs, then the first group takes the rest (n = 1: only the last token).
+    """
+    mask = attention_mask.bool()
+    n = mask.sum(dim=1, keepdim=True)  # non-pad tokens per sequence
+    rank = mask.long().cumsum(dim=1) - 1  # index of each token among the non-pad ones
+    last_k = torch.clamp(n - torch.clamp(n // 2, max=first_n), max=last_n)
+    first_k = torch.clamp(n - last_k, max=first_n)
+    pos = torch.full_like(rank, NONE)
+    pos = torch.where(mask & (rank < first_k), FIRST, pos)
+    pos = torch.where(mask & (rank >= n - last_k), LAST, pos)
+    return pos
+
+
+class _PositionTracker:
+    """Forward pre-hook on the backbone: records the edited positions of the current call."""
+
+    def __init__(self, first_n: int, last_n: int):
+        self.first_n, self.last_n = first_n, last_n
+        self.positions: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:  # HF backbones: (input_ids, attention_mask, ...)
+            mask = args[1]
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        if ref is None:
+            ref = kwargs["inputs_embeds"][..., 0]
+        if mask is None:  # no mask given: every token is real
+            mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        if mask.dim() != 2:
+            raise ValueError(f"loreft needs a 2-D (batch, seq) attention mask, got shape {tuple(mask.shape)}")
+        self.positions = intervention_positions(mask, self.first_n, self.last_n)
+
+
+# ---------------------------------------------------------------------------------------
+# The edit
+# ---------------------------------------------------------------------------------------
+
+
+class _SnapSigns(nn.Module):
+    """Rounds the diagonal of the stored Householder parameter to exact +-1 (see module doc).
+
+    The Householder map reads column signs from that diagonal (no gradient flows there), so
+    this changes nothing but makes the sign immune to weight decay's shrinking.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(x.shape[-2], x.shape[-1], dtype=torch.bool, device=x.device)
+        signs = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        return torch.where(eye, signs.detach(), x)
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class LoreftEdit(nn.Module):
+    """h -> h + dropout(R^T (W h + b - R h)), R with orthonormal rows (ReFT Eq. 2)."""
+
+    def __init__(self, d: int, r: int, dropout: float = 0.0, dtype=None, device=None):
+        super().__init__()
+        rotate = nn.Linear(d, r, bias=False, dtype=dtype, device=device)
+        parametrize.register_parametrization(rotate, "weight", _SnapSigns())
+        # orthonormal rows by construction (Householder product), whatever the optimizer does
+        self.rotate = orthogonal(rotate, orthogonal_map="householder", use_trivialization=False)
+        with torch.no_grad():  # start from a uniformly random orthonormal frame (via right_inverse)
+            self.rotate.weight = nn.init.orthogonal_(torch.empty(r, d, dtype=dtype, device=device))
+        self.source = nn.Linear(d, r, dtype=dtype, device=device)  # W h + b
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.rotate.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        R = self.R  # computed once per call (the Householder product)
+        edit = (self.source(h) - h @ R.T) @ R
+        return h + self.dropout(edit)
+
+
+class LoreftLayer(nn.Module):
+    """The edits of one block; ``hook`` is its forward hook (edits the block output in place)."""
+
+    def __init__(
+        self,
+        names: list[str],
+        d: int,
+        r: int,
+        dropout: float,
+        tracker: _PositionTracker,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        for name in names:
+            self.add_module(name, LoreftEdit(d, r, dropout, dtype=dtype, device=device))
+        self._tracker = tracker  # shared with the backbone pre-hook (a plain object, no state)
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        pos = self._tracker.positions
+        if pos is None or pos.shape != h.shape[:2]:
+            raise RuntimeError(
+                "loreft: no edited positions for this call; call the model (or its backbone) "
+                "with its attention mask, not a single block"
+            )
+        pos = pos.to(h.device).unsqueeze(-1)
+        if "tied" in self._modules:
+            return torch.where(pos != NONE, self.tied(h), h)
+        return torch.where(pos == FIRST, self.first(h), torch.where(pos == LAST, self.last(h), h))
+
+    def hook(self, module: nn.Module, args: tuple, output):
+        if isinstance(output, tuple):  # MPNet blocks return (hidden, attentions...)
+            return (self.edit(output[0]), *output[1:])
+        if hasattr(output, "last_hidden_state"):
+            raise TypeError("loreft: a block returning a ModelOutput is not supported")
+        return self.edit(output)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of the backbone (encoder or decoder layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.base_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(
+        f"loreft: found no list of {n} transformer blocks in model type "
+        f"'{getattr(model.config, 'model_type', '?')}'"
+    )
+
+
+@register
+class Loreft(Method):
+    name = "loreft"
+    family = "representation"
+    config_cls = LoreftConfig
+    mergeable = False  # acts on activations; the added latency is measured by evaluate
+    description = "low-rank orthogonal edit of block outputs at the first/last tokens (ReFT)"
+
+    def _layer_indices(self, model: nn.Module) -> list[int]:
+        n = len(transformer_blocks(model))
+        if self.config.layers == "all":
+            return list(range(n))
+        bad = [i for i in self.config.layers if i >= n]
+        if bad:
+            raise ConfigError(
+                f"method 'loreft': layers {bad} do not exist (model has {n} blocks: 0..{n - 1})"
+            )
+        return sorted(self.config.layers)
+
+    def _hidden_size(self, model: nn.Module) -> int:
+        d = model.config.hidden_size
+        if self.config.r > d:
+            raise ConfigError(f"method 'loreft': r={self.config.r} exceeds the hidden size {d}")
+        return d
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        cfg = self.config
+        blocks = transformer_blocks(model)
+        if any(isinstance(m, LoreftLayer) for m in model.modules()):
+            raise ConfigError("method 'loreft' applied twice to the same model")
+        d = self._hidden_size(model)
+        self.freeze(model)
+        tracker = _PositionTracker(cfg.first_n, cfg.last_n)
+        model.base_model.register_forward_pre_hook(tracker, with_kwargs=True)
+        for i in self._layer_indices(model):
+            block = blocks[i]
+            ref = next(block.parameters())
+            layer = LoreftLayer(
+                cfg.edits_per_layer(), d, cfg.r, cfg.dropout, tracker, dtype=ref.dtype, device=ref.device
+            )
+            block.add_module("loreft", layer)
+            block.register_forward_hook(layer.hook)
+        self.unfreeze_head(model)
+        return model
+
+    def expected_trainable_parameters(self, model: nn.Module) -> int:
+        # per edit: R (r d) + W (r d) + b (r); one or two edits per chosen block; + head
+        d, r = self._hidden_size(model), self.config.r
+        per_edit = 2 * r * d + r
+        edits = len(self._layer_indices(model)) * len(self.config.edits_per_layer())
+        return edits * per_edit + self.head_parameters(model)
