@@ -27,7 +27,8 @@ CASES = [
      lambda n: n.startswith("classifier.")
      or re.search(r"(intermediate|layer\.\d+\.output)\.dense\.weight$", n) is not None),
     # non-mergeable methods add modules: the base model's own tensors that change are the head's
-    ("loreft", {"r": 2, "first_n": 2, "last_n": 2, "tied_positions": False, "dropout": 0.0},
+    # (not the last block: its last-token edits cannot reach BERT's [CLS] pooling)
+    ("loreft", {"r": 2, "layers": [0, 3], "first_n": 2, "last_n": 2, "tied_positions": False, "dropout": 0.0},
      lambda n: n.startswith("classifier.") or ".loreft." in n),
     ("adapter", {"placement": "houlsby", "bottleneck": 8},
      lambda n: n.startswith("classifier.") or ".adapter." in n),
