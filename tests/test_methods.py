@@ -32,6 +32,10 @@ CASES = [
      lambda n: n.startswith("classifier.") or ".loreft." in n),
     ("adapter", {"placement": "houlsby", "bottleneck": 8},
      lambda n: n.startswith("classifier.") or ".adapter." in n),
+    ("sift", {"rate": 0.01, "targets": ["query", "value"], "calibration_batches": 1},
+     lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
+    ("pafi", {"rate": 0.01, "targets": ["query", "value"]},
+     lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
 ]
 
 
@@ -65,6 +69,8 @@ def test_count_changes_and_roundtrip(method, params, should_change, minilm_spec,
     base = _fresh(minilm_spec)
     before = {n: p.detach().clone() for n, p in base.state_dict().items()}
     m = build_method(method, params)
+    if m.needs_calibration:  # e.g. sift: the mask comes from gradients on real batches
+        m.calibrate(base, [_batch(tiny_task_dir, minilm_tokenizer)])
     expected = m.expected_trainable_parameters(base)
     model = m.apply(base)
     assert count_parameters(model, trainable_only=True) == expected

@@ -89,7 +89,9 @@ def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layernorm" in name.lower() else decay).append(p)
+        # biases and norms are not decayed; a sparse weight delta is (it pulls W back to W0)
+        is_weight = p.ndim >= 2 or name.endswith("sparse_delta")
+        (decay if is_weight and "layernorm" not in name.lower() else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 
@@ -223,7 +225,8 @@ def finetune(
         "task": stats["task"],
         "data_fingerprint": stats["fingerprint"],
         "main_metric": main_metric,
-        "method": {"name": key.method, "family": method.family, "params": method.config.to_dict()},
+        "method": {"name": key.method, "family": method.family, "params": method.config.to_dict(),
+                   "selection": getattr(method, "selection", None)},
         "config": experiment.resolved(),
         "config_hash": fingerprint(experiment.resolved(), stats["task"], model_spec.name),
         "code_fingerprint": code_fingerprint,

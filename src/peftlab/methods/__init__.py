@@ -38,8 +38,10 @@ def method_source_files(name: str) -> list[Path]:
     import inspect
 
     cls = get_method(name)
-    here = Path(__file__).parent
-    return sorted({Path(inspect.getfile(cls)), here / "base.py"})
+    # the method's module plus every module of this package its classes inherit from
+    # (base.py; shared private modules such as _sparse.py)
+    classes = (*cls.__mro__, *cls.config_cls.__mro__)
+    return sorted({Path(inspect.getfile(c)) for c in classes if c.__module__.startswith(__name__ + ".")})
 
 
 def _discover() -> None:
