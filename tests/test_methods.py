@@ -155,3 +155,27 @@ def test_variant_files_build(repo):
     for method in METHODS:
         exp = load_experiment(repo / "config" / "experiments", method, "default")
         build_method(method, exp.method_params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["mpnet-base", "smollm2-135m"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora"])
+def test_spine_methods_on_other_architectures(method, model_name, builtin_model_factory):
+    """full / BitFit / LoRA on MPNet (q, v) and the Llama decoder (q_proj, v_proj): count =
+    formula, a training step runs, and the merged model equals the unmerged one."""
+    _, tokenizer, base = builtin_model_factory(model_name)
+    m = build_method(method, {"r": 4} if method == "lora" else {})
+    expected = m.expected_trainable_parameters(base)
+    model = m.apply(base)
+    assert count_parameters(model, trainable_only=True) == expected
+    batch = tokenizer(["a fine film", "a dull and far too long film"], padding=True, return_tensors="pt")
+    out = model(**batch, labels=torch.tensor([1, 0]))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+        plain = m.merge(model)
+        assert type(plain).__name__.endswith("ForSequenceClassification")
+        assert (plain(**batch).logits - ref).abs().max().item() <= 1e-5
