@@ -16,7 +16,24 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import count_parameters, head_module_names
+from ..models import ROLES, count_parameters, head_module_names
+
+
+def check_roles(key: str, roles, allow_empty: bool = False) -> None:
+    """One-line ValueError unless ``roles`` is a list of known target roles."""
+    if not isinstance(roles, (list, tuple)) or (not roles and not allow_empty):
+        raise ValueError(f"{key} must be a list of roles from {list(ROLES)}, got {roles!r}")
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"{key} {bad} invalid; use roles from {list(ROLES)}")
+    twice = sorted({r for r in roles if list(roles).count(r) > 1})
+    if twice:
+        raise ValueError(f"{key} lists {twice} twice")
+
+
+def check_positive_int(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
 @dataclass

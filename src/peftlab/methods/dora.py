@@ -8,54 +8,26 @@ peft keeps the norm out of the gradient graph as the paper's Sec. 4.3 recommends
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
-from ..models import head_module_names, resolve_targets
 from . import register
-from ._peft_common import check_positive_int, check_roles, linear_layers, merge_peft_model
-from .base import Method, MethodConfig
+from ._peft_common import linear_layers, merge_peft_model
+from .lora import Lora, LoraConfig
 
 
 @dataclass
-class DoraConfig(MethodConfig):
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-
-    def __post_init__(self):
-        check_positive_int("r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        check_roles("targets", self.targets)
+class DoraConfig(LoraConfig):
+    """Same fields and checks as LoRA's: r, alpha, dropout, targets."""
 
 
 @register
-class Dora(Method):
+class Dora(Lora):
     name = "dora"
-    family = "weight"
     config_cls = DoraConfig
-    mergeable = True
     description = "weight-decomposed low-rank update: trained magnitude + LoRA direction (peft)"
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        import peft
-
-        cfg = self.config
-        peft_config = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS,
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            use_dora=True,
-            target_modules=resolve_targets(model, cfg.targets, self.target_overrides),
-            modules_to_save=head_module_names(model),
-        )
-        return peft.get_peft_model(model, peft_config)
+    use_dora = True
 
     def merge(self, model: nn.Module) -> nn.Module:
         # peft folds m * (W0 + s B A) / ||W0 + s B A|| into W0 and unwraps the trained head

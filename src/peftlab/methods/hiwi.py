@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import ROLES, resolve_targets
+from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, check_positive_int, check_roles
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "identity": lambda t: t}
 
@@ -67,15 +67,8 @@ class HiwiConfig(MethodConfig):
     adapter_bias: bool = True  # the adapter's own biases c and e
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.targets, list | tuple):
-            raise ValueError(f"targets must be a list of roles, got {self.targets!r}")
-        bad = [t for t in self.targets if t not in ROLES]
-        if not self.targets or bad:
-            raise ValueError(f"targets {bad or self.targets} invalid; use roles from {list(ROLES)}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets {self.targets} list a role twice")
+        check_positive_int("r", self.r)
+        check_roles("targets", self.targets)
         if self.adapt not in ("weights", "biases"):
             raise ValueError(f"adapt must be 'weights' or 'biases', got {self.adapt!r}")
         if not isinstance(self.share_across_layers, bool):

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..models import head_module_names, resolve_targets
 from . import register
-from ._peft_common import check_roles, linear_layers, merge_peft_model
-from .base import Method, MethodConfig
+from ._peft_common import linear_layers, merge_peft_model
+from .base import Method, MethodConfig, check_roles
 
 
 @dataclass

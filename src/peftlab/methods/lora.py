@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..models import ROLES, head_module_names, resolve_targets
+from ..models import head_module_names, resolve_targets
 from . import register
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, check_positive_int, check_roles
 
 
 @dataclass
@@ -23,15 +23,12 @@ class LoraConfig(MethodConfig):
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not self.alpha or self.alpha <= 0:
+        check_positive_int("r", self.r)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        bad = [t for t in self.targets if t not in ROLES]
-        if not self.targets or bad:
-            raise ValueError(f"targets {bad or self.targets} invalid; use roles from {list(ROLES)}")
+        check_roles("targets", self.targets)
 
 
 @register
@@ -41,6 +38,7 @@ class Lora(Method):
     config_cls = LoraConfig
     mergeable = True
     description = "low-rank update of the target matrices (peft)"
+    use_dora = False  # DoRA is this method with peft's weight decomposition switched on
 
     def apply(self, model: nn.Module) -> nn.Module:
         import peft
@@ -51,6 +49,7 @@ class Lora(Method):
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
+            use_dora=self.use_dora,
             target_modules=resolve_targets(model, cfg.targets, self.target_overrides),
             modules_to_save=head_module_names(model),
         )

@@ -27,8 +27,7 @@ from torch import nn
 
 from ..models import head_module_names
 from . import register
-from ._peft_common import check_positive_int
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, check_positive_int
 
 INITS = ("sample_vocab", "random", "text")
 
