@@ -121,3 +121,16 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                     "--until", "evaluate", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})) == 2 * len(keys)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config" / "presets").glob("*.yaml")))
+def test_paper_presets_build_a_dag(preset):
+    """The papers' GLUE settings validate and plan every job (they run on a cluster with hub access)."""
+    from peftlab.config import iter_runs, load_yaml, validate_config
+
+    res = snakemake("-n", "--quiet", "rules", "--configfile", f"config/presets/{preset}", "--replace-workflow-config")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
+    cfg = validate_config(load_yaml(REPO / "config" / "presets" / preset))
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout + res.stderr, flags=re.M))
+    assert int(counts["finetune"]) == len(list(iter_runs(cfg))) >= 5 * 5 * len(cfg["tasks"])
+    assert {"loreft", "sift", "gift", "lora"} <= set(cfg["methods"])
