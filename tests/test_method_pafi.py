@@ -167,3 +167,15 @@ def test_save_load_merge(minilm_spec, batch, tmp_path, ranking):
 def test_builtin_models(builtin_model_factory, model_name):
     diff = check_builtin(builtin_model_factory, model_name, lambda model, batch: build_method("pafi", {}))
     print(f"pafi {model_name} merge max abs logit diff {diff:.2e}")
+
+
+def test_mask_is_identical_for_two_tasks(minilm_spec):
+    """Two tasks (2 and 5 labels, different heads): PaFi picks the same entries for both."""
+    from peftlab.models import load_model
+
+    two = load_model(minilm_spec, 2, "single_label_classification", seed=0)
+    five = load_model(minilm_spec, 5, "single_label_classification", seed=1)
+    a = sparse_masks(build_method("pafi", {}).apply(two))
+    b = sparse_masks(build_method("pafi", {}).apply(five))
+    assert a.keys() == b.keys() and len(a) == 24
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -58,14 +58,14 @@ def _prepare(masks):
 
 def test_config_validation():
     for bad in ({"rate": 0}, {"rate": 1.5}, {"rate": True}, {"calibration_batches": 0},
-                {"accumulate": "mean"}, {"mask_source": "random"}, {"mask_source": "file"},
+                {"accumulate": "mean"}, {"mask_source": "shuffled"}, {"mask_source": "file"},
                 {"ranking": "layer"}, {"targets": ["qkv"]}, {"targets": []}, {"lr": 1}):
         with pytest.raises(ConfigError):
             build_method("sift", bad)
     m = build_method("sift", {})
     assert m.config.to_dict() == {"rate": 0.008, "targets": ["query", "key", "value", "attn_output"],
                                   "ranking": "per_matrix", "calibration_batches": 8, "accumulate": "abs",
-                                  "mask_source": "gradient", "mask_path": None}
+                                  "mask_source": "gradient", "mask_path": None, "mask_seed": 0}
     assert m.family == "sparse" and m.mergeable and m.needs_calibration
 
 
@@ -172,3 +172,19 @@ def test_builtin_models(builtin_model_factory, model_name):
 
     diff = check_builtin(builtin_model_factory, model_name, prepare)
     print(f"sift {model_name} merge max abs logit diff {diff:.2e}")
+
+
+def test_random_mask_control(minilm_spec, calib, calibrated):
+    """mask_source: random gives the same counts as the gradient mask, seeded, barely overlapping it."""
+    def random_masks(seed):
+        m = build_method("sift", PARAMS | {"mask_source": "random", "mask_seed": seed})
+        m.calibrate(fresh(minilm_spec), iter(calib))
+        return m.masks
+
+    a, b, c = random_masks(3), random_masks(3), random_masks(4)
+    assert {n: v.numel() for n, v in a.items()} == {n: v.numel() for n, v in calibrated.items()}
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+    shared = sum(len(set(a[n].tolist()) & set(calibrated[n].tolist())) for n in a)
+    total = sum(v.numel() for v in a.values())
+    assert shared / total < 0.05  # chance overlap is about the rate (0.8%)

@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 class SiftConfig(SparseConfig):
     calibration_batches: int = 8  # training batches whose gradients choose the mask
     accumulate: str = "abs"  # abs: sum of |grad| over batches; signed: |sum of grad|
-    mask_source: str = "gradient"  # gradient: calibrate here; file: read mask_path
+    # gradient: calibrate here; file: read mask_path; random: a seeded random index set of the
+    # same size (the control SIFT's claim is measured against)
+    mask_source: str = "gradient"
     mask_path: str | None = None  # safetensors file of '<module>.sparse_index' tensors
+    mask_seed: int = 0  # seed of the random index set (mask_source: random)
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,8 +50,8 @@ class SiftConfig(SparseConfig):
             raise ValueError(f"calibration_batches must be a positive integer, got {self.calibration_batches!r}")
         if self.accumulate not in ("abs", "signed"):
             raise ValueError(f"accumulate must be 'abs' or 'signed', got {self.accumulate!r}")
-        if self.mask_source not in ("gradient", "file"):
-            raise ValueError(f"mask_source must be 'gradient' or 'file', got {self.mask_source!r}")
+        if self.mask_source not in ("gradient", "file", "random"):
+            raise ValueError(f"mask_source must be 'gradient', 'file' or 'random', got {self.mask_source!r}")
         if self.mask_source == "file" and not self.mask_path:
             raise ValueError("mask_source 'file' needs mask_path (a safetensors file of index sets)")
 
@@ -75,6 +78,9 @@ class Sift(SparseUpdateMethod):
             self.check_masks(model, self.masks, cfg.mask_path)
             return
         names = self.target_names(model)
+        if cfg.mask_source == "random":
+            self.masks = self.random_masks(model)
+            return
         weights = [model.get_submodule(n).weight for n in names]
         flags = [(p, p.requires_grad) for p in model.parameters()]
         was_training = model.training
@@ -110,7 +116,16 @@ class Sift(SparseUpdateMethod):
         self.calibration_batches_used = used
         self.masks = self.select(dict(zip(names, scores, strict=True)))
 
+    def random_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Uniformly random index sets with the same counts as the gradient-selected ones."""
+        gen = torch.Generator().manual_seed(self.config.mask_seed)
+        names = self.target_names(model)
+        scores = {n: torch.rand(model.get_submodule(n).weight.shape, generator=gen) for n in names}
+        return self.select(scores)
+
     def compute_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.config.mask_source == "random":
+            return self.random_masks(model)
         if self.config.mask_source == "file":
             masks = read_mask_file(self.config.mask_path)
             self.check_masks(model, masks, self.config.mask_path)
