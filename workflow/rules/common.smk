@@ -32,7 +32,7 @@ def run_path(stage, key, name):
 
 
 def all_targets():
-    return ["reports/comparison.html", f"{RESULTS}/summary.csv"]
+    return [config["report_path"], f"{RESULTS}/summary.csv"]
 
 
 def experiment_inputs(wildcards):

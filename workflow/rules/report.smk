@@ -28,7 +28,7 @@ rule comparison_report:
         ),
     output:
         html=report(
-            "reports/comparison.html",
+            config["report_path"],
             caption="../report/comparison.rst",
             category="Results",
         ),
