@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import ROLES, resolve_targets
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, set_submodule
 
 INDEX_SUFFIX = ".sparse_index"
 DELTA_SUFFIX = ".sparse_delta"
@@ -226,9 +226,7 @@ class SparseUpdateMethod(Method):
         for name, idx in sorted(masks.items()):
             if idx.numel() == 0:  # global ranking may give a matrix nothing to train
                 continue
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SparseDeltaLinear(getattr(parent, child), idx))
+            set_submodule(model, name, SparseDeltaLinear(model.get_submodule(name), idx))
         self.unfreeze_head(model)
         self.selection = {n: int(m.numel()) for n, m in sorted(masks.items())}
         return model
@@ -243,8 +241,7 @@ class SparseUpdateMethod(Method):
             plain.weight = nn.Parameter(weight, requires_grad=False)
             if mod.bias is not None:
                 plain.bias = mod.bias
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+            set_submodule(model, name, plain)
         return model
 
     # -- persistence ------------------------------------------------------------------------

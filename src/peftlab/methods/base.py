@@ -36,6 +36,12 @@ def check_positive_int(key: str, value) -> None:
         raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. a target Linear by its wrapper)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 @dataclass
 class MethodConfig:
     """Base class of the typed per-method configs (fields = the variant's ``method:`` keys)."""

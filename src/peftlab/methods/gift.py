@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig, check_positive_int, check_roles
+from .base import Method, MethodConfig, check_positive_int, check_roles, set_submodule
 
 
 @dataclass
@@ -129,11 +129,6 @@ def gift_token_projection(model: nn.Module, hidden_states: torch.Tensor, role: s
     return hidden_states.to(w_phi.dtype) @ w_phi
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @register
 class Gift(Method):
     name = "gift"
@@ -180,7 +175,7 @@ class Gift(Method):
             first = model.get_submodule(members[0][0])
             pair = GiftPair(first.in_features, cfg.r, cfg.init_scale, device=first.weight.device, dtype=first.weight.dtype)
             for name, role in members:
-                _set_submodule(model, name, GiftLinear(model.get_submodule(name), pair, role))
+                set_submodule(model, name, GiftLinear(model.get_submodule(name), pair, role))
         self.unfreeze_head(model)
         return model
 
@@ -191,5 +186,5 @@ class Gift(Method):
             lin.weight = nn.Parameter(mod.merged_weight(), requires_grad=False)
             if mod.bias is not None:
                 lin.bias = mod.bias
-            _set_submodule(model, name, lin)
+            set_submodule(model, name, lin)
         return model

@@ -50,7 +50,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig, check_positive_int, check_roles
+from .base import Method, MethodConfig, check_positive_int, check_roles, set_submodule
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "identity": lambda t: t}
 
@@ -132,11 +132,6 @@ class HiwiLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, adapt={self.adapt}, role={self.role}"
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @register
 class Hiwi(Method):
     name = "hiwi"
@@ -196,7 +191,7 @@ class Hiwi(Method):
             adapter = HiwiAdapter(self._adapter_input_size(name0, first), cfg.r, cfg.activation, cfg.adapter_bias,
                                   device=first.weight.device, dtype=first.weight.dtype)
             for name, role in members:
-                _set_submodule(model, name, HiwiLinear(model.get_submodule(name), adapter, cfg.adapt, role))
+                set_submodule(model, name, HiwiLinear(model.get_submodule(name), adapter, cfg.adapt, role))
         self.unfreeze_head(model)
         return model
 
@@ -210,5 +205,5 @@ class Hiwi(Method):
             lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             if bias is not None:
                 lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-            _set_submodule(model, name, lin)
+            set_submodule(model, name, lin)
         return model
