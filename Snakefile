@@ -20,9 +20,11 @@ wildcard_constraints:
     method=NAME,
     variant=NAME,
     seed="[0-9]+",
+    d="[0-9]+",
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/analyses.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

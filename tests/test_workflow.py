@@ -96,13 +96,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         (run,) = [r for r in blob["runs"] if r["method"] == key.method and r["seed"] == key.seed]
         assert run["test_main"] == ev["metrics"]["accuracy"]
         assert run["trainable_params"] == ft["trainable_params"]
-    # figures are embedded, nothing external
-    assert html.count("src='data:image/png;base64,") == 3
+    # figures are embedded, nothing external: 3 for the task, 3 for the analyses
+    assert html.count("src='data:image/png;base64,") == 6
     assert not re.search(r"src=['\"](?!data:)", html)
+    analyses = work / "results" / "analyses" / "minilm-l6" / "rotten_tomatoes"
+    d90 = json.loads((analyses / "intrinsic_dimension" / "d90.json").read_text())
+    full = [json.loads((work / "results" / "evaluate" / k.path() / "metrics.json").read_text())["metrics"]["accuracy"]
+            for k in keys if k.method == "full"]
+    assert d90["reference"] == pytest.approx(sum(full) / len(full)) and d90["grid"] == [150, 600]
+    sparsity = json.loads((analyses / "gradient_sparsity" / "sparsity.json").read_text())
+    assert "Analyses of the tasks" in html and f"{sparsity['summary']['top1_share']:.3f}" in html
 
     runs = runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})
-    assert len(runs) == 2 * len(keys)
-    assert sorted(runs["tags.rule"].value_counts().items()) == [("evaluate", 6), ("finetune", 6)]
+    assert len(runs) == 2 * len(keys) + 4
+    assert sorted(runs["tags.rule"].value_counts().items()) == [
+        ("d90", 1), ("evaluate", 6), ("finetune", 6), ("gradient_sparsity", 1), ("intrinsic_dimension", 2)]
     assert set(runs["status"]) == {"FINISHED"}
     ft_runs = runs[runs["tags.rule"] == "finetune"]
     assert "metrics.validation_accuracy" in ft_runs and "params.config.training.learning_rate" in ft_runs
@@ -120,7 +128,31 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                     "--forcerun", "results/evaluate/minilm-l6/rotten_tomatoes/lora/default/seed0/metrics.json",
                     "--until", "evaluate", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})) == 2 * len(keys)
+    assert len(runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})) == 2 * len(keys) + 4
+
+
+def test_analyses_are_stages_of_the_dag(tmp_path):
+    """Intrinsic dimension (grid + d90, which pulls in full fine-tuning) and gradient sparsity
+    are jobs; a SIFT variant with mask_source: analysis trains on the sparsity stage's masks."""
+    work = workflow_copy(tmp_path)
+    variant = work / "tests" / "configs" / "experiments" / "sift" / "from_analysis.yaml"
+    variant.parent.mkdir(parents=True)
+    variant.write_text("method:\n  rate: 0.01\n  mask_source: analysis\n")
+    import yaml
+
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["methods"] = {"sift": ["from_analysis"]}
+    (work / "sift_only.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "--configfile", "sift_only.yaml", "--replace-workflow-config", cwd=work)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-2000:]
+    out = res.stdout + res.stderr
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    # 2 dims x 1 seed; d90 pulls in full/default for both seeds though full is not in methods
+    assert counts["intrinsic_dimension"] == "2" and counts["d90"] == "1" and counts["gradient_sparsity"] == "1"
+    assert counts["finetune"] == str(2 + 2)
+    mask = "gradient_sparsity/sift_mask_from_analysis.safetensors"
+    finetune_jobs = [b for b in out.split("\n\n") if "rule finetune:" in b and "/sift/" in b]
+    assert finetune_jobs and all(mask in job for job in finetune_jobs)
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config" / "presets").glob("*.yaml")))

@@ -102,7 +102,39 @@ def validate_config(config: dict, where: str = "config") -> dict:
     for method, variants in config["methods"].items():
         for variant in variants:
             load_experiment(config["experiments_dir"], method, variant)
+    intrinsic = config["analyses"]["intrinsic_dimension"]
+    if intrinsic["dims"]:
+        analysis_training(config)
+        ref = Path(config["experiments_dir"]) / "full" / f"{intrinsic['reference']}.yaml"
+        if not ref.exists():
+            raise ConfigError(
+                f"{where}: analyses.intrinsic_dimension.reference '{intrinsic['reference']}' needs "
+                f"{ref} (the full fine-tuning variant d90 is measured against)"
+            )
     return config
+
+
+def analysis_training(config: dict) -> TrainConfig:
+    """Training settings of the intrinsic-dimension runs: experiments_dir/defaults.yaml's
+    ``training`` with ``analyses.intrinsic_dimension.training`` over it."""
+    defaults = load_yaml(Path(config["experiments_dir"]) / "defaults.yaml") or {}
+    merged = deep_merge(defaults.get("training") or {},
+                        config["analyses"]["intrinsic_dimension"].get("training") or {})
+    try:
+        return TrainConfig(**merged)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config: analyses.intrinsic_dimension.training: {exc}") from None
+
+
+def sift_analysis_variants(config: dict) -> dict[str, dict]:
+    """SIFT variants in the config whose mask comes from the gradient-sparsity stage
+    (``mask_source: analysis``): variant -> its method params."""
+    out = {}
+    for variant in config["methods"].get("sift", []):
+        exp = load_experiment(config["experiments_dir"], "sift", variant)
+        if exp.method_params.get("mask_source") == "analysis":
+            out[variant] = dict(exp.method_params)
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -68,8 +68,13 @@ def evaluate(
     weights_path: str | Path,
     out_path: str | Path,
     threads: int | None = None,
+    method=None,
+    measure_inference: bool = True,
 ) -> dict[str, Any]:
-    """Rebuild base model + method, load the stored tensors, score the test split."""
+    """Rebuild base model + method, load the stored tensors, score the test split.
+
+    ``method``: a ready ``Method`` object instead of the registry's (analyses);
+    ``measure_inference``: time base / unmerged / merged forwards (skipped by analyses)."""
     set_seed(key.seed, threads)
     dev = device()
     stats = read_json(Path(data_dir) / "stats.json")
@@ -77,7 +82,8 @@ def evaluate(
     test_df = load_split(data_dir, "test")
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
+    if method is None:
+        method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
     model = method.load(model, weights_path).to(dev)
     loader = make_loader(test_df, ft["config"]["training"]["eval_batch_size"],
                          Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION), shuffle=False)
@@ -85,9 +91,11 @@ def evaluate(
     outputs, labels = predict(model, loader, dev, desc="test")
     elapsed = time.perf_counter() - t0
     metrics = compute_metrics(stats["problem_type"], outputs, labels)
-    batch = {k: v.to(dev) for k, v in next(iter(loader)).items() if k != "labels"}
-    base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
-    inference = inference_cost(method, model, base_model, batch)
+    inference = None
+    if measure_inference:
+        batch = {k: v.to(dev) for k, v in next(iter(loader)).items() if k != "labels"}
+        base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
+        inference = inference_cost(method, model, base_model, batch)
     record = {
         "schema_version": 1,
         "rule": "evaluate",

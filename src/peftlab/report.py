@@ -226,6 +226,182 @@ def figure_training_curves(records: list[dict], palette: dict, metric: str, titl
     return _png(fig)
 
 
+def figure_intrinsic_dimension(d90: dict, title: str) -> str:
+    """Test score against d (log x), full fine-tuning's score, the threshold and d90."""
+    import matplotlib.pyplot as plt
+
+    ds = sorted(int(d) for d in d90["scores"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(ds, [d90["scores"][str(d)] for d in ds], "o-", color="tab:blue",
+            label=f"{d90.get('kind', 'said').upper()} (mean over seeds)")
+    refined = set(d90.get("refined", []))
+    if refined:
+        ax.plot(sorted(refined), [d90["scores"][str(d)] for d in sorted(refined)], "s", color="tab:orange",
+                ms=8, label="bisection points")
+    ax.axhline(d90["reference"], color="black", lw=1, label="full fine-tuning")
+    ax.axhline(d90["threshold"], color="grey", ls="--", lw=1, label=f"{d90['fraction']:.0%} of full")
+    if d90.get("d90") is not None:
+        ax.axvline(d90["d90"], color="tab:red", ls=":", lw=1.5, label=f"d90 = {d90['d90']:,}")
+    ax.set_xscale("log")
+    ax.set(xlabel="subspace dimension d (log scale)", ylabel=f"test {d90['metric']}", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
+
+
+def figure_gradient_sparsity(sp: dict, title: str) -> str:
+    """Share of gradient mass in the top p% entries (log x), overall and per role; per layer."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    percents = sp["summary"]["percents"]
+    curves = sp["curves"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    ax.plot(percents, curves["all"]["per_batch"], "o-", color="black", lw=2, label="all (per batch)")
+    ax.plot(percents, curves["all"]["accumulated"], "o--", color="grey", lw=1.5, label="all (sum of |g|)")
+    roles = [k for k in curves if k.startswith("role:")]
+    colors = dict(zip(roles, sns.color_palette("tab10", n_colors=10), strict=False))
+    for k in roles:
+        ax.plot(percents, curves[k]["per_batch"], ".-", color=colors[k], lw=1, label=k[5:])
+    ax.plot(percents, [p / 100 for p in percents], ":", color="tab:red", label="uniform (no sparsity)")
+    ax.set_xscale("log")
+    ax.set(xlabel="top p% of entries by |gradient| (log scale)", ylabel="share of squared gradient mass",
+           title="concentration", ylim=(0, 1.02))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    layers = sorted(int(k[6:]) for k in curves if k.startswith("layer:"))
+    if layers and 1.0 in percents:
+        i = percents.index(1.0)
+        axes[1].plot(layers, [curves[f"layer:{n}"]["per_batch"][i] for n in layers], "o-", color="black")
+        axes[1].set(xlabel="layer", ylabel="share held by the top 1%", title="top-1% share per layer",
+                    ylim=(0, 1.02))
+        axes[1].set_xticks(layers)
+        axes[1].grid(True, alpha=0.3)
+    else:
+        axes[1].set_visible(False)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def cross_analysis_table(cells: pd.DataFrame, analyses: dict) -> pd.DataFrame:
+    """Per (model, task, method, variant): efficiency next to the task's d90 and gradient
+    concentration. ``analyses``: (model, task) -> {"d90": record, "sparsity": record}."""
+    rows = []
+    for (model, task), g in cells.groupby(["model", "task"], sort=False):
+        a = analyses.get((model, task), {})
+        full = g[(g["method"] == "full")]
+        full_mean = float(full["test_mean"].iloc[0]) if len(full) else None
+        for _, c in g.iterrows():
+            rows.append({
+                "model": model, "task": task, "method": c["method"], "variant": c["variant"],
+                "label": _label(c["method"], c["variant"]),
+                "test_mean": c["test_mean"], "trainable_params": c["trainable_params"],
+                "gap_to_full": (c["test_mean"] - full_mean) if full_mean is not None else None,
+                "score_per_million_params": c["test_mean"] / (c["trainable_params"] / 1e6),
+                "d90": (a.get("d90") or {}).get("d90"),
+                "top1_share": ((a.get("sparsity") or {}).get("summary") or {}).get("top1_share"),
+            })
+    return pd.DataFrame(rows)
+
+
+def figure_cross_analysis(cross: pd.DataFrame, palette: dict) -> str:
+    """Each method's gap to full fine-tuning against the task's d90 and top-1% gradient share."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, col, xlabel, log in ((axes[0], "d90", "d90 of the (model, task) (log scale)", True),
+                                 (axes[1], "top1_share", "share of gradient mass in the top 1%", False)):
+        sub = cross.dropna(subset=[col, "gap_to_full"])
+        for label, g in sub.groupby("label", sort=True):
+            ax.plot(g[col], g["gap_to_full"], "o-" if len(g) > 1 else "o", color=palette.get(label, "grey"),
+                    label=label, alpha=0.85)
+        if log and len(sub):
+            ax.set_xscale("log")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set(xlabel=xlabel)
+        ax.grid(True, alpha=0.3)
+        if not len(sub):
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_ylabel("test score minus full fine-tuning's")
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        axes[1].legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       frameon=False, fontsize=8)
+    fig.suptitle("cross-analysis: is a method's gap to full fine-tuning related to the task's "
+                 "intrinsic dimension or gradient concentration?", fontsize=10)
+    return _png(fig)
+
+
+def analyses_section(analysis_paths: list[str], cells: pd.DataFrame, palette: dict) -> list[str]:
+    """HTML parts of the analyses section (empty when no analysis ran)."""
+    found: dict[tuple[str, str], dict] = {}
+    for path in analysis_paths:
+        rec = read_json(path)
+        kind = {"d90": "d90", "gradient_sparsity": "sparsity"}[rec["rule"]]
+        found.setdefault((rec["run"]["model"], rec["run"]["task"]), {})[kind] = rec
+    if not found:
+        return []
+    parts = ["<h2 id='analyses'>Analyses of the tasks</h2>",
+             "<p class='note'>Intrinsic dimension: random-subspace training (theta = theta0 + "
+             "lambda * P(theta_d), Fastfood projection); d90 is the smallest d whose test score "
+             "reaches the stated fraction of full fine-tuning's. Gradient sparsity: gradients at the "
+             "pretrained point over a few training batches.</p>"]
+    summary_rows = []
+    for (model, task), a in found.items():
+        title = f"{task} · {model}"
+        parts.append(f"<h3 id='analyses-{html.escape(model)}-{html.escape(task)}'>{html.escape(title)}</h3>")
+        row: dict[str, Any] = {"model": model, "task": task}
+        if "d90" in a:
+            d = a["d90"]
+            parts.append(f"<img alt='{html.escape(task)} intrinsic dimension' src='"
+                         f"{figure_intrinsic_dimension(d, f'{title}: score vs subspace dimension')}'>")
+            row.update(d90=d.get("d90"), d90_share=d.get("d90_fraction_of_D"),
+                       grid=", ".join(f"{x:,}" for x in d["grid"]), reached=d["reached"])
+            if not d["reached"]:
+                parts.append(f"<p class='note'>No d of the grid reached {d['fraction']:.0%} of full "
+                             f"fine-tuning's {d['metric']} ({d['reference']:.4f}); d90 is above "
+                             f"{max(d['grid']):,}.</p>")
+        if "sparsity" in a:
+            sp = a["sparsity"]
+            parts.append(f"<img alt='{html.escape(task)} gradient sparsity' src='"
+                         f"{figure_gradient_sparsity(sp, f'{title}: gradient concentration')}'>")
+            summ = sp["summary"]
+            row.update(top1=summ.get("top1_share"), gini=summ.get("gini"), jaccard=summ.get("jaccard"),
+                       jaccard_chance=summ.get("jaccard_chance"), overlap=summ.get("sift_pafi_overlap"),
+                       overlap_chance=summ.get("overlap_chance"))
+            role_rows = [{"role": r, **v} for r, v in summ["by_role"].items()]
+            parts.append("<p class='note'>Per role: share of squared gradient mass in the top 1% of "
+                         f"entries; Jaccard index of the per-batch top-{summ['jaccard_percent']:g}% sets "
+                         f"(chance {summ['jaccard_chance']:.4f}); overlap of SIFT's gradient mask with "
+                         f"PaFi's smallest-magnitude mask at rate {summ['overlap_rate']:g} (chance "
+                         f"{summ['overlap_chance']:.4f}).</p>")
+            parts.append(_table(pd.DataFrame(role_rows), [
+                ("role", "role", -1), ("top1_share", "top-1% share", 3), ("jaccard", "Jaccard across batches", 3),
+                ("sift_pafi_overlap", "SIFT ∩ PaFi / k", 4)]))
+        summary_rows.append(row)
+    cols = [("model", "model", -1), ("task", "task", -1)]
+    frame = pd.DataFrame(summary_rows)
+    for c, t, dgt in (("d90", "d90", 0), ("d90_share", "d90 / D", 6), ("grid", "grid of d", -1),
+                      ("top1", "top-1% gradient share", 3), ("gini", "Gini of |g|", 3),
+                      ("jaccard", "top-set Jaccard", 3), ("overlap", "SIFT ∩ PaFi / k", 4)):
+        if c in frame:
+            cols.append((c, t, dgt))
+    parts.append("<h3 id='analyses-summary'>Summary and cross-analysis</h3>")
+    parts.append(_table(frame, cols))
+    cross = cross_analysis_table(cells, found)
+    parts.append(f"<img alt='cross-analysis' src='{figure_cross_analysis(cross, palette)}'>")
+    parts.append(_table(cross, [
+        ("model", "model", -1), ("task", "task", -1), ("label", "method", -1), ("test_mean", "test (mean)", 4),
+        ("gap_to_full", "gap to full", 4), ("trainable_params", "trainable params", 0),
+        ("score_per_million_params", "score per 10⁶ trainable", 4), ("d90", "task d90", 0),
+        ("top1_share", "task top-1% share", 3)]))
+    return parts
+
+
 # ---------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------
@@ -264,7 +440,7 @@ def _table(df: pd.DataFrame, columns: list[tuple[str, str, int]], row_id: str | 
 
 
 def write_report(summary_path: str, stats_paths: list[str], config: dict, html_path: str,
-                 finetune_paths: list[str] | None = None) -> str:
+                 finetune_paths: list[str] | None = None, analysis_paths: list[str] = ()) -> str:
     """Render the comparison report; returns the HTML written to ``html_path``."""
     runs = pd.read_parquet(summary_path)
     stats = {(s["model"], s["task"]["name"]): s for s in map(read_json, stats_paths)}
@@ -331,6 +507,9 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
             ("train_time_s", "train time (s)", 1), ("peak_rss_mb", "peak RSS (MB)", 0),
             ("stored_size_bytes", "stored bytes", 0),
             ("added_latency_ratio", "inference latency vs base", 2)]))
+
+    # --- analyses ------------------------------------------------------------------------
+    parts.extend(analyses_section(list(analysis_paths), cells, palette))
 
     # --- all runs ------------------------------------------------------------------------
     parts.append("<h2 id='runs'>All runs</h2>")

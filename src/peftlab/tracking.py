@@ -60,9 +60,28 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _metrics_of(record: dict) -> list[tuple[str, float, int]]:
-    """(key, value, step) triples: curves for finetune, test metrics for evaluate."""
+    """(key, value, step) triples: curves for finetune (and subspace runs), test metrics for
+    evaluate, the statistics of the analyses (d90: score per d with step = d)."""
     rows: list[tuple[str, float, int]] = []
-    if record["rule"] == "finetune":
+    rule = record["rule"]
+    if rule == "gradient_sparsity":
+        summary = record["summary"]
+        for k in ("top1_share", "gini", "jaccard", "jaccard_chance", "sift_pafi_overlap", "overlap_chance"):
+            rows.append((k, summary.get(k), 0))
+        for i, p in enumerate(summary["percents"]):
+            rows.append((f"top_share_permille_{round(p * 10)}", record["curves"]["all"]["per_batch"][i], 0))
+        return [(k, float(v), int(s)) for k, v, s in rows if v is not None]
+    if rule == "d90":
+        for d, score in record["scores"].items():
+            rows.append(("test_score_by_d", score, int(d)))
+        for k in ("d90", "threshold", "reference", "d90_fraction_of_D"):
+            rows.append((k, record.get(k), 0))
+        return [(k, float(v), int(s)) for k, v, s in rows if v is not None]
+    if rule == "intrinsic_dimension":
+        for k, v in record["test"].items():
+            rows.append((f"test_{k}", v, 0))
+        rows += [("d", record["d"], 0)]
+    if rule in ("finetune", "intrinsic_dimension"):
         for step, loss in record["curves"]["train_loss"]:
             rows.append(("train_loss", loss, step))
         for step, lr in record["curves"].get("learning_rate", []):
@@ -72,7 +91,8 @@ def _metrics_of(record: dict) -> list[tuple[str, float, int]]:
                 if k != "step" and v is not None:
                     rows.append((f"validation_{k}", v, point["step"]))
         for k in ("trainable_params", "trainable_percent", "train_time_s", "stored_size_bytes", "steps"):
-            rows.append((k, record[k], 0))
+            if k in record:
+                rows.append((k, record[k], 0))
         for k, v in record["peak_memory"].items():
             rows.append((f"peak_{k}", v, 0))
     else:
@@ -117,7 +137,8 @@ def _log(record, record_path, uri, experiment, artifacts) -> str:
         exp_id = client.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
-    run_tags = {k: str(record["run"][k]) for k in IDENTITY_TAGS}
+    # analyses have no method/variant of their own: the rule stands in (tags stay comparable)
+    run_tags = {k: str(record["run"].get(k, "-")) for k in IDENTITY_TAGS}
     tags = run_tags | {
         "rule": record["rule"],
         "git_commit": record.get("git_commit", "unknown"),
@@ -133,8 +154,10 @@ def _log(record, record_path, uri, experiment, artifacts) -> str:
     run_id = run.info.run_id
     if record["rule"] == "finetune":
         params = _flatten({"config": record["config"], "task": record["task"], "model": record["model"]})
-    else:
+    elif record["rule"] == "evaluate":
         params = {"split": record["split"], "n_examples": record["n_examples"]}
+    else:
+        params = _flatten(record.get("params", {}))
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,

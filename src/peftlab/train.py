@@ -121,8 +121,12 @@ def finetune(
     record_path: str | Path,
     threads: int | None = None,
     code_fingerprint: str = "",
+    method=None,
 ) -> dict[str, Any]:
-    """Train one run; write the trainable tensors to ``weights_path`` and the record."""
+    """Train one run; write the trainable tensors to ``weights_path`` and the record.
+
+    ``method``: a ready ``Method`` object instead of the registry's ``key.method`` (the
+    intrinsic-dimension analysis trains its random-subspace reparametrisation this way)."""
     cfg = experiment.training
     set_seed(key.seed, threads)
     dev = device()
@@ -134,7 +138,8 @@ def finetune(
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
     base_params = count_parameters(model)
-    method = build_method(key.method, experiment.method_params, model_spec.targets)
+    if method is None:
+        method = build_method(key.method, experiment.method_params, model_spec.targets)
     collator = Collator(tokenizer.pad_token_id, regression)
     if method.needs_calibration:
         calib = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)

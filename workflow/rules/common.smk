@@ -4,7 +4,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from peftlab.config import experiment_files, iter_runs, validate_config
+from peftlab.config import (
+    analysis_training,
+    experiment_files,
+    iter_runs,
+    sift_analysis_variants,
+    validate_config,
+)
 from peftlab.errors import PeftlabError
 from peftlab.io import files_fingerprint
 from peftlab.methods import method_source_files
@@ -22,6 +28,13 @@ SRC = Path(workflow.basedir) / "src" / "peftlab"
 # on other nodes of a shared filesystem)
 MLFLOW = dict(config["mlflow"], default_store=default_store(RESULTS))
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
+# analyses: intrinsic dimension (on when it has a grid of d) and gradient sparsity
+ID = config["analyses"]["intrinsic_dimension"]
+ID_TRAINING = analysis_training(config).to_dict() if ID["dims"] else {}
+SPARSITY = config["analyses"]["gradient_sparsity"]
+# SIFT variants whose masks come from the gradient-sparsity stage (mask_source: analysis)
+SIFT_ANALYSIS = sift_analysis_variants(config)
+MODEL_TASKS = [(m, t) for m in config["models"] for t in config["tasks"]]
 
 
 RUN_DIR = "{model}/{task}/{method}/{variant}/seed{seed}"
@@ -32,7 +45,28 @@ def run_path(stage, key, name):
 
 
 def all_targets():
-    return [config["report_path"], f"{RESULTS}/summary.csv"]
+    return [config["report_path"], f"{RESULTS}/summary.csv"] + analysis_records()
+
+
+def analysis_records(wildcards=None):
+    """The analyses' outputs the report shows (empty when both analyses are off)."""
+    out = []
+    for m, t in MODEL_TASKS:
+        if SPARSITY["enabled"]:
+            out.append(f"{RESULTS}/analyses/{m}/{t}/gradient_sparsity/sparsity.json")
+        if ID["dims"]:
+            out.append(f"{RESULTS}/analyses/{m}/{t}/intrinsic_dimension/d90.json")
+    return out
+
+
+def sift_mask_input(wildcards):
+    """A SIFT variant with mask_source: analysis trains on the gradient-sparsity stage's masks."""
+    if wildcards.method == "sift" and wildcards.variant in SIFT_ANALYSIS:
+        return [
+            f"{RESULTS}/analyses/{wildcards.model}/{wildcards.task}/gradient_sparsity/"
+            f"sift_mask_{wildcards.variant}.safetensors"
+        ]
+    return []
 
 
 def experiment_inputs(wildcards):

@@ -5,6 +5,7 @@ rule finetune:
         validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
         stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
         experiment=experiment_inputs,
+        mask=sift_mask_input,
     output:
         weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
         record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",

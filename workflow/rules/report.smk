@@ -26,6 +26,7 @@ rule comparison_report:
         stats=lambda w: sorted(
             {f"{RESULTS}/data/{k.model}/{k.task}/stats.json" for k in RUNS}
         ),
+        analyses=analysis_records,
     output:
         html=report(
             config["report_path"],

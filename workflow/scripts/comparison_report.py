@@ -13,5 +13,6 @@ run_step(
         dict(sm.params.config),
         sm.output.html,
         finetune_paths=list(sm.input.finetune),
+        analysis_paths=list(sm.input.analyses),
     ),
 )

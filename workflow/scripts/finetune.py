@@ -13,10 +13,13 @@ w = sm.wildcards
 
 def main():
     key = RunKey(w.model, w.task, w.method, w.variant, int(w.seed))
+    experiment = load_experiment(sm.params.experiments_dir, w.method, w.variant)
+    if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
+        experiment.method_params["mask_path"] = sm.input.mask[0]
     record = finetune(
         key,
         ModelSpec.from_config(w.model, sm.params.model),
-        load_experiment(sm.params.experiments_dir, w.method, w.variant),
+        experiment,
         data_dir=Path(sm.input.stats).parent,
         weights_path=sm.output.weights,
         record_path=sm.output.record,

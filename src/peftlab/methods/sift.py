@@ -33,12 +33,16 @@ from ._sparse import SparseConfig, SparseUpdateMethod, read_mask_file
 log = logging.getLogger(__name__)
 
 
+MASK_SOURCES = ("gradient", "file", "random", "analysis")
+
+
 @dataclass
 class SiftConfig(SparseConfig):
     calibration_batches: int = 8  # training batches whose gradients choose the mask
     accumulate: str = "abs"  # abs: sum of |grad| over batches; signed: |sum of grad|
     # gradient: calibrate here; file: read mask_path; random: a seeded random index set of the
-    # same size (the control SIFT's claim is measured against)
+    # same size (the control SIFT's claim is measured against); analysis: the index sets the
+    # gradient-sparsity stage wrote for this variant (the pipeline sets mask_path)
     mask_source: str = "gradient"
     mask_path: str | None = None  # safetensors file of '<module>.sparse_index' tensors
     mask_seed: int = 0  # seed of the random index set (mask_source: random)
@@ -50,8 +54,8 @@ class SiftConfig(SparseConfig):
             raise ValueError(f"calibration_batches must be a positive integer, got {self.calibration_batches!r}")
         if self.accumulate not in ("abs", "signed"):
             raise ValueError(f"accumulate must be 'abs' or 'signed', got {self.accumulate!r}")
-        if self.mask_source not in ("gradient", "file", "random"):
-            raise ValueError(f"mask_source must be 'gradient', 'file' or 'random', got {self.mask_source!r}")
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {list(MASK_SOURCES)}, got {self.mask_source!r}")
         if self.mask_source == "file" and not self.mask_path:
             raise ValueError("mask_source 'file' needs mask_path (a safetensors file of index sets)")
 
@@ -73,9 +77,8 @@ class Sift(SparseUpdateMethod):
         every ``requires_grad`` flag is restored.
         """
         cfg = self.config
-        if cfg.mask_source == "file":
-            self.masks = read_mask_file(cfg.mask_path)
-            self.check_masks(model, self.masks, cfg.mask_path)
+        if cfg.mask_source in ("file", "analysis"):
+            self.masks = self._masks_from_file(model)
             return
         names = self.target_names(model)
         if cfg.mask_source == "random":
@@ -116,6 +119,15 @@ class Sift(SparseUpdateMethod):
         self.calibration_batches_used = used
         self.masks = self.select(dict(zip(names, scores, strict=True)))
 
+    def _masks_from_file(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        path = self.config.mask_path
+        if not path:
+            raise ConfigError("sift with mask_source 'analysis' reads the gradient-sparsity stage's masks: "
+                              "run it through the pipeline (which sets mask_path) or use mask_source 'file'")
+        masks = read_mask_file(path)
+        self.check_masks(model, masks, path)
+        return masks
+
     def random_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Uniformly random index sets with the same counts as the gradient-selected ones."""
         gen = torch.Generator().manual_seed(self.config.mask_seed)
@@ -126,8 +138,6 @@ class Sift(SparseUpdateMethod):
     def compute_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
         if self.config.mask_source == "random":
             return self.random_masks(model)
-        if self.config.mask_source == "file":
-            masks = read_mask_file(self.config.mask_path)
-            self.check_masks(model, masks, self.config.mask_path)
-            return masks
+        if self.config.mask_source in ("file", "analysis"):
+            return self._masks_from_file(model)
         raise ConfigError("sift needs calibrate(model, batches) before apply: its mask comes from gradients")

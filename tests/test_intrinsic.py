@@ -1,0 +1,252 @@
+"""Intrinsic dimension: the Fastfood projection against explicit matrices, the subspace
+reparametrisation on MiniLM-L6, d90 and its bisection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftlab.errors import ConfigError
+from peftlab.intrinsic import (
+    DenseProjection,
+    Fastfood,
+    bisection_point,
+    d90,
+    d90_stage,
+    fwht,
+    hadamard,
+    subspace_method,
+)
+
+
+def test_hadamard_is_orthogonal_up_to_n():
+    for n in (1, 2, 8, 64):
+        h = hadamard(n)
+        assert torch.equal(h @ h.T, n * torch.eye(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 32, 64, 1024, 4096])
+def test_fwht_equals_explicit_hadamard(n):
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ hadamard(n).double(), atol=1e-9)
+
+
+def test_fwht_rejects_non_power_of_two():
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht(torch.zeros(12))
+
+
+@pytest.mark.parametrize("d,D,block", [(5, 12, 1024), (5, 16, 4), (3, 40, 8), (7, 64, 8), (100, 1000, 64),
+                                       (300, 50, 1024)])
+def test_fastfood_matches_explicit_H_G_Pi_H_B(d, D, block):
+    f = Fastfood(d, D, torch.Generator().manual_seed(d * D), block=block)
+    m = f.matrix()
+    assert m.shape == (D, d)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(f(x), m @ x, atol=1e-5, rtol=1e-4)
+
+
+def test_fastfood_columns_are_unit_norm_without_truncation():
+    # D a multiple of the block length: no row is dropped, every column has norm exactly 1
+    f = Fastfood(16, 4 * 256, torch.Generator().manual_seed(0), block=256)
+    assert f.L == 256
+    assert torch.allclose(f.matrix().norm(dim=0), torch.ones(16), atol=1e-5)
+
+
+def test_fastfood_columns_are_unit_norm_in_expectation_with_truncation():
+    f = Fastfood(64, 3000, torch.Generator().manual_seed(0), block=1024)  # 3 blocks, 72 rows dropped
+    sq = f.matrix().pow(2).sum(dim=0)
+    assert abs(float(sq.mean()) - 1.0) < 0.05
+    assert float(sq.min()) > 0.8 and float(sq.max()) < 1.2
+
+
+def test_fastfood_behaves_like_a_dense_gaussian_projection():
+    """Columns of both are nearly orthogonal unit vectors: the Gram matrices agree to within
+    the sampling noise of a dense Gaussian projection of the same shape."""
+    d, D = 32, 4096
+    gens = torch.Generator().manual_seed(0)
+    ff, dense = Fastfood(d, D, gens), DenseProjection(d, D, gens)
+    off = ~torch.eye(d, dtype=torch.bool)
+    g_ff, g_dense = ff.matrix().T @ ff.matrix(), dense.matrix().T @ dense.matrix()
+    assert torch.allclose(torch.diagonal(g_dense), torch.ones(d), atol=1e-5)
+    # a random pair of unit vectors in R^D has |cos| ~ 1/sqrt(D) = 0.016
+    assert float(g_ff[off].abs().max()) < 5 / D**0.5
+    assert float(g_ff[off].abs().mean()) < 2 * float(g_dense[off].abs().mean())
+
+
+_PEAK = """
+import resource, sys, torch
+from peftlab.intrinsic import Fastfood
+torch.set_num_threads(1)
+d = int(sys.argv[1])
+f = Fastfood(d, 1 << 22, torch.Generator().manual_seed(0))
+theta = torch.zeros(d, requires_grad=True)
+f(theta).square().sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_d():
+    """A 4M-entry tensor projected from d = 16 and from d = 65,536: a D x d matrix would be
+    1 TB at the larger d; the measured peak resident memory stays the same."""
+    peaks = {d: int(subprocess.run([sys.executable, "-c", _PEAK, str(d)], capture_output=True, text=True,
+                                   check=True).stdout.split()[-1]) for d in (16, 65536)}
+    assert peaks[65536] < 1.15 * peaks[16], peaks
+
+
+@pytest.fixture(scope="module")
+def minilm(builtin_model_factory):
+    _, _, model = builtin_model_factory("minilm-l6")
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(minilm_tokenizer):
+    enc = minilm_tokenizer(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    return dict(enc) | {"labels": torch.tensor([1, 0])}
+
+
+def _fresh(builtin_model_factory):
+    return builtin_model_factory("minilm-l6")[2]
+
+
+def test_config_validation():
+    for bad in ({"d": 0}, {"d": 1.5}, {"said": "yes"}, {"projection": "srht"}, {"projection_seed": True}):
+        with pytest.raises(ConfigError):
+            subspace_method(bad)
+
+
+def test_said_counts_d_and_starts_at_the_pretrained_model(builtin_model_factory, minilm, batch):
+    torch.manual_seed(0)
+    model = _fresh(builtin_model_factory)
+    n_tensors = len(list(model.parameters()))
+    method = subspace_method({"d": 500, "said": True})
+    assert method.expected_trainable_parameters(model) == 500
+    wrapped = method.apply(model)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == 500
+    assert wrapped.lambdas.numel() == n_tensors and wrapped.n_directions == 500 - n_tensors
+    minilm.eval(), wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(**batch).logits, minilm(**batch).logits)
+
+
+def test_said_needs_d_above_the_number_of_tensors(builtin_model_factory):
+    with pytest.raises(ConfigError, match="use d >"):
+        subspace_method({"d": 50}).apply(_fresh(builtin_model_factory))
+    did = subspace_method({"d": 50, "said": False}).apply(_fresh(builtin_model_factory))
+    assert did.n_directions == 50 and did.lambdas is None
+
+
+def test_training_moves_the_model_only_through_the_projection(builtin_model_factory, batch):
+    """A few AdamW steps on theta_d and lambda: the frozen theta0 is untouched, and every
+    effective tensor equals theta0 + lambda_i * M_i theta_d with M_i built explicitly."""
+    model = _fresh(builtin_model_factory)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrapped = subspace_method({"d": 200, "said": True}).apply(model)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    wrapped.train()
+    for _ in range(3):
+        wrapped(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(wrapped.theta_d.abs().sum()) > 0 and not torch.equal(wrapped.lambdas.detach(), torch.ones(wrapped.lambdas.shape))
+    for n, p in wrapped.base.named_parameters():
+        assert torch.equal(p, theta0[n]), n  # theta0 never written
+    theta = wrapped.theta_d.detach()
+    deltas = wrapped.deltas()
+    checked = 0
+    for i, name in enumerate(wrapped.names):
+        if theta0[name].numel() > 2048:  # explicit L x L matrices: the one-block tensors only
+            continue
+        explicit = wrapped.lambdas[i].detach() * (wrapped.projections[i].matrix() @ theta)
+        assert torch.allclose(deltas[name].detach().reshape(-1), explicit, atol=1e-5, rtol=1e-4), name
+        checked += 1
+    assert checked >= 40  # biases, norms, attention matrices, the head
+
+
+def test_save_load_and_merge_reproduce_outputs(builtin_model_factory, batch, tmp_path):
+    method = subspace_method({"d": 300})
+    wrapped = method.apply(_fresh(builtin_model_factory))
+    with torch.no_grad():
+        wrapped.theta_d.normal_(0, 0.05)
+        wrapped.lambdas.uniform_(0.5, 1.5)
+    wrapped.eval()
+    with torch.no_grad():
+        expected = wrapped(**batch).logits
+    method.save(wrapped, tmp_path / "w.safetensors")
+    loaded = subspace_method({"d": 300}).load(_fresh(builtin_model_factory), tmp_path / "w.safetensors").eval()
+    merged = method.merge(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded.base(**batch).logits, merged(**batch).logits)  # merge writes in place
+    fresh = subspace_method({"d": 300}).load(_fresh(builtin_model_factory), tmp_path / "w.safetensors").eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(**batch).logits, expected, atol=1e-6)
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-5)
+    assert type(merged).__name__ == "BertForSequenceClassification"
+
+
+def test_evaluation_reuses_the_merged_parameters_until_an_update(builtin_model_factory, batch):
+    wrapped = subspace_method({"d": 300}).apply(_fresh(builtin_model_factory)).eval()
+    with torch.no_grad():
+        first = wrapped.merged_parameters()
+        assert wrapped.merged_parameters() is first
+        wrapped.theta_d.add_(0.01)  # an optimizer step bumps the version
+        assert wrapped.merged_parameters() is not first
+
+
+def test_d90_and_bisection():
+    points = [{"d": 10, "score": 0.5}, {"d": 100, "score": 0.7}, {"d": 100, "score": 0.74},
+              {"d": 1000, "score": 0.85}, {"d": 10000, "score": 0.9}]
+    out = d90(points, reference=0.9, fraction=0.9)
+    assert out["threshold"] == pytest.approx(0.81)
+    assert out["scores"]["100"] == pytest.approx(0.72)
+    assert out["d90"] == 1000 and out["reached"]
+    assert d90(points, reference=1.2)["d90"] is None
+    assert bisection_point({10: 0.5, 100: 0.72, 1000: 0.85}, 0.81) == 316
+    assert bisection_point({10: 0.9, 100: 0.95}, 0.81) is None  # nothing below the threshold
+    assert bisection_point({10: 0.5}, 0.81) is None  # nothing reaches it
+
+
+def test_d90_stage_bisects_with_extra_runs():
+    """Scores rise with log d; the stage trains the bracketing midpoints it asks for."""
+    import math
+
+    def score(d):
+        return min(0.9, 0.3 + 0.15 * math.log10(d))
+
+    def rec(d):
+        return {"d": d, "test_main": score(d), "main_metric": "accuracy", "total_params": 10**6, "kind": "said"}
+
+    asked = []
+
+    def run_more(d):
+        asked.append(d)
+        return [rec(d)]
+
+    reference = [{"main_metric": "accuracy", "metrics": {"accuracy": 0.8}}]
+    out = d90_stage([rec(10), rec(100), rec(1000), rec(10000)], reference, 0.9, refine=3, run_more=run_more)
+    # threshold 0.72 is crossed between 100 (0.6) and 1000 (0.75): bisection narrows it
+    assert asked[0] == 316 and len(asked) == 3
+    assert out["d90"] == min(d for d in [1000, *asked] if score(d) >= 0.72)
+    assert out["refined"] == asked and out["grid"] == sorted({10, 100, 1000, 10000, *asked})
+    assert json.dumps(out)  # JSON-serialisable as written by the stage
+
+
+def test_subspace_run_through_the_trainer(minilm_spec, tiny_task_dir, tmp_path):
+    """One SAID run end to end: formula check in the trainer, best-validation selection,
+    test metrics, and the record the d90 stage reads."""
+    from peftlab.config import TrainConfig
+    from peftlab.intrinsic import run_subspace
+
+    tc = TrainConfig(epochs=1, max_steps=3, batch_size=16, learning_rate=1e-3, weight_decay=0.0, evals_per_epoch=1)
+    rec = run_subspace(minilm_spec, tiny_task_dir, tmp_path, d=256, seed=0, training=tc, threads=1)
+    assert rec["trainable_params"] == 256 and rec["steps"] == 3 and rec["kind"] == "said"
+    assert 0.0 <= rec["test_main"] <= 1.0 and rec["test"]["accuracy"] == rec["test_main"]
+    for name in ("result.json", "finetune.json", "metrics.json", "subspace.safetensors"):
+        assert (tmp_path / name).is_file()

@@ -1,0 +1,96 @@
+rule gradient_sparsity:
+    """Gradient statistics at the pretrained point for one (model, task); SIFT masks."""
+    input:
+        train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
+        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+    output:
+        record=f"{RESULTS}/analyses/{{model}}/{{task}}/gradient_sparsity/sparsity.json",
+        modules=f"{RESULTS}/analyses/{{model}}/{{task}}/gradient_sparsity/modules.csv",
+        masks=[
+            f"{RESULTS}/analyses/{{model}}/{{task}}/gradient_sparsity/sift_mask_{v}.safetensors"
+            for v in SIFT_ANALYSIS
+        ],
+    log:
+        "logs/gradient_sparsity/{model}/{task}.log",
+    benchmark:
+        "benchmarks/gradient_sparsity/{model}/{task}.tsv"
+    conda:
+        "../../envs/peftlab.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    params:
+        model=lambda w: config["models"][w.model],
+        settings=config["analyses"]["gradient_sparsity"],
+        sift_variants=SIFT_ANALYSIS,
+        mlflow=MLFLOW,
+        code=files_fingerprint([SRC / "sparsity.py", SRC / "methods" / "_sparse.py"]),
+    script:
+        "../scripts/gradient_sparsity.py"
+
+
+rule intrinsic_dimension:
+    """Random-subspace (SAID/DID) training of one d for one (model, task, seed)."""
+    input:
+        train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
+        validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
+        test=f"{RESULTS}/data/{{model}}/{{task}}/test.parquet",
+        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+    output:
+        record=f"{RESULTS}/analyses/{{model}}/{{task}}/intrinsic_dimension/d{{d}}/seed{{seed}}/result.json",
+    log:
+        "logs/intrinsic_dimension/{model}/{task}/d{d}/seed{seed}.log",
+    benchmark:
+        "benchmarks/intrinsic_dimension/{model}/{task}/d{d}/seed{seed}.tsv"
+    conda:
+        "../../envs/peftlab.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    params:
+        model=lambda w: config["models"][w.model],
+        settings=ID,
+        training=ID_TRAINING,
+        mlflow=MLFLOW,
+        code=files_fingerprint(
+            [SRC / "intrinsic.py", SRC / "train.py", SRC / "evaluate.py"]
+        ),
+    script:
+        "../scripts/intrinsic_dimension.py"
+
+
+rule d90:
+    """d90: the smallest d reaching the configured fraction of full fine-tuning's test score."""
+    input:
+        records=lambda w: [
+            f"{RESULTS}/analyses/{w.model}/{w.task}/intrinsic_dimension/d{d}/seed{s}/result.json"
+            for d in ID["dims"]
+            for s in ID["seeds"]
+        ],
+        reference=lambda w: [
+            f"{RESULTS}/evaluate/{w.model}/{w.task}/full/{ID['reference']}/seed{s}/metrics.json"
+            for s in config["seeds"]
+        ],
+        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+    output:
+        record=f"{RESULTS}/analyses/{{model}}/{{task}}/intrinsic_dimension/d90.json",
+    log:
+        "logs/d90/{model}/{task}.log",
+    conda:
+        "../../envs/peftlab.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    params:
+        model=lambda w: config["models"][w.model],
+        settings=ID,
+        training=ID_TRAINING,
+        mlflow=MLFLOW,
+    script:
+        "../scripts/d90.py"
