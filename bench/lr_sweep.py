@@ -101,7 +101,7 @@ INTRINSIC_GRID = [1e-3, 3e-3, 1e-2, 3e-2]
 def sweep_intrinsic(out: Path, base_config: Path, task: str, d: int, seeds: list[int], cores: int) -> dict:
     """One pipeline run per rate (the rate is a config-level setting of the analysis)."""
     base = yaml.safe_load(base_config.read_text())
-    rows = []
+    runs = []
     for lr in INTRINSIC_GRID:
         run_dir = out / f"intrinsic_{variant_name(lr)}"
         cfg = {
@@ -117,14 +117,26 @@ def sweep_intrinsic(out: Path, base_config: Path, task: str, d: int, seeds: list
         }
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        subprocess.run(["snakemake", "-c", str(cores), "--configfile", str(run_dir / "config.yaml"),
-                        "--replace-workflow-config", "--until", "intrinsic_dimension", "--keep-going"],
-                       cwd=ROOT, check=False)
+        runs.append((lr, run_dir))
+    # one single-job pipeline per rate, `cores` of them at once (separate results folders)
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < cores:
+            lr, run_dir = pending.pop(0)
+            log = open(run_dir / "snakemake.log", "w")  # noqa: SIM115
+            active.append(subprocess.Popen(
+                ["snakemake", "-c", "1", "--nolock", "--configfile", str(run_dir / "config.yaml"),
+                 "--replace-workflow-config", "--until", "intrinsic_dimension", "--keep-going"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        active[0].wait()
+        active = [p for p in active if p.poll() is None]
+    rows = []
+    for lr, run_dir in runs:
         for rec_path in sorted((run_dir / "results" / "analyses").glob("*/*/intrinsic_dimension/d*/seed*/result.json")):
             rec = json.loads(rec_path.read_text())
             rows.append({"learning_rate": lr, "d": rec["d"], "seed": rec["run"]["seed"],
                          "best_validation": rec["best_validation"][rec["main_metric"]],
-                         "train_time_s": rec["train_time_s"], "steps": rec["steps"]})
+                         "test": rec["test_main"], "train_time_s": rec["train_time_s"], "steps": rec["steps"]})
     return {"rows": rows}
 
 
