@@ -95,14 +95,15 @@ def sweep_config(out: Path, base_config: Path, task: str, methods: dict, seeds: 
     return path
 
 
-INTRINSIC_GRID = [1e-3, 3e-3, 1e-2, 3e-2]
+INTRINSIC_GRID = [3e-4, 1e-3, 3e-3, 1e-2]
 
 
-def sweep_intrinsic(out: Path, base_config: Path, task: str, d: int, seeds: list[int], cores: int) -> dict:
+def sweep_intrinsic(out: Path, base_config: Path, task: str, d: int, seeds: list[int], cores: int,
+                    rates: list[float] | None = None) -> dict:
     """One pipeline run per rate (the rate is a config-level setting of the analysis)."""
     base = yaml.safe_load(base_config.read_text())
     runs = []
-    for lr in INTRINSIC_GRID:
+    for lr in rates or INTRINSIC_GRID:
         run_dir = out / f"intrinsic_{variant_name(lr)}"
         cfg = {
             "models": base["models"], "tasks": {task: base["tasks"][task]}, "methods": {"full": ["default"]},
@@ -194,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect-only", action="store_true", help="tabulate existing results only")
     ap.add_argument("--intrinsic-d", type=int, default=None,
                     help="sweep the intrinsic-dimension stage's learning rate at this d instead")
+    ap.add_argument("--rates", nargs="*", type=float, default=None,
+                    help=f"learning rates for --intrinsic-d (default {INTRINSIC_GRID})")
     args = ap.parse_args(argv)
     if args.intrinsic_d:
         out = args.out.resolve()
         out.mkdir(parents=True, exist_ok=True)
-        result = sweep_intrinsic(out, args.config, args.task, args.intrinsic_d, args.seeds, args.cores)
+        result = sweep_intrinsic(out, args.config, args.task, args.intrinsic_d, args.seeds, args.cores, args.rates)
         lines = ["| learning rate | d | seed | best validation | train time (s) |", "|---|---|---|---|---|"]
         lines += [f"| {r['learning_rate']:g} | {r['d']} | {r['seed']} | {r['best_validation']:.4f} | "
                   f"{r['train_time_s']:.0f} |" for r in result["rows"]]

@@ -155,7 +155,7 @@ def test_training_moves_the_model_only_through_the_projection(builtin_model_fact
         wrapped(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
-    assert float(wrapped.theta_d.abs().sum()) > 0 and not torch.equal(wrapped.lambdas.detach(), torch.ones(wrapped.lambdas.shape))
+    assert float(wrapped.theta_d.detach().abs().sum()) > 0 and not torch.equal(wrapped.lambdas.detach(), torch.ones(wrapped.lambdas.shape))
     for n, p in wrapped.base.named_parameters():
         assert torch.equal(p, theta0[n]), n  # theta0 never written
     theta = wrapped.theta_d.detach()
@@ -164,10 +164,12 @@ def test_training_moves_the_model_only_through_the_projection(builtin_model_fact
     for i, name in enumerate(wrapped.names):
         if theta0[name].numel() > 2048:  # explicit L x L matrices: the one-block tensors only
             continue
-        explicit = wrapped.lambdas[i].detach() * (wrapped.projections[i].matrix() @ theta)
+        explicit = wrapped.lambdas[i].detach() * wrapped.tensor_scales[i] * (wrapped.projections[i].matrix() @ theta)
         assert torch.allclose(deltas[name].detach().reshape(-1), explicit, atol=1e-5, rtol=1e-4), name
         checked += 1
-    assert checked >= 40  # biases, norms, attention matrices, the head
+    assert checked >= 40  # biases, norms, the head
+    # the stacked projection has unit-norm columns over all D parameters
+    assert sum(s * s for s in wrapped.tensor_scales) == pytest.approx(1.0)
 
 
 def test_save_load_and_merge_reproduce_outputs(builtin_model_factory, batch, tmp_path):

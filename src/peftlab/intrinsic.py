@@ -6,13 +6,17 @@ Every tensor theta_i of the model is reparametrised as
     theta_i = theta0_i + P_i(theta_d)                   (DID)
 
 with theta_d in R^d shared by all tensors and zero at the start (so step 0 is the pretrained
-model), and P_i: R^d -> R^{D_i} a Fastfood transform: over L = the next power of two above
-max(d, D_i), P_i x = scale * (H G Pi H B pad(x))[:D_i], with H the unnormalised
-Walsh-Hadamard matrix (applied in O(L log L) without forming it), B a random +-1 diagonal,
-Pi a random permutation and G a Gaussian diagonal. ``scale`` makes every column of the
-untruncated L x L matrix exactly unit-norm and, after truncation to D_i rows, unit-norm in
-expectation. Memory: three length-L vectors per tensor, O(D) in all while d <= the smallest
-tensor (a tensor smaller than d costs O(d)); no D x d matrix is ever formed.
+model), and P_i: R^d -> R^{D_i} = sqrt(D_i / D) times a Fastfood transform F_i with unit-norm
+columns, so that the stacked P = [P_1; ...; P_m] has unit-norm columns over all D parameters
+(Li et al.'s normalisation: a step in theta_d spreads over the tensors in proportion to their
+size, as full fine-tuning's steps do, instead of moving a 384-entry LayerNorm as far as a
+12M-entry embedding). F_i stacks independent Fastfood blocks H G_b Pi H B_b pad(x) over
+L = a power of two >= d (Le et al.'s construction for D_i > d), truncated to D_i rows: H the
+unnormalised Walsh-Hadamard matrix (applied in O(L log L) without forming it), B_b random
++-1 diagonals, Pi a random permutation and G_b Gaussian diagonals. A scale makes every
+column exactly unit-norm without truncation and unit-norm in expectation with it.
+Memory: about two numbers per parameter (B_b, G_b) plus one permutation per tensor, O(D)
+while d <= the block length (a tensor smaller than d costs O(d)); no D x d matrix is formed.
 
 SAID spends m of its d trainable numbers on the per-tensor scales lambda (init 1), so
 theta_d has d - m entries and the run trains exactly d numbers, as in Aghajanyan et al.
@@ -175,6 +179,9 @@ class SubspaceModel(nn.Module):
         gen = torch.Generator().manual_seed(config.projection_seed)
         proj = PROJECTIONS[config.projection]
         self.projections = nn.ModuleList(proj(n_dirs, p.numel(), gen) for _, p in model.named_parameters())
+        total = sum(p.numel() for p in model.parameters())
+        # sqrt(D_i / D): the stacked projection has unit-norm columns over all D parameters
+        self.tensor_scales = [math.sqrt(p.numel() / total) for p in model.parameters()]
         self.theta_d = nn.Parameter(torch.zeros(n_dirs))
         self.lambdas = nn.Parameter(torch.ones(m)) if config.said else None
         self._cache: tuple | None = None
@@ -187,7 +194,7 @@ class SubspaceModel(nn.Module):
         params = dict(self.base.named_parameters())
         out = {}
         for i, (name, proj) in enumerate(zip(self.names, self.projections, strict=True)):
-            delta = proj(self.theta_d).view_as(params[name])
+            delta = (proj(self.theta_d) * self.tensor_scales[i]).view_as(params[name])
             out[name] = delta * self.lambdas[i] if self.lambdas is not None else delta
         return out
 
