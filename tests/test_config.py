@@ -31,8 +31,12 @@ def test_default_config_is_valid_and_gets_defaults(config):
     assert cfg["results_dir"] == "results"
     assert cfg["mlflow"]["experiment"] == "peftlab"
     runs = list(iter_runs(cfg))
-    assert len(runs) == len(cfg["models"]) * len(cfg["tasks"]) * 3 * len(cfg["seeds"])
-    assert {r.method for r in runs} == {"full", "bitfit", "lora"}
+    # the default runs every registered method's default variant, and both analyses
+    from peftlab.methods import METHODS
+
+    assert {r.method for r in runs} == set(METHODS) and {r.variant for r in runs} == {"default"}
+    assert len(runs) == len(cfg["models"]) * len(cfg["tasks"]) * len(METHODS) * len(cfg["seeds"])
+    assert cfg["analyses"]["intrinsic_dimension"]["dims"] and cfg["analyses"]["gradient_sparsity"]["enabled"]
 
 
 def test_schema_method_enum_equals_registry():
@@ -53,6 +57,14 @@ def test_schema_method_enum_equals_registry():
         (lambda c: c["tasks"].update(mystery={}), ["mystery", "source: glue"]),
         (lambda c: c["models"].update(mystery={}), ["mystery", "pretrained"]),
         (lambda c: c["tasks"].update(t={"source": "file"}), ["t", "path"]),
+        (lambda c: c["analyses"]["intrinsic_dimension"].update(dims=[0]), ["dims", "0", "minimum"]),
+        (lambda c: c["analyses"]["intrinsic_dimension"].update(kind="lora"), ["kind", "'lora'", "said"]),
+        (lambda c: c["analyses"]["intrinsic_dimension"].update(training={"lr": 1.0}),
+         ["analyses.intrinsic_dimension.training", "lr"]),
+        (lambda c: c["analyses"]["intrinsic_dimension"].update(reference="nope"),
+         ["reference 'nope'", "config/experiments/full/nope.yaml"]),
+        (lambda c: c["analyses"]["gradient_sparsity"].update(batches=0), ["batches", "0", "minimum"]),
+        (lambda c: c["analyses"].update(id={}), ["'id'", "allowed keys"]),
     ],
 )
 def test_bad_config_gives_one_line_error(config, mutate, expected):
