@@ -150,30 +150,18 @@ def target_roles(model, overrides: dict | None = None) -> dict[str, str]:
 
 
 def collect_gradients(model, names: list[str], batches, n_batches: int):
-    """Per-batch gradients of the named modules' weights, in eval mode, without touching .grad."""
+    """Per-batch gradients of the named modules' weights (float32, CPU), in eval mode,
+    without touching .grad (``methods._sparse.weight_gradients``, as SIFT's calibration)."""
+    from .methods._sparse import weight_gradients
+
+    def check_loss(loss, i):
+        if not torch.isfinite(loss):
+            raise TrainingError(f"gradient sparsity: loss became {loss.item()} on batch {i}")
+
     weights = [model.get_submodule(n).weight for n in names]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    grads: list[list[torch.Tensor]] = []
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for batch in tqdm(batches, total=n_batches, desc="gradient sparsity", mininterval=2):
-            if len(grads) >= n_batches:
-                break
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(f"gradient sparsity: loss became {loss.item()} on batch {len(grads)}")
-            g = torch.autograd.grad(loss, weights, allow_unused=True)
-            grads.append([torch.zeros_like(w) if x is None else x.detach().float().cpu()
-                          for w, x in zip(weights, g, strict=True)])
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    batches = tqdm(batches, total=n_batches, desc="gradient sparsity", mininterval=2)
+    grads = [[torch.zeros_like(w) if x is None else x.detach().float().cpu() for w, x in zip(weights, g, strict=True)]
+             for g in weight_gradients(model, names, batches, n_batches, check_loss)]
     if not grads:
         raise TrainingError("gradient sparsity got no batches: the training split is empty")
     return grads

@@ -77,6 +77,36 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseDeltaLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
 
 
+def weight_gradients(model: nn.Module, names: list[str], batches, limit: int, check_loss=None):
+    """Yield, for up to ``limit`` batches, the loss's gradients with respect to the weights of
+    the named modules (None where unused), taken in eval mode (no dropout) with
+    ``torch.autograd.grad``: no ``.grad`` is left behind, and every ``requires_grad`` flag and
+    the train/eval mode are restored when the generator ends. ``check_loss(loss, i)`` may
+    raise before batch i's gradients are taken."""
+    weights = [model.get_submodule(n).weight for n in names]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        used = 0
+        for batch in batches:
+            if used >= limit:
+                break
+            loss = model(**batch).loss
+            if check_loss is not None:
+                check_loss(loss, used)
+            yield torch.autograd.grad(loss, weights, allow_unused=True)
+            used += 1
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def sparse_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Module name -> its (sorted, int64, CPU) flat index set, read from an applied model."""
     return {n: m.sparse_index.detach().cpu().clone() for n, m in sparse_modules(model).items()}

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, TrainingError
 from . import register
-from ._sparse import SparseConfig, SparseUpdateMethod, read_mask_file
+from ._sparse import SparseConfig, SparseUpdateMethod, read_mask_file, weight_gradients
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +84,18 @@ class Sift(SparseUpdateMethod):
         if cfg.mask_source == "random":
             self.masks = self.random_masks(model)
             return
-        weights = [model.get_submodule(n).weight for n in names]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        was_training = model.training
-        scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        scores = [torch.zeros_like(model.get_submodule(n).weight, dtype=torch.float32) for n in names]
+
+        def check_loss(loss, _):
+            if loss is None:
+                raise TrainingError("sift calibration: the model returned no loss (batches need labels)")
+
         used = 0
-        try:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
-            for batch in batches:
-                if used >= cfg.calibration_batches:
-                    break
-                loss = model(**batch).loss
-                if loss is None:
-                    raise TrainingError("sift calibration: the model returned no loss (batches need labels)")
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                for score, grad in zip(scores, grads, strict=True):
-                    if grad is not None:
-                        score.add_(grad.abs() if cfg.accumulate == "abs" else grad.float())
-                used += 1
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
+        for grads in weight_gradients(model, names, batches, cfg.calibration_batches, check_loss):
+            for score, grad in zip(scores, grads, strict=True):
+                if grad is not None:
+                    score.add_(grad.abs() if cfg.accumulate == "abs" else grad.float())
+            used += 1
         if used == 0:
             raise TrainingError("sift calibration got no batches: the training split is empty")
         if used < cfg.calibration_batches:
