@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ConfigError
-from .methods.base import Method, MethodConfig
+from .methods.base import Method, MethodConfig, check_positive_int
 
 
 def next_pow2(n: int) -> int:
@@ -149,8 +149,7 @@ class SubspaceConfig(MethodConfig):
     projection_seed: int = 0      # seeds B, Pi, G of every tensor (fixed across runs)
 
     def __post_init__(self):
-        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < 1:
-            raise ValueError(f"d must be a positive integer, got {self.d!r}")
+        check_positive_int("d", self.d)
         if not isinstance(self.said, bool):
             raise ValueError(f"said must be true or false, got {self.said!r}")
         if self.projection not in PROJECTIONS:
