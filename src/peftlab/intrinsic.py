@@ -10,13 +10,17 @@ model), and P_i: R^d -> R^{D_i} = sqrt(D_i / D) times a Fastfood transform F_i w
 columns, so that the stacked P = [P_1; ...; P_m] has unit-norm columns over all D parameters
 (Li et al.'s normalisation: a step in theta_d spreads over the tensors in proportion to their
 size, as full fine-tuning's steps do, instead of moving a 384-entry LayerNorm as far as a
-12M-entry embedding). F_i stacks independent Fastfood blocks H G_b Pi H B_b pad(x) over
-L = a power of two >= d (Le et al.'s construction for D_i > d), truncated to D_i rows: H the
-unnormalised Walsh-Hadamard matrix (applied in O(L log L) without forming it), B_b random
-+-1 diagonals, Pi a random permutation and G_b Gaussian diagonals. A scale makes every
-column exactly unit-norm without truncation and unit-norm in expectation with it.
-Memory: about two numbers per parameter (B_b, G_b) plus one permutation per tensor, O(D)
-while d <= the block length (a tensor smaller than d costs O(d)); no D x d matrix is formed.
+12M-entry embedding). F_i stacks Fastfood blocks H G_b Pi H B pad(x) over L = a power of
+two >= d (Le et al.'s construction for D_i > d), truncated to D_i rows: H the unnormalised
+Walsh-Hadamard matrix (applied in O(L log L) without forming it), B a random +-1 diagonal
+and Pi a random permutation shared by a tensor's blocks, G_b independent Gaussian diagonals.
+Le et al. draw B and Pi per block too; sharing them means Pi H B x is computed once per
+tensor (length L), so a step costs one D-sized transform forward and one backward instead
+of two each, and given that shared vector the blocks are still independent (zero-mean G_b).
+A scale makes every column exactly unit-norm without truncation and unit-norm in
+expectation with it. Memory: about one number per parameter (G_b) plus B and Pi per tensor,
+O(D) while d <= the block length (a tensor smaller than d costs O(d)); no D x d matrix is
+formed.
 
 SAID spends m of its d trainable numbers on the per-tensor scales lambda (init 1), so
 theta_d has d - m entries and the run trains exactly d numbers, as in Aghajanyan et al.
@@ -81,21 +85,22 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 class Fastfood(nn.Module):
-    """P: R^d -> R^D as a stack of independent Fastfood blocks (Le et al., 2013):
-    block b maps x to H G_b Pi_b H B_b pad(x) over L = the next power of two above
-    max(d, min(D, block)), the blocks are stacked to ceil(D / L) * L rows, truncated to D
-    and rescaled so every column has unit norm (exactly without truncation, in expectation
-    with it). Buffers: two (blocks x L) arrays and one permutation of L, about 2 D numbers;
-    no D x d matrix."""
+    """P: R^d -> R^D as a stack of Fastfood blocks (Le et al., 2013): block b maps x to
+    H G_b Pi H B pad(x) over L = the next power of two above max(d, min(D, block)), with B
+    and Pi shared by the blocks and G_b independent; the blocks are stacked to ceil(D / L) * L
+    rows, truncated to D and rescaled so every column has unit norm (exactly without
+    truncation, in expectation with it). Buffers: one (blocks x L) array, B and one
+    permutation of L, about D numbers; no D x d matrix."""
 
     def __init__(self, d: int, D: int, generator: torch.Generator, block: int = 1024):
         super().__init__()
         self.d, self.D = int(d), int(D)
         self.L = next_pow2(max(self.d, min(self.D, block)))
         nb = -(-self.D // self.L)
-        sign = torch.randint(0, 2, (nb, self.L), generator=generator).to(torch.float32) * 2 - 1
-        # one permutation for all blocks of a tensor (B_b and G_b make the blocks independent;
-        # a shared index is a third of the memory and a faster backward than per-block ones)
+        sign = torch.randint(0, 2, (self.L,), generator=generator).to(torch.float32) * 2 - 1
+        # B and Pi shared by the blocks of a tensor, G_b independent per block: given the
+        # shared y = Pi H B x, blocks are independent Gaussian mixtures of y (zero-mean G_b),
+        # and the projection costs one D-sized transform per pass instead of two
         perm = torch.randperm(self.L, generator=generator)
         gauss = torch.randn(nb, self.L, generator=generator)
         self.register_buffer("B", sign, persistent=False)
@@ -106,18 +111,23 @@ class Fastfood(nn.Module):
         total = self.L * float(gauss.pow(2).sum())
         self.scale = 1.0 / math.sqrt(total * self.D / (nb * self.L))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = fwht(nn.functional.pad(x, (0, self.L - x.shape[-1])) * self.B)
-        z = fwht(z.index_select(-1, self.Pi) * self.G)
-        return z.reshape(-1)[: self.D] * self.scale
+    def forward(self, x: torch.Tensor, coef: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """``coef * P x``; a scalar ``coef`` (SAID's lambda_i times sqrt(D_i / D)) is applied
+        to the length-L vector, not to the D outputs."""
+        # Pi H B pad(x) is one length-L vector shared by the blocks (O(L log L)); the only
+        # D-sized work is G_b * y and one transform over all blocks, forward and backward
+        y = fwht(nn.functional.pad(x, (0, self.L - x.shape[-1])) * self.B)
+        y = y.index_select(-1, self.Pi) * (coef * self.scale)
+        z = fwht(self.G * y).reshape(-1)
+        return z if z.numel() == self.D else z[: self.D]
 
     def matrix(self) -> torch.Tensor:
         """The D x d matrix this transform applies, built explicitly (tests only)."""
         H = hadamard(self.L)
         blocks = []
-        for b in range(self.B.shape[0]):
+        for b in range(self.G.shape[0]):
             Pi = torch.eye(self.L)[self.Pi]  # (Pi z)_i = z[perm[i]]
-            blocks.append(H @ torch.diag(self.G[b]) @ Pi @ H @ torch.diag(self.B[b]))
+            blocks.append(H @ torch.diag(self.G[b]) @ Pi @ H @ torch.diag(self.B))
         return torch.cat(blocks)[: self.D, : self.d] * self.scale
 
 
@@ -131,8 +141,8 @@ class DenseProjection(nn.Module):
         m = torch.randn(self.D, self.d, generator=generator)
         self.register_buffer("M", m / m.norm(dim=0, keepdim=True), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.M @ x
+    def forward(self, x: torch.Tensor, coef: torch.Tensor | float = 1.0) -> torch.Tensor:
+        return self.M @ (x * coef)
 
     def matrix(self) -> torch.Tensor:
         return self.M
@@ -193,8 +203,8 @@ class SubspaceModel(nn.Module):
         params = dict(self.base.named_parameters())
         out = {}
         for i, (name, proj) in enumerate(zip(self.names, self.projections, strict=True)):
-            delta = (proj(self.theta_d) * self.tensor_scales[i]).view_as(params[name])
-            out[name] = delta * self.lambdas[i] if self.lambdas is not None else delta
+            coef = self.tensor_scales[i] * self.lambdas[i] if self.lambdas is not None else self.tensor_scales[i]
+            out[name] = proj(self.theta_d, coef).view_as(params[name])
         return out
 
     def _version(self) -> tuple:
