@@ -247,8 +247,21 @@ def test_subspace_run_through_the_trainer(minilm_spec, tiny_task_dir, tmp_path):
     from peftlab.intrinsic import run_subspace
 
     tc = TrainConfig(epochs=1, max_steps=3, batch_size=16, learning_rate=1e-3, weight_decay=0.0, evals_per_epoch=1)
-    rec = run_subspace(minilm_spec, tiny_task_dir, tmp_path, d=256, seed=0, training=tc, threads=1)
+    rec = run_subspace(minilm_spec, tiny_task_dir, tmp_path, d=256, seed=0, training=tc, threads=1,
+                       lr_reference_d=1024)
+    assert rec["config"]["training"]["learning_rate"] == pytest.approx(2e-3)  # 1e-3 * sqrt(1024 / 256)
     assert rec["trainable_params"] == 256 and rec["steps"] == 3 and rec["kind"] == "said"
     assert 0.0 <= rec["test_main"] <= 1.0 and rec["test"]["accuracy"] == rec["test_main"]
     for name in ("result.json", "finetune.json", "metrics.json", "subspace.safetensors"):
         assert (tmp_path / name).is_file()
+
+
+def test_subspace_learning_rate_keeps_the_full_space_step():
+    from peftlab.intrinsic import subspace_learning_rate
+
+    assert subspace_learning_rate(1e-2, 4000, None) == 1e-2
+    assert subspace_learning_rate(1e-2, 4000, 4000) == pytest.approx(1e-2)
+    assert subspace_learning_rate(1e-2, 16000, 4000) == pytest.approx(5e-3)
+    # lr * sqrt(d) (Adam's step length in theta) is the same at every d
+    steps = [subspace_learning_rate(1e-2, d, 4000) * d ** 0.5 for d in (1000, 4000, 16000, 64000)]
+    assert max(steps) == pytest.approx(min(steps))

@@ -298,6 +298,17 @@ def subspace_variant(d: int) -> str:
     return f"d{d}"
 
 
+def subspace_learning_rate(learning_rate: float, d: int, reference_d: int | None) -> float:
+    """The rate for a run at ``d`` when ``learning_rate`` was tuned at ``reference_d``:
+    lr * sqrt(reference_d / d) (unchanged when ``reference_d`` is None). Adam moves every
+    coordinate of theta_d by about lr per step, and P has unit, nearly orthogonal columns,
+    so a step moves theta by about lr * sqrt(d); the scaling keeps that step the same
+    across the grid (one rate for every d, instead of a rate that diverges at large d)."""
+    if reference_d is None:
+        return float(learning_rate)
+    return float(learning_rate) * math.sqrt(int(reference_d) / int(d))
+
+
 def run_subspace(
     model_spec,
     data_dir: str | Path,
@@ -309,16 +320,21 @@ def run_subspace(
     projection: str = "fastfood",
     projection_seed: int = 0,
     threads: int | None = None,
+    lr_reference_d: int | None = None,
 ) -> dict[str, Any]:
     """Train theta_d (and the SAID scales) for one d with the fine-tuning loop (model
     selection on validation), then score the selected point on the test split. Writes
-    ``subspace.safetensors``, ``finetune.json``, ``metrics.json`` and ``result.json``."""
+    ``subspace.safetensors``, ``finetune.json``, ``metrics.json`` and ``result.json``.
+    With ``lr_reference_d``, the rate is scaled to d (``subspace_learning_rate``)."""
+    from dataclasses import replace
+
     from .config import Experiment, RunKey
     from .evaluate import evaluate
     from .io import read_json, write_json
     from .train import finetune
 
     out = Path(out_dir)
+    training = replace(training, learning_rate=subspace_learning_rate(training.learning_rate, d, lr_reference_d))
     params = {"d": int(d), "said": said, "projection": projection, "projection_seed": projection_seed}
     task = read_json(Path(data_dir) / "stats.json")["task"]["name"]
     key = RunKey(model_spec.name, task, "said" if said else "did", subspace_variant(d), int(seed))
@@ -401,7 +417,7 @@ def d90_record(model_spec, data_dir, record_paths, reference_paths, out_path, se
         return [run_subspace(model_spec, data_dir, out_dir / "refine" / subspace_variant(d) / f"seed{s}",
                              d, s, training, said=settings["kind"] == "said",
                              projection=settings["projection"], projection_seed=settings["projection_seed"],
-                             threads=threads)
+                             threads=threads, lr_reference_d=settings.get("lr_reference_d"))
                 for s in settings["seeds"]]
 
     result = d90_stage(records, reference, settings["fraction"], settings["refine"], run_more)

@@ -24,6 +24,7 @@ def main():
         projection=s["projection"],
         projection_seed=s["projection_seed"],
         threads=sm.threads,
+        lr_reference_d=s.get("lr_reference_d"),
     )
     log_record(record, sm.output.record, sm.params.mlflow)
 
