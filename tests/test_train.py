@@ -129,3 +129,30 @@ def test_regression_task_trains_and_scores(tmp_path, minilm_spec, minilm_tokeniz
     ev = evaluate(key, minilm_spec, tmp_path / "data", tmp_path / "r.json", tmp_path / "w.safetensors",
                   tmp_path / "m.json", threads=1)
     assert set(ev["metrics"]) == {"pearson", "spearman", "mse"}
+
+
+def test_eval_steps_evenly_spaced_never_a_step_apart():
+    from peftlab.train import eval_steps
+
+    assert eval_steps(63, 2, 63) == {32, 63}
+    assert eval_steps(63, 2, 189) == {32, 63, 95, 126, 158, 189}
+    assert eval_steps(4, 2, 6) == {2, 4, 6}
+    assert eval_steps(3, 5, 3) == {1, 2, 3}
+    assert eval_steps(10, 1, 7) == {7}
+
+
+def test_length_sorted_eval_loader_keeps_row_order(minilm_spec, minilm_tokenizer, tiny_task_dir):
+    from peftlab.data import load_split
+    from peftlab.models import load_model
+    from peftlab.train import make_eval_loader, make_loader, predict
+
+    df = load_split(tiny_task_dir, "validation")
+    collator = Collator(minilm_tokenizer.pad_token_id, False)
+    sorted_loader = make_eval_loader(df, 16, collator)
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in sorted_loader]
+    assert lengths == sorted(lengths)
+    model = load_model(minilm_spec, 2, "single_label_classification", seed=0)
+    plain_out, plain_labels = predict(model, make_loader(df, 16, collator, shuffle=False), torch.device("cpu"))
+    out, labels = predict(model, sorted_loader, torch.device("cpu"))
+    np.testing.assert_array_equal(labels, plain_labels)
+    np.testing.assert_allclose(out, plain_out, atol=1e-5)

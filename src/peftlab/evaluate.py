@@ -16,7 +16,7 @@ from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, git_commit, set_seed, versions
-from .train import Collator, make_loader, predict
+from .train import Collator, make_eval_loader, make_loader, predict
 
 
 def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
@@ -85,15 +85,18 @@ def evaluate(
     if method is None:
         method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
     model = method.load(model, weights_path).to(dev)
-    loader = make_loader(test_df, ft["config"]["training"]["eval_batch_size"],
-                         Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION), shuffle=False)
+    collator = Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION)
+    batch_size = ft["config"]["training"]["eval_batch_size"]
+    loader = make_eval_loader(test_df, batch_size, collator)
     t0 = time.perf_counter()
     outputs, labels = predict(model, loader, dev, desc="test")
     elapsed = time.perf_counter() - t0
     metrics = compute_metrics(stats["problem_type"], outputs, labels)
     inference = None
     if measure_inference:
-        batch = {k: v.to(dev) for k, v in next(iter(loader)).items() if k != "labels"}
+        # latency on the first test rows in file order: a batch of typical lengths
+        first = next(iter(make_loader(test_df.head(batch_size), batch_size, collator, shuffle=False)))
+        batch = {k: v.to(dev) for k, v in first.items() if k != "labels"}
         base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
         inference = inference_cost(method, model, base_model, batch)
     record = {
