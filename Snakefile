@@ -39,3 +39,7 @@ localrules:
 rule all:
     input:
         all_targets(),
+
+
+onerror:
+    on_pipeline_error()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,3 +52,246 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---------------------------------------------------------------------------------------
+# Failed and missing runs: kept in the summary with their reason, out of every number
+# ---------------------------------------------------------------------------------------
+
+SENTINEL_SCORE = 0.123457  # numbers only a failed record carries: they must appear nowhere
+SENTINEL_PARAMS = 987_654_321
+
+
+def _records(method: str, seed: int, acc: float, trainable: int, family: str = "weight", variant: str = "default"):
+    """A completed finetune + evaluate record pair with every field the report reads."""
+    run = {"model": "minilm-l6", "task": "rotten_tomatoes", "method": method, "variant": variant, "seed": seed}
+    total = 22_713_986
+    ft = {
+        "rule": "finetune", "status": "completed", "run": run, "main_metric": "accuracy",
+        "model": {"name": "minilm-l6", "pretrained": None, "notes": "MiniLM-L6", "total_params": total},
+        "task": {"name": "rotten_tomatoes"}, "data_fingerprint": "fp", "config_hash": f"h-{method}",
+        "method": {"name": method, "family": family, "params": {}},
+        "config": {"training": {"learning_rate": 1e-3, "batch_size": 16, "max_steps": 6}, "method_params": {"r": 8}},
+        "trainable_params": trainable, "trainable_percent": 100 * trainable / total, "steps": 6,
+        "curves": {"train_loss": [[2, 0.7], [4, 0.69], [6, 0.68]], "learning_rate": [[0, 1e-3]],
+                   "validation": [{"step": 3, "accuracy": acc - 0.01}, {"step": 6, "accuracy": acc}]},
+        "best_validation": {"step": 6, "accuracy": acc}, "train_time_s": 10.0 + seed,
+        "peak_memory": {"host_rss_mb": 800.0}, "stored_size_bytes": 4 * trainable, "protocol": "fixed splits",
+        "versions": {"torch": "2.13.0"}, "git_commit": "abc123", "device": "cpu", "threads": 1,
+    }
+    ev = {
+        "rule": "evaluate", "status": "completed", "run": run, "main_metric": "accuracy", "split": "test",
+        "n_examples": 64, "metrics": {"accuracy": acc, "f1": acc}, "examples_per_s": 100.0,
+        "inference": {"mergeable": True, "unmerged_ms_per_batch": 12.0, "merged_ms_per_batch": 10.0,
+                      "base_ms_per_batch": 10.0, "added_latency_ratio": 1.0},
+    }
+    return ft, ev
+
+
+def _failed(ft: dict, ev: dict, reason: str, step: int | None):
+    """The failed-run contract: status failed + failure {reason, step}; the finetune record
+    may keep partial numbers (here: sentinels), the evaluate record has no metrics."""
+    failure = {"reason": reason, "step": step}
+    ft = ft | {"status": "failed", "failure": failure, "trainable_params": SENTINEL_PARAMS,
+               "best_validation": {"step": 2, "accuracy": SENTINEL_SCORE},
+               "curves": {"train_loss": [[2, SENTINEL_SCORE]], "validation": [{"step": 2, "accuracy": SENTINEL_SCORE}]}}
+    for k in ("train_time_s", "stored_size_bytes", "peak_memory"):
+        ft.pop(k, None)
+    ev = {k: ev[k] for k in ("rule", "run", "main_metric")} | {"status": "failed", "metrics": {}, "failure": failure}
+    return ft, ev
+
+
+def _write_results(root: Path, pairs: list[tuple[dict | None, dict | None]], run_keys: list[dict]):
+    from peftlab.io import write_json
+
+    ft_paths, ev_paths = [], []
+    for (ft, ev), run in zip(pairs, run_keys, strict=True):
+        rd = "{model}/{task}/{method}/{variant}/seed{seed}".format(**run)
+        f, e = root / "results" / "finetune" / rd / "result.json", root / "results" / "evaluate" / rd / "metrics.json"
+        if ft is not None:
+            write_json(f, ft)
+        if ev is not None:
+            write_json(e, ev)
+        ft_paths.append(str(f))
+        ev_paths.append(str(e))
+    return ft_paths, ev_paths
+
+
+def _stats(root: Path) -> str:
+    from peftlab.io import write_json
+
+    split = {"size": 64, "fingerprint": "f", "length_tokens": {"p50": 20, "p95": 40}, "truncated_share": 0.0,
+             "label_balance": {"negative": 32, "positive": 32}}
+    path = root / "results" / "data" / "minilm-l6" / "rotten_tomatoes" / "stats.json"
+    write_json(path, {"model": "minilm-l6", "task": {"name": "rotten_tomatoes", "source": "builtin"},
+                      "problem_type": "single_label_classification", "main_metric": "accuracy",
+                      "label_names": ["negative", "positive"], "fingerprint": "fp",
+                      "splits": {s: split for s in ("train", "validation", "test")}})
+    return str(path)
+
+
+@pytest.fixture
+def mixed_results(tmp_path):
+    """4 methods x 2 seeds: lora seed 1 diverged (failed record), bitfit seed 1's finetune job
+    died (no record, its log names the error), everything else completed."""
+    specs = [("full", 1.0, 22_713_986, "full", 0.80), ("lora", 0.5, 74_498, "weight", 0.78),
+             ("bitfit", 0.2, 26_882, "weight", 0.75), ("sift", 0.3, 50_000, "sparse", 0.70)]
+    pairs, keys = [], []
+    for method, _, trainable, family, acc in specs:
+        for seed in (0, 1):
+            ft, ev = _records(method, seed, acc + 0.01 * seed, trainable, family)
+            if (method, seed) == ("lora", 1):
+                ft, ev = _failed(ft, ev, "loss became nan at step 2", 2)
+            if (method, seed) == ("bitfit", 1):
+                ft, ev = None, None
+            pairs.append((ft, ev))
+            keys.append({"model": "minilm-l6", "task": "rotten_tomatoes", "method": method, "variant": "default",
+                         "seed": seed})
+    ft_paths, ev_paths = _write_results(tmp_path, pairs, keys)
+    log = tmp_path / "logs" / "finetune" / "minilm-l6" / "rotten_tomatoes" / "bitfit" / "default" / "seed1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-01-01 INFO peftlab.train: step 3\n"
+                   "2026-01-01 ERROR peftlab: peftlab finetune: out of memory on the node: lower batch_size\n")
+    return tmp_path, ft_paths, ev_paths
+
+
+def test_aggregate_keeps_failed_and_missing_runs_with_their_reason(mixed_results):
+    from peftlab.report import aggregate, cell_table
+
+    root, ft_paths, ev_paths = mixed_results
+    df = aggregate(ft_paths, ev_paths, str(root / "s.csv"), str(root / "s.parquet"), logs_dir=root / "logs")
+    assert len(df) == 8
+    assert df["status"].value_counts().to_dict() == {"completed": 6, "failed": 1, "missing": 1}
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert (failed["method"], failed["seed"], failed["failure_step"]) == ("lora", 1, 2)
+    assert failed["failure_reason"] == "loss became nan at step 2" and failed["failure_stage"] == "finetune"
+    assert math.isnan(failed["test_main"]) and math.isnan(failed["trainable_params"])
+    missing = df[df["status"] == "missing"].iloc[0]
+    assert (missing["method"], missing["seed"]) == ("bitfit", 1)
+    assert missing["failure_reason"].startswith("finetune failed: out of memory on the node: lower batch_size")
+    # the CSV keeps them too, and no failed number reached it
+    csv = (root / "s.csv").read_text()
+    assert "loss became nan at step 2" in csv and str(SENTINEL_PARAMS) not in csv and str(SENTINEL_SCORE) not in csv
+    cells = cell_table(df).set_index("method")
+    assert cells.loc["lora", "n_seeds"] == 1 and cells.loc["lora", "test_mean"] == pytest.approx(0.78)
+    assert cells.loc["lora", "trainable_params"] == 74_498
+    assert cells.loc["bitfit", "n_seeds"] == 1 and cells.loc["full", "n_seeds"] == 2
+
+
+def test_report_lists_failed_and_missing_and_keeps_their_numbers_out(mixed_results):
+    import re
+
+    from peftlab.report import aggregate, write_report
+
+    root, ft_paths, ev_paths = mixed_results
+    aggregate(ft_paths, ev_paths, str(root / "s.csv"), str(root / "s.parquet"), logs_dir=root / "logs")
+    config = {"models": {"minilm-l6": {}}, "seeds": [0, 1]}
+    doc = write_report(str(root / "s.parquet"), [_stats(root)], config, str(root / "r.html"), ft_paths,
+                       figures_dir=root / "figures")
+    problems = doc[doc.index("id='problems'"):doc.index("id='runs'")]
+    assert "loss became nan at step 2" in problems and "minilm-l6/rotten_tomatoes/lora/default/seed1" in problems
+    assert "out of memory on the node" in problems and "bitfit/default/seed1" in problems
+    assert "2 run(s) or analyses failed or are missing" in doc
+    row = re.search(r'<tr id="run-minilm-l6-rotten_tomatoes-lora-default-1" class="failed">(.*?)</tr>', doc).group(1)
+    assert "failed" in row
+    # no number of the failed run anywhere: tables, embedded data, glance
+    assert f"{SENTINEL_PARAMS:,}" not in doc and str(SENTINEL_PARAMS) not in doc
+    assert "0.1235" not in doc and str(SENTINEL_SCORE) not in doc
+    blob = json.loads(re.search(r"id='peftlab-data'>(.*?)</script>", doc).group(1))
+    lora = [c for c in blob["cells"] if c["method"] == "lora"][0]
+    assert lora["n_seeds"] == 1 and lora["test_mean"] == pytest.approx(0.78)
+    # figures: the same images embedded and written for snakemake --report, one set per task
+    names = sorted(p.name for p in (root / "figures").glob("*.png"))
+    assert names == ["minilm-l6--rotten_tomatoes--metric_per_method.png",
+                     "minilm-l6--rotten_tomatoes--metric_vs_params.png",
+                     "minilm-l6--rotten_tomatoes--training_curves.png"]
+    assert doc.count("src='data:image/png;base64,") == 3
+
+
+def test_figures_draw_only_completed_runs(mixed_results):
+    """The training-curve figure gets the completed records only: the failed run's curve
+    (the sentinel loss) is never drawn."""
+    import matplotlib
+
+    from peftlab import report
+
+    matplotlib.use("Agg")
+    root, ft_paths, ev_paths = mixed_results
+    drawn = []
+    real = report.figure_training_curves
+
+    def spy(records, *a, **k):
+        drawn.extend(records)
+        return real(records, *a, **k)
+
+    report.figure_training_curves = spy
+    try:
+        report.aggregate(ft_paths, ev_paths, str(root / "s.csv"), str(root / "s.parquet"))
+        report.write_report(str(root / "s.parquet"), [_stats(root)], {"models": {"minilm-l6": {}}, "seeds": [0, 1]},
+                            str(root / "r.html"), ft_paths)
+    finally:
+        report.figure_training_curves = real
+    assert len(drawn) == 6 and all(r["status"] == "completed" for r in drawn)
+
+
+def test_partial_report_from_whatever_exists(mixed_results, monkeypatch):
+    """What the Snakefile's onerror (and python -m peftlab report) writes when jobs failed:
+    the report of what finished beside the configured one, naming every missing record."""
+    from peftlab.__main__ import main
+
+    root, _, _ = mixed_results
+    _stats(root)
+    monkeypatch.chdir(root)
+    (root / "reports").mkdir()
+    (root / "reports" / "comparison.html").write_text("the last complete report")
+    (root / "cfg.yaml").write_text(
+        "models: {minilm-l6: {}}\ntasks: {rotten_tomatoes: {}}\n"
+        "methods: {full: [default], lora: [default], bitfit: [default], sift: [default]}\nseeds: [0, 1]\n"
+        f"experiments_dir: {Path(__file__).parent / 'configs' / 'experiments'}\n"
+        "analyses: {gradient_sparsity: {enabled: true}}\n")
+    for m in ("full", "bitfit", "sift"):  # the test experiments dir has lora only
+        d = root / "exp" / m
+        d.mkdir(parents=True)
+        (d / "default.yaml").write_text("{}\n")
+    exp = Path(__file__).parent / "configs" / "experiments"
+    (root / "exp" / "defaults.yaml").write_text((exp / "defaults.yaml").read_text())
+    (root / "exp" / "lora").mkdir()
+    (root / "exp" / "lora" / "default.yaml").write_text((exp / "lora" / "default.yaml").read_text())
+    text = (root / "cfg.yaml").read_text().replace(str(exp), str(root / "exp"))
+    (root / "cfg.yaml").write_text(text)
+    sparsity_log = root / "logs" / "gradient_sparsity" / "minilm-l6" / "rotten_tomatoes.log"
+    sparsity_log.parent.mkdir(parents=True)
+    sparsity_log.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: device lost\n")
+    assert main(["report", "--configfile", "cfg.yaml", "--replace"]) == 0
+    doc = (root / "reports" / "comparison.partial.html").read_text()
+    assert (root / "reports" / "comparison.html").read_text() == "the last complete report"
+    assert "Partial report." in doc
+    problems = doc[doc.index("id='problems'"):doc.index("id='runs'")]
+    assert "gradient_sparsity failed: RuntimeError: CUDA error: device lost" in problems
+    assert "out of memory on the node" in problems and "loss became nan at step 2" in problems
+    assert (root / "results" / "summary.partial.csv").exists()
+    assert doc.count("src='data:image/png;base64,") == 3  # the completed runs' figures
+
+
+def test_style_is_fixed_per_method_and_variant():
+    from peftlab.report import METHOD_COLORS, method_palette
+
+    pal = method_palette(["sift", "sift/random_mask", "lora", "pafi"])
+    assert len(set(pal.values())) == 4
+    # a method keeps its colour whatever else is in the report
+    assert pal["lora"] == method_palette(["lora"])["lora"]
+    assert len(set(METHOD_COLORS.values())) == len(METHOD_COLORS)
+    from peftlab.methods import METHODS
+
+    assert set(METHODS) <= set(METHOD_COLORS)  # every registered method has its own colour
+
+
+def test_last_error_line(tmp_path):
+    from peftlab.report import last_error_line
+
+    log = tmp_path / "a.log"
+    log.write_text("x\nTraceback (most recent call last):\n  File y\nValueError: bad shape (3, 4)\nmore\n")
+    assert last_error_line(log) == "ValueError: bad shape (3, 4)"
+    log.write_text("peftlab d90: no full fine-tuning record: run it first\nValueError: later\n")
+    assert last_error_line(log) == "no full fine-tuning record: run it first"
+    assert last_error_line(tmp_path / "none.log") is None

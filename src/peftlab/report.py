@@ -1,9 +1,16 @@
 """Aggregation of result records and the self-contained HTML comparison report.
 
-``aggregate``: finetune records + evaluate records -> one row per run (CSV + parquet).
-``write_report``: that table + task statistics -> ``reports/comparison.html`` with every
-figure embedded as a PNG data URI (no external files) and the table rendered from the
-same rows, so the numbers in the report are exactly the records' numbers.
+``aggregate``: finetune records + evaluate records -> one row per run (CSV + parquet), every
+run kept: a completed run with its numbers, a failed one (``status: failed``, e.g. its loss
+diverged) or a missing one (its job did not finish) with the reason and no numbers.
+``write_report``: that table + task statistics + analyses (+ the GIFT token view) ->
+``reports/comparison.html`` with every figure embedded as a PNG data URI (no external
+files) and the tables rendered from the same rows, so the report's numbers are exactly the
+records' numbers. Only completed runs enter any mean, interval, Pareto front or figure;
+failed and missing runs are listed with their reason.
+``write_partial_report``: the same report from whatever results exist when jobs failed
+(``snakemake --keep-going`` and the Snakefile's ``onerror``, or ``python -m peftlab report``),
+naming the runs and analyses that are missing and why.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,9 @@ import pandas as pd
 from .io import atomic_path, read_json, write_text
 
 RUN_COLUMNS = ["model", "task", "method", "variant", "seed"]
+COMPLETED = "completed"
+FAILED = "failed"
+MISSING = "missing"
 
 
 # ---------------------------------------------------------------------------------------
@@ -30,17 +41,84 @@ RUN_COLUMNS = ["model", "task", "method", "variant", "seed"]
 # ---------------------------------------------------------------------------------------
 
 
-def summary_row(ft: dict, ev: dict) -> dict[str, Any]:
-    run = ft["run"]
-    if {k: str(v) for k, v in ev["run"].items()} != {k: str(v) for k, v in run.items()}:
-        raise ValueError(f"records of different runs joined: {run} vs {ev['run']}")
+def run_from_path(path: str | Path) -> dict[str, Any]:
+    """Run identity from ``.../<stage>/<model>/<task>/<method>/<variant>/seed<k>/<file>``."""
+    parts = Path(path).parts
+    model, task, method, variant, seed = parts[-6:-1]
+    return {"model": model, "task": task, "method": method, "variant": variant,
+            "seed": int(seed.removeprefix("seed"))}
+
+
+_ONE_LINE = re.compile(r"peftlab [\w-]+: (.*)$")
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+
+
+def last_error_line(log_path: str | Path) -> str | None:
+    """The reason a job failed, from its log: peftlab's one-line error, else the last
+    exception line of a traceback, else a kill by a signal; None when the log has none."""
+    try:
+        lines = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        m = _ONE_LINE.search(line)
+        if m:
+            return m.group(1).strip()
+    for line in reversed(lines):
+        if _EXCEPTION.match(line.strip()):
+            return line.strip()[:500]
+    return None
+
+
+def missing_reason(stage_logs: list[tuple[str, Path]]) -> str:
+    """Why a record is missing: the first of its jobs (upstream first) whose log names an error."""
+    for stage, path in stage_logs:
+        line = last_error_line(path)
+        if line:
+            return f"{stage} failed: {line} (log: {path})"
+    return "not run: the pipeline stopped before this job (an upstream job failed or was interrupted)"
+
+
+def _failure_of(record: dict) -> dict:
+    failure = record.get("failure") or {}
+    return {"reason": str(failure.get("reason") or f"status {record.get('status')!r}"),
+            "step": failure.get("step")}
+
+
+def summary_row(ft: dict | None, ev: dict | None, run: dict | None = None,
+                reason: str | None = None) -> dict[str, Any]:
+    """One row of the summary table.
+
+    Both records completed: the run's numbers. A failed record (``status: failed`` with
+    ``failure: {reason, step}``): identity, status and reason only, so none of its numbers can
+    reach an aggregate. A missing record (``None``): status ``missing`` and ``reason``.
+    """
+    if run is None:
+        run = (ft or ev or {}).get("run")
+        if run is None:
+            raise ValueError("summary_row needs a record or the run identity")
+    if ft is not None and ev is not None:
+        a = {k: str(v) for k, v in ev["run"].items()}
+        b = {k: str(v) for k, v in ft["run"].items()}
+        if a != b:
+            raise ValueError(f"records of different runs joined: {ft['run']} vs {ev['run']}")
     row: dict[str, Any] = {k: run[k] for k in RUN_COLUMNS}
     row["seed"] = int(row["seed"])
+    known = ft or ev or {}
+    row.update(family=(known.get("method") or {}).get("family"), main_metric=known.get("main_metric"),
+               config_hash=known.get("config_hash"), git_commit=known.get("git_commit"))
+    for stage, rec in (("finetune", ft), ("evaluate", ev)):
+        if rec is not None and rec.get("status") != COMPLETED:
+            failure = _failure_of(rec)
+            return row | {"status": FAILED, "failure_stage": stage, "failure_reason": failure["reason"],
+                          "failure_step": failure["step"]}
+    if ft is None or ev is None:
+        return row | {"status": MISSING, "failure_stage": "finetune" if ft is None else "evaluate",
+                      "failure_reason": reason or "record missing", "failure_step": None}
     main = ft["main_metric"]
+    inference = ev.get("inference") or {}
     row.update(
-        family=ft["method"]["family"],
-        status=ev.get("status", ft.get("status")),
-        main_metric=main,
+        status=COMPLETED,
         test_main=ev["metrics"][main],
         trainable_params=ft["trainable_params"],
         trainable_percent=ft["trainable_percent"],
@@ -53,32 +131,66 @@ def summary_row(ft: dict, ev: dict) -> dict[str, Any]:
         best_validation_step=ft["best_validation"]["step"],
         validation_main=ft["best_validation"].get(main),
         eval_examples_per_s=ev.get("examples_per_s"),
-        mergeable=ev.get("inference", {}).get("mergeable"),
-        latency_ms_unmerged=ev.get("inference", {}).get("unmerged_ms_per_batch"),
-        latency_ms_merged=ev.get("inference", {}).get("merged_ms_per_batch"),
-        latency_ms_base=ev.get("inference", {}).get("base_ms_per_batch"),
-        added_latency_ratio=ev.get("inference", {}).get("added_latency_ratio"),
+        mergeable=inference.get("mergeable"),
+        latency_ms_unmerged=inference.get("unmerged_ms_per_batch"),
+        latency_ms_merged=inference.get("merged_ms_per_batch"),
+        latency_ms_base=inference.get("base_ms_per_batch"),
+        added_latency_ratio=inference.get("added_latency_ratio"),
         n_test=ev["n_examples"],
         data_fingerprint=ft["data_fingerprint"],
-        config_hash=ft.get("config_hash"),
-        git_commit=ft.get("git_commit"),
     )
     for k, v in ev["metrics"].items():
         row[f"test_{k}"] = v
     return row
 
 
-def aggregate(finetune_paths: list[str], evaluate_paths: list[str], csv_path: str, parquet_path: str) -> pd.DataFrame:
-    """One row per run, in the config's order."""
+def _read(path: str | Path) -> dict | None:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
+def summary_rows(finetune_paths: list[str], evaluate_paths: list[str], logs_dir: str | Path = "logs") -> list[dict]:
+    """One row per expected run; records that do not exist become ``missing`` rows whose
+    reason comes from the jobs' logs under ``logs_dir``."""
     if len(finetune_paths) != len(evaluate_paths):
         raise ValueError("every finetune record needs its evaluate record")
-    rows = [summary_row(read_json(f), read_json(e)) for f, e in zip(finetune_paths, evaluate_paths, strict=True)]
-    df = pd.DataFrame(rows)
+    rows = []
+    for f, e in zip(finetune_paths, evaluate_paths, strict=True):
+        ft, ev = _read(f), _read(e)
+        reason = None
+        if ft is None or ev is None:
+            run = run_from_path(f)
+            rd = "{model}/{task}/{method}/{variant}/seed{seed}".format(**run)
+            logs = Path(logs_dir)
+            stage_logs = [("prepare_data", logs / "prepare_data" / run["model"] / f"{run['task']}.log"),
+                          ("finetune", logs / "finetune" / f"{rd}.log")]
+            if ft is not None:
+                stage_logs = [("evaluate", logs / "evaluate" / f"{rd}.log")]
+            reason = missing_reason(stage_logs)
+            rows.append(summary_row(ft, ev, run=run, reason=reason))
+        else:
+            rows.append(summary_row(ft, ev))
+    return rows
+
+
+def aggregate(finetune_paths: list[str], evaluate_paths: list[str], csv_path: str, parquet_path: str,
+              logs_dir: str | Path = "logs") -> pd.DataFrame:
+    """One row per run, in the config's order (failed and missing runs included)."""
+    df = pd.DataFrame(summary_rows(finetune_paths, evaluate_paths, logs_dir))
     with atomic_path(csv_path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(parquet_path, suffix=".parquet") as tmp:
         df.to_parquet(tmp, index=False)
     return df
+
+
+def completed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows every statistic and figure is computed from."""
+    if "status" not in runs:
+        return runs
+    return runs[runs["status"] == COMPLETED]
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,12 +221,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _mean_or_none(g: pd.DataFrame, col: str) -> float | None:
+    if col not in g or not g[col].notna().any():
+        return None
+    return float(g[col].astype(float).mean())
+
+
 def cell_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% CI of the main test metric per (model, task, method, variant)."""
+    """Mean and 95% CI of the main test metric per (model, task, method, variant), over the
+    completed runs only; efficiency figures averaged over the same runs."""
     rows = []
-    for keys, g in df.groupby(["model", "task", "method", "variant"], sort=False):
+    for keys, g in completed_runs(df).groupby(["model", "task", "method", "variant"], sort=False):
         mean, ci = mean_ci95(g["test_main"].to_numpy())
         rows.append(dict(zip(["model", "task", "method", "variant"], keys, strict=True)) | {
+            "label": _label(keys[2], keys[3]),
             "family": g["family"].iloc[0],
             "main_metric": g["main_metric"].iloc[0],
             "n_seeds": len(g),
@@ -123,12 +243,77 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             "trainable_params": int(g["trainable_params"].iloc[0]),
             "trainable_percent": float(g["trainable_percent"].iloc[0]),
             "train_time_s": float(g["train_time_s"].mean()),
-            "peak_rss_mb": float(g["peak_rss_mb"].mean()),
+            "peak_rss_mb": _mean_or_none(g, "peak_rss_mb"),
+            "peak_gpu_mb": _mean_or_none(g, "peak_gpu_mb"),
             "stored_size_bytes": int(g["stored_size_bytes"].iloc[0]),
-            "added_latency_ratio": float(g["added_latency_ratio"].mean())
-            if "added_latency_ratio" in g and g["added_latency_ratio"].notna().any() else None,
+            "latency_ms_unmerged": _mean_or_none(g, "latency_ms_unmerged"),
+            "latency_ms_merged": _mean_or_none(g, "latency_ms_merged"),
+            "latency_ms_base": _mean_or_none(g, "latency_ms_base"),
+            "added_latency_ratio": _mean_or_none(g, "added_latency_ratio"),
         })
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Colours and markers: one per method, the same in every figure and every report
+# ---------------------------------------------------------------------------------------
+
+# fixed per method (not per report), so a method keeps its colour across reports; related
+# methods share a hue family (LoRA/DoRA blues, SIFT/PaFi indigos), full fine-tuning is black
+METHOD_COLORS = {
+    "full": "#000000", "lora": "#1f77b4", "dora": "#17becf", "bitfit": "#ff7f0e", "ia3": "#2ca02c",
+    "vera": "#d62728", "prompt_tuning": "#9467bd", "gift": "#8c564b", "hiwi": "#e377c2",
+    "adapter": "#7f7f7f", "loreft": "#bcbd22", "sift": "#393b79", "pafi": "#6b6ecf",
+}
+_EXTRA_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+FAMILY_MARKERS = {"full": "*", "weight": "o", "representation": "^", "sparse": "s"}
+_VARIANT_MARKERS = ["o", "D", "v", "P", "X", "p", "h"]
+
+
+def _label(method: str, variant: str) -> str:
+    return method if variant == "default" else f"{method}/{variant}"
+
+
+def method_palette(labels: list[str]) -> dict[str, tuple[float, float, float]]:
+    """One fixed RGB colour per method label, the same in every figure: the method's colour
+    for its first variant (``default`` first), darker or lighter shades for further ones."""
+    from matplotlib.colors import to_rgb
+
+    unknown = sorted({lab.split("/")[0] for lab in labels} - set(METHOD_COLORS))
+    base = dict(METHOD_COLORS) | {m: _EXTRA_COLORS[i % len(_EXTRA_COLORS)] for i, m in enumerate(unknown)}
+    out = {}
+    by_method: dict[str, list[str]] = {}
+    for lab in sorted(labels, key=lambda s: (s.split("/")[0], "/" in s, s)):
+        by_method.setdefault(lab.split("/")[0], []).append(lab)
+    for method, labs in by_method.items():
+        rgb = np.array(to_rgb(base[method]))
+        for i, lab in enumerate(labs):
+            shade = (0, -0.35, 0.4, -0.6, 0.6)[i % 5]
+            c = rgb * (1 + shade) if shade < 0 else rgb + (1 - rgb) * shade
+            out[lab] = tuple(float(x) for x in np.clip(c, 0, 1))
+    return out
+
+
+class Style:
+    """Colour and marker of each method label (marker by method family; variants vary it)."""
+
+    def __init__(self, cells_or_runs: pd.DataFrame):
+        labels = sorted({_label(m, v) for m, v in zip(cells_or_runs["method"], cells_or_runs["variant"],
+                                                       strict=True)})
+        self.colors = method_palette(labels)
+        fam = dict(zip((_label(m, v) for m, v in zip(cells_or_runs["method"], cells_or_runs["variant"],
+                                                      strict=True)), cells_or_runs["family"], strict=True))
+        self.markers = {}
+        for lab in labels:
+            variant_no = sorted(x for x in labels if x.split("/")[0] == lab.split("/")[0]).index(lab)
+            base = FAMILY_MARKERS.get(fam.get(lab) or "", "o")
+            self.markers[lab] = base if variant_no == 0 else _VARIANT_MARKERS[variant_no % len(_VARIANT_MARKERS)]
+
+    def color(self, label: str):
+        return self.colors.get(label, (0.5, 0.5, 0.5))
+
+    def marker(self, label: str) -> str:
+        return self.markers.get(label, "o")
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,102 +321,143 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------
 
 
-def method_palette(labels: list[str]) -> dict[str, Any]:
-    """One fixed colour per method label, the same in every figure."""
-    import seaborn as sns
+def _plt():
+    import matplotlib
 
-    colors = sns.color_palette("tab10", n_colors=max(10, len(labels)))
-    return {label: colors[i] for i, label in enumerate(sorted(labels))}
-
-
-def _png(fig) -> str:
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return plt
 
 
-def _label(method: str, variant: str) -> str:
-    return method if variant == "default" else f"{method}/{variant}"
+class Figures:
+    """Renders figures to PNG data URIs; with ``out_dir`` also writes each as ``<name>.png``
+    (the files ``snakemake --report`` shows)."""
+
+    def __init__(self, out_dir: str | Path | None = None):
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.written: list[Path] = []
+
+    def add(self, fig, name: str) -> str:
+        plt = _plt()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        data = buf.getvalue()
+        if self.out_dir is not None:
+            path = self.out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+            with atomic_path(path, suffix=".png") as tmp:
+                tmp.write_bytes(data)
+            self.written.append(path)
+        return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def figure_metric_vs_params(cells: pd.DataFrame, palette: dict, title: str) -> str:
-    import matplotlib.pyplot as plt
+def _legend_outside(ax, handles=None, labels=None, fontsize=9, title=None):
+    """Legend to the right of the axes: it never covers data."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                  fontsize=fontsize, title=title, title_fontsize=fontsize)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+
+def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
+    """Mean test score (95% CI) against trainable parameters, log x, Pareto front marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
     metric = cells["main_metric"].iloc[0]
     points = []
     for _, c in cells.iterrows():
-        label = _label(c["method"], c["variant"])
-        ax.errorbar(c["trainable_params"], c["test_mean"], yerr=c["test_ci95"] or 0, fmt="o",
-                    color=palette[label], label=label, capsize=4, markersize=8)
+        label = c["label"]
+        ax.errorbar(c["trainable_params"], c["test_mean"], yerr=c["test_ci95"] if c["test_ci95"] == c["test_ci95"]
+                    and c["test_ci95"] is not None else 0, fmt=style.marker(label), color=style.color(label),
+                    label=label, capsize=3, markersize=9 if style.marker(label) != "*" else 13, lw=1.2)
         points.append((c["trainable_params"], c["test_mean"]))
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey",
-            lw=1, label="Pareto front", zorder=0)
+            lw=1, zorder=0, label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=260, facecolors="none",
+               edgecolors="grey", lw=1, zorder=0)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"test {metric} (mean, 95% CI over seeds)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _png(fig)
+    ax.set_xlabel("trainable parameters (count, log scale)")
+    ax.set_ylabel(f"test {metric} (mean ± 95% CI)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    _legend_outside(ax)
+    return fig
 
 
-def figure_metric_per_method(runs: pd.DataFrame, palette: dict, title: str) -> str:
-    """Each seed as a dot, the mean as a diamond with the same 95% t-interval as the tables."""
-    import matplotlib.pyplot as plt
-
+def figure_metric_per_method(runs: pd.DataFrame, cells: pd.DataFrame, style: Style, title: str):
+    """A forest plot: one row per method (best mean on top), each seed a dot, the mean a
+    diamond with the same 95% t-interval as the tables; full fine-tuning's mean as a line."""
+    plt = _plt()
+    order = cells.sort_values("test_mean", ascending=True)["label"].tolist()
     labels = [_label(m, v) for m, v in zip(runs["method"], runs["variant"], strict=True)]
     runs = runs.assign(label=labels)
-    order = list(dict.fromkeys(labels))
-    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 0.38 * len(order) + 1.3))
     for i, label in enumerate(order):
-        values = runs.loc[runs["label"] == label, "test_main"].to_numpy()
-        mean, ci = mean_ci95(values)
-        ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, color=palette[label], alpha=0.55, s=30)
-        ax.errorbar(i + 0.25, mean, yerr=ci or 0, fmt="D", color=palette[label], capsize=5, markersize=8)
-    ax.set_xticks(range(len(order)), order)
-    ax.set_xlim(-0.6, len(order) - 0.4)
-    ax.set_xlabel("method")
-    ax.set_ylabel(f"test {runs['main_metric'].iloc[0]}")
-    ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
-    return _png(fig)
+        c = cells[cells["label"] == label].iloc[0]
+        values = runs.loc[runs["label"] == label, "test_main"].to_numpy(dtype=float)
+        ax.scatter(values, np.full(len(values), i + 0.18), color=style.color(label), alpha=0.6, s=22, lw=0)
+        ci = c["test_ci95"] if c["test_ci95"] == c["test_ci95"] and c["test_ci95"] is not None else 0
+        ax.errorbar(c["test_mean"], i, xerr=ci, fmt="D", color=style.color(label), capsize=4, markersize=6)
+    full = cells[cells["method"] == "full"]
+    if len(full):
+        ax.axvline(float(full["test_mean"].iloc[0]), color="black", ls=":", lw=1)
+    ax.set_yticks(range(len(order)), order)
+    ax.set_ylim(-0.7, len(order) - 0.3)
+    ax.set_xlabel(f"test {cells['main_metric'].iloc[0]} (dots: seeds; diamond: mean ± 95% CI"
+                  + ("; dotted: full fine-tuning's mean)" if len(full) else ")"))
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
 
 
-def figure_training_curves(records: list[dict], palette: dict, metric: str, title: str) -> str:
-    import matplotlib.pyplot as plt
+def _mean_curve(points: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds at the steps all seeds share (seeds of one config log the same steps)."""
+    by_step: dict[float, list[float]] = {}
+    for curve in points:
+        for s, v in curve:
+            by_step.setdefault(s, []).append(v)
+    steps = sorted(s for s, vs in by_step.items() if len(vs) == len(points))
+    return np.array(steps), np.array([np.mean(by_step[s]) for s in steps])
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    seen: set[str] = set()
+
+def figure_training_curves(records: list[dict], style: Style, metric: str, title: str):
+    """Training loss and validation metric against optimizer steps, mean over seeds."""
+    plt = _plt()
+    groups: dict[str, list[dict]] = {}
     for r in records:
-        label = _label(r["run"]["method"], r["run"]["variant"])
-        kw = dict(color=palette[label], alpha=0.8, lw=1.4, label=None if label in seen else label)
-        seen.add(label)
-        loss = np.asarray(r["curves"]["train_loss"], dtype=float)
-        if len(loss):
-            axes[0].plot(loss[:, 0], loss[:, 1], **kw)
-        val = r["curves"]["validation"]
-        axes[1].plot([p["step"] for p in val], [p[metric] for p in val], marker="o", ms=3, **kw)
-    axes[0].set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+        groups.setdefault(_label(r["run"]["method"], r["run"]["variant"]), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label in sorted(groups):
+        rs = groups[label]
+        kw = dict(color=style.color(label), lw=1.5, alpha=0.9, label=label)
+        x, y = _mean_curve([[(s, v) for s, v in r["curves"]["train_loss"]] for r in rs])
+        if len(x):
+            axes[0].plot(x, y, **kw)
+        x, y = _mean_curve([[(p["step"], p[metric]) for p in r["curves"]["validation"] if p.get(metric) is not None]
+                            for r in rs])
+        if len(x):
+            axes[1].plot(x, y, marker=style.marker(label), ms=4, **kw)
+    n = len({r["run"]["seed"] for r in records})
+    axes[0].set(xlabel="optimizer step", ylabel="training loss (mean over logged steps)", title="training loss")
     axes[1].set(xlabel="optimizer step", ylabel=f"validation {metric}", title=f"validation {metric}")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.suptitle(title)
-    return _png(fig)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend_outside(axes[1])
+    fig.suptitle(f"{title} (mean over {n} seed{'s' if n != 1 else ''})", fontsize=11)
+    return fig
 
 
-def figure_intrinsic_dimension(d90: dict, title: str) -> str:
+def figure_intrinsic_dimension(d90: dict, title: str):
     """Test score against d (log x), full fine-tuning's score, the threshold and d90."""
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     ds = sorted(int(d) for d in d90["scores"])
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 3.9))
     ax.plot(ds, [d90["scores"][str(d)] for d in ds], "o-", color="tab:blue",
             label=f"{d90.get('kind', 'said').upper()} (mean over seeds)")
     refined = set(d90.get("refined", []))
@@ -243,20 +469,21 @@ def figure_intrinsic_dimension(d90: dict, title: str) -> str:
     if d90.get("d90") is not None:
         ax.axvline(d90["d90"], color="tab:red", ls=":", lw=1.5, label=f"d90 = {d90['d90']:,}")
     ax.set_xscale("log")
-    ax.set(xlabel="subspace dimension d (log scale)", ylabel=f"test {d90['metric']}", title=title)
+    ax.set(xlabel="subspace dimension d (trainable numbers, log scale)", ylabel=f"test {d90['metric']}")
+    ax.set_title(title, fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _png(fig)
+    _legend_outside(ax)
+    return fig
 
 
-def figure_gradient_sparsity(sp: dict, title: str) -> str:
+def figure_gradient_sparsity(sp: dict, title: str):
     """Share of gradient mass in the top p% entries (log x), overall and per role; per layer."""
-    import matplotlib.pyplot as plt
+    plt = _plt()
     import seaborn as sns
 
     percents = sp["summary"]["percents"]
     curves = sp["curves"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
     ax = axes[0]
     ax.plot(percents, curves["all"]["per_batch"], "o-", color="black", lw=2, label="all (per batch)")
     ax.plot(percents, curves["all"]["accumulated"], "o--", color="grey", lw=1.5, label="all (sum of |g|)")
@@ -269,7 +496,6 @@ def figure_gradient_sparsity(sp: dict, title: str) -> str:
     ax.set(xlabel="top p% of entries by |gradient| (log scale)", ylabel="share of squared gradient mass",
            title="concentration", ylim=(0, 1.02))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
     layers = sorted(int(k[6:]) for k in curves if k.startswith("layer:"))
     if layers and 1.0 in percents:
         i = percents.index(1.0)
@@ -280,14 +506,18 @@ def figure_gradient_sparsity(sp: dict, title: str) -> str:
         axes[1].grid(True, alpha=0.3)
     else:
         axes[1].set_visible(False)
-    fig.suptitle(title)
-    return _png(fig)
+    _legend_outside(axes[1] if layers and 1.0 in percents else ax, *ax.get_legend_handles_labels(), fontsize=8,
+                    title="left panel")
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def cross_analysis_table(cells: pd.DataFrame, analyses: dict) -> pd.DataFrame:
     """Per (model, task, method, variant): efficiency next to the task's d90 and gradient
     concentration. ``analyses``: (model, task) -> {"d90": record, "sparsity": record}."""
     rows = []
+    if cells.empty:
+        return pd.DataFrame(rows)
     for (model, task), g in cells.groupby(["model", "task"], sort=False):
         a = analyses.get((model, task), {})
         full = g[(g["method"] == "full")]
@@ -305,17 +535,16 @@ def cross_analysis_table(cells: pd.DataFrame, analyses: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def figure_cross_analysis(cross: pd.DataFrame, palette: dict) -> str:
+def figure_cross_analysis(cross: pd.DataFrame, style: Style):
     """Each method's gap to full fine-tuning against the task's d90 and top-1% gradient share."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), sharey=True)
     for ax, col, xlabel, log in ((axes[0], "d90", "d90 of the (model, task) (log scale)", True),
                                  (axes[1], "top1_share", "share of gradient mass in the top 1%", False)):
-        sub = cross.dropna(subset=[col, "gap_to_full"])
-        for label, g in sub.groupby("label", sort=True):
-            ax.plot(g[col], g["gap_to_full"], "o-" if len(g) > 1 else "o", color=palette.get(label, "grey"),
-                    label=label, alpha=0.85)
+        sub = cross.dropna(subset=[col, "gap_to_full"]) if len(cross) else cross
+        for label, g in (sub.groupby("label", sort=True) if len(sub) else []):
+            ax.plot(g[col], g["gap_to_full"], "-" if len(g) > 1 else "", marker=style.marker(label),
+                    color=style.color(label), label=label, alpha=0.85)
         if log and len(sub):
             ax.set_xscale("log")
         ax.axhline(0, color="black", lw=0.8)
@@ -329,21 +558,276 @@ def figure_cross_analysis(cross: pd.DataFrame, palette: dict) -> str:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
     if legend:
-        axes[1].legend(list(legend.values()), list(legend), loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                       frameon=False, fontsize=8)
+        _legend_outside(axes[1], list(legend.values()), list(legend), fontsize=8)
     fig.suptitle("cross-analysis: is a method's gap to full fine-tuning related to the task's "
                  "intrinsic dimension or gradient concentration?", fontsize=10)
-    return _png(fig)
+    return fig
 
 
-def analyses_section(analysis_paths: list[str], cells: pd.DataFrame, palette: dict) -> list[str]:
-    """HTML parts of the analyses section (empty when no analysis ran)."""
-    found: dict[tuple[str, str], dict] = {}
-    for path in analysis_paths:
-        rec = read_json(path)
-        kind = {"d90": "d90", "gradient_sparsity": "sparsity"}[rec["rule"]]
-        found.setdefault((rec["run"]["model"], rec["run"]["task"]), {})[kind] = rec
-    if not found:
+def figure_gift_tokens(view: dict, title: str):
+    """GIFT's token projections in 2-D (PCA), coloured by cluster, as in the paper's figure."""
+    plt = _plt()
+    pts = np.asarray(view["pca"], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for c in view["clusters"]:
+        sel = pts[pts[:, 2] == c["id"]]
+        ax.scatter(sel[:, 0], sel[:, 1], s=18, color=c["color"], label=f"cluster {c['id']} ({c['size']} tokens)",
+                   edgecolors="black", linewidths=0.3)
+    ax.set(xlabel="PC 1 of W·phi projections", ylabel="PC 2")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    _legend_outside(ax, fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1180px;margin:1.5em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.5em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.88em}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;vertical-align:top}th{background:#f4f4f4}
+td.l,th.l{text-align:left}td.l{white-space:nowrap}td.w{white-space:normal;min-width:16em}img{max-width:100%;display:block;margin:.8em 0}
+.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .2em}
+nav{font-size:.9em;margin:.6em 0 1em}nav a{margin-right:1em}
+.banner{border:1px solid #d9a400;background:#fff8e1;padding:.6em 1em;margin:1em 0}
+.banner.bad{border-color:#c62828;background:#fdecea}.ok{color:#2e7d32}
+.glance td{white-space:normal}.glance td:first-child{font-weight:600}
+tr.failed td,tr.missing td{background:#fdecea}
+.tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em;line-height:2.1;margin:.3em 0 .8em}
+.tok{padding:.1em .15em;border-radius:3px;border:1px solid rgba(0,0,0,.12)}
+.tok.sp{font-size:.8em;color:#444}.sent-label{color:#555;font-size:.85em;margin-right:.6em}
+.swatch{display:inline-block;width:1em;height:1em;border-radius:2px;vertical-align:middle;margin-right:.3em;
+border:1px solid rgba(0,0,0,.2)}
+"""
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        if digits == 0 and float(v).is_integer():
+            return f"{int(v):,}"
+        return f"{float(v):,.{digits}f}" if digits == 0 else f"{float(v):.{digits}f}"
+    return html.escape(str(v))
+
+
+def fmt_bytes(n: Any) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = float(n)
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+WRAP = {"reason", "params", "labels", "best", "front"}  # long text columns wrap; the others stay on one line
+
+
+def _table(df: pd.DataFrame, columns: list[tuple[str, str, int]], row_id: str | None = None,
+           row_class: str | None = None, formatters: dict | None = None) -> str:
+    formatters = formatters or {}
+
+    def cls(c: str, d: int) -> str:
+        return ("l" if d < 0 else "") + (" w" if c in WRAP else "")
+
+    head = "".join(f'<th class="{cls(c, d)}">{html.escape(t)}</th>' for c, t, d in columns)
+    body = []
+    for _, r in df.iterrows():
+        rid = f' id="{html.escape(row_id.format(**r))}"' if row_id else ""
+        tr_class = f' class="{html.escape(str(r[row_class]))}"' if row_class and row_class in r else ""
+        cells = "".join(
+            f'<td class="{cls(c, d)}" data-col="{c}">'
+            f'{formatters[c](r.get(c)) if c in formatters else fmt(r.get(c), max(d, 0))}</td>'
+            for c, _, d in columns
+        )
+        body.append(f"<tr{rid}{tr_class}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(uri: str, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='{uri}'>"
+
+
+def _ci_text(mean: float, ci: float | None) -> str:
+    return f"{mean:.4f}" + (f" ± {ci:.4f}" if ci is not None and ci == ci else "")
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+def _glance(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """What a reader sees first: per task, the best method, full fine-tuning and the front."""
+    rows = []
+    for (model, task), g in runs.groupby(["model", "task"], sort=False):
+        c = cells[(cells["model"] == model) & (cells["task"] == task)] if len(cells) else cells
+        counts = g["status"].value_counts().to_dict()
+        row = {"task": f"{task} · {model}", "metric": g["main_metric"].dropna().iloc[0]
+               if g["main_metric"].notna().any() else "–",
+               "runs": ", ".join(f"{counts[s]} {s}" for s in (COMPLETED, FAILED, MISSING) if counts.get(s))}
+        if len(c):
+            best = c.sort_values("test_mean", ascending=False).iloc[0]
+            row["best"] = (f"<b>{html.escape(best['label'])}</b> {_ci_text(best['test_mean'], best['test_ci95'])} "
+                           f"({fmt(best['trainable_percent'], 3)}% trainable)")
+            full = c[c["method"] == "full"]
+            row["full"] = _ci_text(full["test_mean"].iloc[0], full["test_ci95"].iloc[0]) if len(full) else "not run"
+            front = pareto_front(list(zip(c["trainable_params"], c["test_mean"], strict=True)))
+            row["front"] = " → ".join(html.escape(c["label"].iloc[i]) for i in front)
+        rows.append(row)
+    head = ("<tr><th class='l'>task · model</th><th class='l'>metric</th><th class='l'>best method "
+            "(mean ± 95% CI)</th><th class='l'>full fine-tuning</th><th class='l'>Pareto front "
+            "(fewest parameters first)</th><th class='l'>runs</th></tr>")
+    body = "".join(
+        f"<tr><td class='l'>{html.escape(r['task'])}</td><td class='l'>{html.escape(str(r['metric']))}</td>"
+        f"<td class='l'>{r.get('best', '–')}</td><td class='l'>{r.get('full', '–')}</td>"
+        f"<td class='l'>{r.get('front', '–')}</td><td class='l'>{html.escape(r['runs'])}</td></tr>"
+        for r in rows)
+    return f"<table class='glance'><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
+def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, tracking: dict | None) -> list[str]:
+    any_record = next((r for r in records if r.get("status") == COMPLETED), records[0] if records else {})
+    versions = any_record.get("versions", {})
+    commits = sorted(set(runs["git_commit"].dropna())) if "git_commit" in runs else []
+    parts = ["<h2 id='setup'>Setup</h2>"]
+    model_rows = []
+    for name, entry in config["models"].items():
+        total = runs.loc[runs["model"] == name, "total_params"].dropna() if "total_params" in runs else []
+        rec = next((r for r in records if r["run"]["model"] == name and isinstance(r.get("model"), dict)), {})
+        model_rows.append({"model": name, "source": (entry or {}).get("pretrained") or "built-in",
+                           "pretrained": (rec.get("model") or {}).get("pretrained")
+                           or (rec.get("model") or {}).get("notes") or "–",
+                           "params": int(total.iloc[0]) if len(total) else None})
+    parts.append("<h3>Models</h3>" + _table(pd.DataFrame(model_rows), [
+        ("model", "model", -1), ("source", "configured as", -1), ("pretrained", "weights", -1),
+        ("params", "parameters", 0)]))
+    task_rows = []
+    for (model, task), s in sorted(stats.items()):
+        t = s.get("task", {})
+        task_rows.append({"model": model, "task": task, "source": t.get("source", "–"),
+                          "problem": s.get("problem_type"), "metric": s.get("main_metric"),
+                          "labels": ", ".join(s.get("label_names") or []) or "–",
+                          "max_length": t.get("max_length"), "raw": s.get("raw_examples"),
+                          "fingerprint": s.get("fingerprint")})
+    if task_rows:
+        parts.append("<h3>Tasks</h3>" + _table(pd.DataFrame(task_rows), [
+            ("task", "task", -1), ("model", "tokenized for", -1), ("source", "source", -1),
+            ("problem", "problem", -1), ("metric", "main metric", -1), ("labels", "labels", -1),
+            ("max_length", "max tokens", 0), ("raw", "raw examples", 0), ("fingerprint", "data fingerprint", -1)]))
+    split_rows = []
+    for (model, task), s in sorted(stats.items()):
+        for split, v in s["splits"].items():
+            split_rows.append({"model": model, "task": task, "split": split, "size": v["size"],
+                               "labels": ", ".join(f"{k}: {n}" for k, n in v.get("label_balance", {}).items()),
+                               "p50": v["length_tokens"]["p50"], "p95": v["length_tokens"]["p95"],
+                               "truncated": v["truncated_share"], "fingerprint": v["fingerprint"]})
+    if split_rows:
+        parts.append("<h3>Data splits</h3>" + _table(pd.DataFrame(split_rows), [
+            ("model", "model", -1), ("task", "task", -1), ("split", "split", -1), ("size", "examples", 0),
+            ("labels", "label balance", -1), ("p50", "tokens p50", 0), ("p95", "tokens p95", 0),
+            ("truncated", "share truncated", 3), ("fingerprint", "split fingerprint", -1)]))
+    # methods and their training settings, from the records (what actually ran)
+    method_rows, seen = [], set()
+    for r in records:
+        if not isinstance(r.get("config"), dict):
+            continue
+        lab = _label(r["run"]["method"], r["run"]["variant"])
+        if lab in seen:
+            continue
+        seen.add(lab)
+        tr = r["config"].get("training", {})
+        params = r["config"].get("method_params") or {}
+        method_rows.append({"label": lab, "family": (r.get("method") or {}).get("family"),
+                            "lr": tr.get("learning_rate"), "batch": tr.get("batch_size"),
+                            "budget": f"{tr['max_steps']} steps" if tr.get("max_steps") else f"{tr.get('epochs')} epochs",
+                            "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "–"})
+    if method_rows:
+        parts.append("<h3>Methods</h3>" + _table(pd.DataFrame(method_rows), [
+            ("label", "method", -1), ("family", "family", -1), ("lr", "learning rate", -1),
+            ("batch", "batch size", 0), ("budget", "budget", -1), ("params", "method settings", -1)],
+            formatters={"lr": lambda v: "–" if v is None else f"{v:g}"}))
+    parts.append("<h3>Protocol and provenance</h3><ul>")
+    parts.append(f"<li>evaluation protocol: {html.escape(any_record.get('protocol', '–'))}</li>")
+    parts.append(f"<li>seeds: {', '.join(map(str, config['seeds']))} (every cell: mean and 95% Student-t "
+                 "interval over its completed seeds)</li>")
+    parts.append(f"<li>git commit: <code>{html.escape(', '.join(commits) or 'unknown')}</code></li>")
+    parts.append("<li>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in versions.items()
+                                                          if k != "platform")) + "</li>")
+    if versions.get("platform"):
+        parts.append(f"<li>platform: {html.escape(versions['platform'])}; device "
+                     f"{html.escape(str(any_record.get('device', '–')))}, {any_record.get('threads', '–')} "
+                     "thread(s) per job</li>")
+    if tracking:
+        pending = tracking.get("pending", 0)
+        parts.append(f"<li>tracking: MLflow store <code>{html.escape(tracking['uri'])}</code>, experiment "
+                     f"<code>{html.escape(tracking['experiment'])}</code>; one run per job, tagged model, task, "
+                     "method, variant, seed, rule"
+                     + (f"; <b>{pending} record(s) not yet in the store</b> (they sync when it is reachable: "
+                        "<code>python -m peftlab sync-mlflow</code>)" if pending else "") + "</li>")
+    parts.append("</ul>")
+    return parts
+
+
+def _efficiency(task_cells: pd.DataFrame) -> str:
+    cols = [("label", "method", -1), ("family", "family", -1), ("trainable_params", "trainable params", 0),
+            ("trainable_percent", "trainable %", 4), ("train_time_s", "train time (s)", 1),
+            ("peak_rss_mb", "peak host memory (MB)", 0)]
+    if task_cells["peak_gpu_mb"].notna().any():
+        cols.append(("peak_gpu_mb", "peak GPU memory (MB)", 0))
+    cols += [("stored_size_bytes", "stored size", -1), ("latency_ms_unmerged", "latency unmerged (ms/batch)", 1),
+             ("latency_ms_merged", "latency merged (ms/batch)", 1), ("latency_ms_base", "base model (ms/batch)", 1),
+             ("added_latency_ratio", "deployed / base", 2)]
+    return _table(task_cells, cols, formatters={"stored_size_bytes": fmt_bytes})
+
+
+def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
+    if view.get("status") != COMPLETED:
+        return [f"<p class='note'>GIFT token view not available: {html.escape(_failure_of(view)['reason'])}</p>"]
+    run = view["run"]
+    parts = [f"<h3 id='gift-{html.escape(run['model'])}-{html.escape(run['task'])}'>GIFT: what its first "
+             "projection sees in the tokens</h3>",
+             f"<p class='note'>GIFT generates its weights as W' = W (I + φψ), one (φ, ψ) per target role shared by "
+             f"all layers. Each token's hidden state h entering layer {view['layer'] + 1} of {view['n_layers']} is "
+             f"projected by the first linear map, h·W·φ (role <code>{html.escape(view['role'])}</code>, "
+             f"r = {view['r']}), of the trained run <code>{html.escape(run['variant'])}/seed{run['seed']}</code>; "
+             f"the r-dimensional projections (L2-normalised) are clustered with k-means, k = {view['k']} chosen by "
+             f"silhouette ({view['silhouette']:.2f}). Tokens of the same colour share a cluster: the text "
+             "counterpart of the token-clustering figure of the GIFT paper.</p>"]
+    legend = " ".join(
+        f"<span><span class='swatch' style='background:{c['color']}'></span>cluster {c['id']}: "
+        f"{html.escape(', '.join(c['top_tokens'][:6]))}</span>&nbsp;&nbsp;" for c in view["clusters"])
+    parts.append(f"<p class='note'>{legend}</p>")
+    colors = {c["id"]: c["color"] for c in view["clusters"]}
+    for s in view["sentences"]:
+        spans = []
+        for t in s["tokens"]:
+            sp = " sp" if t.get("special") else ""
+            spans.append(("&nbsp;" if t.get("space") else "")
+                         + f"<span class='tok{sp}' style='background:{colors[t['cluster']]}' "
+                         f"title='cluster {t['cluster']}'>{html.escape(t['text'])}</span>")
+        parts.append(f"<div class='tokens'><span class='sent-label'>[{html.escape(str(s['label']))}]</span>"
+                     + "".join(spans) + "</div>")
+    parts.append(_img(figures.add(figure_gift_tokens(view, f"{run['task']} · {run['model']}: GIFT token "
+                                                            "projections (PCA)"), name),
+                      f"{run['task']} GIFT token projections"))
+    return parts
+
+
+def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures: Figures) -> list[str]:
+    """HTML parts of the analyses section (empty when no analysis ran).
+    ``analyses``: (model, task) -> {"d90": record, "sparsity": record} (completed records)."""
+    if not analyses:
         return []
     parts = ["<h2 id='analyses'>Analyses of the tasks</h2>",
              "<p class='note'>Intrinsic dimension: random-subspace training (theta = theta0 + "
@@ -351,14 +835,15 @@ def analyses_section(analysis_paths: list[str], cells: pd.DataFrame, palette: di
              "reaches the stated fraction of full fine-tuning's. Gradient sparsity: gradients at the "
              "pretrained point over a few training batches.</p>"]
     summary_rows = []
-    for (model, task), a in found.items():
+    for (model, task), a in analyses.items():
         title = f"{task} · {model}"
         parts.append(f"<h3 id='analyses-{html.escape(model)}-{html.escape(task)}'>{html.escape(title)}</h3>")
         row: dict[str, Any] = {"model": model, "task": task}
         if "d90" in a:
             d = a["d90"]
-            parts.append(f"<img alt='{html.escape(task)} intrinsic dimension' src='"
-                         f"{figure_intrinsic_dimension(d, f'{title}: score vs subspace dimension')}'>")
+            fig = figure_intrinsic_dimension(d, f"{title}: test score vs subspace dimension")
+            parts.append(_img(figures.add(fig, f"{model}--{task}--intrinsic_dimension"),
+                              f"{task} intrinsic dimension"))
             row.update(d90=d.get("d90"), d90_share=d.get("d90_fraction_of_D"),
                        grid=", ".join(f"{x:,}" for x in d["grid"]), reached=d["reached"])
             if not d["reached"]:
@@ -367,8 +852,8 @@ def analyses_section(analysis_paths: list[str], cells: pd.DataFrame, palette: di
                              f"{max(d['grid']):,}.</p>")
         if "sparsity" in a:
             sp = a["sparsity"]
-            parts.append(f"<img alt='{html.escape(task)} gradient sparsity' src='"
-                         f"{figure_gradient_sparsity(sp, f'{title}: gradient concentration')}'>")
+            fig = figure_gradient_sparsity(sp, f"{title}: gradient concentration at the pretrained point")
+            parts.append(_img(figures.add(fig, f"{model}--{task}--gradient_sparsity"), f"{task} gradient sparsity"))
             summ = sp["summary"]
             row.update(top1=summ.get("top1_share"), gini=summ.get("gini"), jaccard=summ.get("jaccard"),
                        jaccard_chance=summ.get("jaccard_chance"), overlap=summ.get("sift_pafi_overlap"),
@@ -392,142 +877,264 @@ def analyses_section(analysis_paths: list[str], cells: pd.DataFrame, palette: di
             cols.append((c, t, dgt))
     parts.append("<h3 id='analyses-summary'>Summary and cross-analysis</h3>")
     parts.append(_table(frame, cols))
-    cross = cross_analysis_table(cells, found)
-    parts.append(f"<img alt='cross-analysis' src='{figure_cross_analysis(cross, palette)}'>")
-    parts.append(_table(cross, [
-        ("model", "model", -1), ("task", "task", -1), ("label", "method", -1), ("test_mean", "test (mean)", 4),
-        ("gap_to_full", "gap to full", 4), ("trainable_params", "trainable params", 0),
-        ("score_per_million_params", "score per 10⁶ trainable", 4), ("d90", "task d90", 0),
-        ("top1_share", "task top-1% share", 3)]))
+    cross = cross_analysis_table(cells, analyses)
+    if len(cross):
+        parts.append(_img(figures.add(figure_cross_analysis(cross, style), "cross_analysis"), "cross-analysis"))
+        parts.append(_table(cross, [
+            ("model", "model", -1), ("task", "task", -1), ("label", "method", -1), ("test_mean", "test (mean)", 4),
+            ("gap_to_full", "gap to full", 4), ("trainable_params", "trainable params", 0),
+            ("score_per_million_params", "score per 10⁶ trainable", 4), ("d90", "task d90", 0),
+            ("top1_share", "task top-1% share", 3)]))
     return parts
 
 
-# ---------------------------------------------------------------------------------------
-# HTML
-# ---------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.7em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em}
-th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}th{background:#f4f4f4}
-td.l,th.l{text-align:left}img{max-width:100%;display:block;margin:.8em 0}
-.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .2em}
-"""
-
-
-def fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.{digits}f}"
-    return html.escape(str(v))
+def _problems_section(runs: pd.DataFrame, other: list[dict]) -> list[str]:
+    """Failed and missing runs (and analyses), each with its reason: never silently dropped."""
+    bad = runs[runs["status"] != COMPLETED] if len(runs) else runs
+    parts = ["<h2 id='problems'>Failed and missing runs</h2>"]
+    if not len(bad) and not other:
+        return parts + ["<p class='ok'>Every run and analysis completed.</p>"]
+    parts.append("<p class='note'>Failed runs (e.g. a diverged loss) and runs whose job did not finish are "
+                 "kept out of every mean, interval, Pareto front and figure above; they are listed here with "
+                 "the reason.</p>")
+    rows = [{"what": "{model}/{task}/{method}/{variant}/seed{seed}".format(**r), "status": r["status"],
+             "stage": r.get("failure_stage"), "step": r.get("failure_step"), "reason": r.get("failure_reason")}
+            for _, r in bad.iterrows()]
+    rows += other
+    return parts + [_table(pd.DataFrame(rows), [
+        ("what", "run", -1), ("status", "status", -1), ("stage", "stage", -1), ("step", "at step", 0),
+        ("reason", "reason", -1)], row_class="status")]
 
 
-def _table(df: pd.DataFrame, columns: list[tuple[str, str, int]], row_id: str | None = None) -> str:
-    head = "".join(f'<th class="{"l" if d < 0 else ""}">{html.escape(t)}</th>' for _, t, d in columns)
-    body = []
-    for _, r in df.iterrows():
-        rid = f' id="{html.escape(row_id.format(**r))}"' if row_id else ""
-        cells = "".join(
-            f'<td class="{"l" if d < 0 else ""}" data-col="{c}">{fmt(r[c], max(d, 0))}</td>' for c, _, d in columns
-        )
-        body.append(f"<tr{rid}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.DataFrame, records: list[dict],
+                  style: Style, figures: Figures, gift_view: dict | None) -> list[str]:
+    title = f"{task} · {model}"
+    anchor = f"task-{html.escape(model)}-{html.escape(task)}"
+    parts = [f"<h2 id='{anchor}'>{html.escape(title)}</h2>"]
+    done = completed_runs(task_runs)
+    task_cells = cells[(cells["model"] == model) & (cells["task"] == task)] if len(cells) else cells
+    if not len(task_cells):
+        return parts + ["<p class='note'>No completed run of this task yet: see "
+                        "<a href='#problems'>failed and missing runs</a>.</p>"]
+    metric = task_cells["main_metric"].iloc[0]
+    n_bad = int((task_runs["status"] != COMPLETED).sum())
+    parts.append(f"<p class='note'>Headline metric: test <b>{html.escape(metric)}</b>, from {len(done)} completed "
+                 "runs" + (f" ({n_bad} failed or missing: <a href='#problems'>listed below</a>)" if n_bad else "")
+                 + ". Points are means over seeds with 95% Student-t intervals; the dashed line joins the "
+                 "Pareto front (no other method is both smaller and better).</p>")
+    key = f"{model}--{task}"
+    parts.append(_img(figures.add(figure_metric_vs_params(task_cells, style, f"{title}: test {metric} vs "
+                                                          "trainable parameters"), f"{key}--metric_vs_params"),
+                      f"{task} {metric} vs trainable parameters"))
+    parts.append(_img(figures.add(figure_metric_per_method(done, task_cells, style, f"{title}: test {metric} "
+                                                           "per method"), f"{key}--metric_per_method"),
+                      f"{task} {metric} per method"))
+    task_records = [r for r in records if r["run"]["model"] == model and r["run"]["task"] == task
+                    and r.get("status") == COMPLETED]
+    if task_records:
+        parts.append(_img(figures.add(figure_training_curves(task_records, style, metric, f"{title}: training "
+                                                             "curves"), f"{key}--training_curves"),
+                          f"{task} training curves"))
+    parts.append(f"<h3>Test {html.escape(metric)} per method</h3>")
+    parts.append(_table(task_cells.sort_values("test_mean", ascending=False), [
+        ("label", "method", -1), ("family", "family", -1), ("n_seeds", "seeds", 0),
+        ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
+        ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4)]))
+    parts.append("<h3>Efficiency</h3><p class='note'>Means over the completed seeds. Memory: peak resident "
+                 "memory of the training process. Stored size: what the method saves (all weights for full "
+                 "fine-tuning). Latency: one forward pass over a test batch, as stored (unmerged), merged into "
+                 "the base weights where the method allows it, and the plain pretrained model; the last column "
+                 "is the deployed model's cost relative to the base model.</p>")
+    parts.append(_efficiency(task_cells))
+    if gift_view is not None:
+        parts.extend(_gift_section(gift_view, figures, f"{key}--gift_tokens"))
+    return parts
 
 
-def write_report(summary_path: str, stats_paths: list[str], config: dict, html_path: str,
-                 finetune_paths: list[str] | None = None, analysis_paths: list[str] = ()) -> str:
-    """Render the comparison report; returns the HTML written to ``html_path``."""
-    runs = pd.read_parquet(summary_path)
-    stats = {(s["model"], s["task"]["name"]): s for s in map(read_json, stats_paths)}
-    base = Path(summary_path).parent
-    records = [read_json(p) for p in (finetune_paths or [])] or [
-        read_json(base / "finetune" / f"{r.model}/{r.task}/{r.method}/{r.variant}/seed{r.seed}/result.json")
-        for r in runs.itertuples()
-    ]
-    palette = method_palette(sorted({_label(m, v) for m, v in zip(runs["method"], runs["variant"], strict=True)}))
-    any_record = records[0] if records else {}
-    versions = any_record.get("versions", {})
-    commits = sorted(set(runs["git_commit"].dropna()))
-
-    parts = [f"<h1>peftlab comparison report</h1><p class='note'>Generated "
-             f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M UTC} from {len(runs)} runs.</p>"]
-    # --- setup ---------------------------------------------------------------------------
-    parts.append("<h2 id='setup'>Setup</h2><ul>")
-    for name, entry in config["models"].items():
-        src = (entry or {}).get("pretrained") or "built-in"
-        total = runs.loc[runs["model"] == name, "total_params"]
-        size = f", {fmt(int(total.iloc[0]))} parameters" if len(total) else ""
-        parts.append(f"<li>model <b>{html.escape(name)}</b> ({html.escape(src)}{size})</li>")
-    parts.append(f"<li>seeds: {', '.join(map(str, config['seeds']))}</li>")
-    parts.append(f"<li>evaluation protocol: {html.escape(any_record.get('protocol', ''))}</li>")
-    parts.append(f"<li>git commit: <code>{html.escape(', '.join(commits) or 'unknown')}</code></li>")
-    parts.append("<li>versions: " + ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in versions.items()
-                                               if k != "platform") + "</li></ul>")
-    split_rows = []
-    for (model, task), s in sorted(stats.items()):
-        for split, v in s["splits"].items():
-            split_rows.append({"model": model, "task": task, "split": split, "size": v["size"],
-                               "labels": ", ".join(f"{k}: {n}" for k, n in v.get("label_balance", {}).items()),
-                               "p50": v["length_tokens"]["p50"], "p95": v["length_tokens"]["p95"],
-                               "truncated": v["truncated_share"], "fingerprint": v["fingerprint"]})
-    if split_rows:
-        parts.append("<h3>Data splits</h3>")
-        parts.append(_table(pd.DataFrame(split_rows), [
-            ("model", "model", -1), ("task", "task", -1), ("split", "split", -1), ("size", "examples", 0),
-            ("labels", "label balance", -1), ("p50", "tokens p50", 0), ("p95", "tokens p95", 0),
-            ("truncated", "share truncated", 3), ("fingerprint", "split fingerprint", -1)]))
-
-    # --- per task ------------------------------------------------------------------------
+def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: dict,
+                 analysis_records: list[dict] = (), gift_views: list[dict] = (), tracking: dict | None = None,
+                 missing_other: list[dict] = (), partial: bool = False, figures: Figures | None = None) -> str:
+    """The report's HTML from the summary rows and the records (no file access)."""
+    figures = figures or Figures()
+    if "status" not in runs:
+        runs = runs.assign(status=COMPLETED)
     cells = cell_table(runs)
+    style = Style(cells if len(cells) else runs.assign(family=runs.get("family", "weight")))
+    analyses: dict[tuple[str, str], dict] = {}
+    other = list(missing_other)
+    for rec in analysis_records:
+        what = "{model}/{task}".format(**rec["run"]) + f" {rec['rule']}"
+        if rec.get("status", COMPLETED) != COMPLETED:
+            f = _failure_of(rec)
+            other.append({"what": what, "status": FAILED, "stage": rec["rule"], "step": f["step"],
+                          "reason": f["reason"]})
+            continue
+        kind = {"d90": "d90", "gradient_sparsity": "sparsity"}[rec["rule"]]
+        analyses.setdefault((rec["run"]["model"], rec["run"]["task"]), {})[kind] = rec
+    gifts = {(g["run"]["model"], g["run"]["task"]): g for g in gift_views}
+    counts = runs["status"].value_counts().to_dict()
+
+    parts = ["<h1>peftlab comparison report</h1>",
+             f"<p class='note'>Which parameter-efficient fine-tuning method for this model and task? Generated "
+             f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M UTC} from {len(runs)} runs: "
+             + ", ".join(f"{counts[s]} {s}" for s in (COMPLETED, FAILED, MISSING) if counts.get(s)) + ".</p>"]
+    n_bad = int((runs["status"] != COMPLETED).sum()) + len(other)
+    if partial:
+        parts.append(f"<div class='banner bad'><b>Partial report.</b> The pipeline stopped with failed jobs; "
+                     f"this report shows what finished. {n_bad} run(s) or analyses are failed or missing, "
+                     "<a href='#problems'>listed with their reason</a>. Fix them and rerun "
+                     "<code>snakemake</code>: the full report replaces this one.</div>")
+    elif n_bad:
+        parts.append(f"<div class='banner'>{n_bad} run(s) or analyses failed or are missing: "
+                     "<a href='#problems'>listed with their reason</a>; none of their numbers enter the "
+                     "figures and tables.</div>")
+    nav = ["<a href='#glance'>at a glance</a>", "<a href='#setup'>setup</a>"]
+    nav += [f"<a href='#task-{html.escape(m)}-{html.escape(t)}'>{html.escape(t)} · {html.escape(m)}</a>"
+            for m, t in runs[["model", "task"]].drop_duplicates().itertuples(index=False)]
+    if analyses:
+        nav.append("<a href='#analyses'>analyses</a>")
+    nav += ["<a href='#problems'>failed / missing</a>", "<a href='#runs'>all runs</a>"]
+    parts.append("<nav>" + " ".join(nav) + "</nav>")
+    parts.append("<h2 id='glance'>At a glance</h2>" + _glance(runs, cells))
+    parts.extend(_setup(config, runs, records, stats, tracking))
     for (model, task), task_runs in runs.groupby(["model", "task"], sort=False):
-        metric = task_runs["main_metric"].iloc[0]
-        title = f"{task} · {model}"
-        task_cells = cells[(cells["model"] == model) & (cells["task"] == task)]
-        parts.append(f"<h2 id='task-{html.escape(model)}-{html.escape(task)}'>{html.escape(title)}</h2>")
-        parts.append(f"<p class='note'>Headline metric: test <b>{metric}</b>. Points are means over "
-                     "seeds with 95% Student-t intervals; the dashed line joins the Pareto front "
-                     "(no other method is both smaller and better).</p>")
-        parts.append(f"<img alt='{html.escape(task)} {metric} vs trainable parameters' "
-                     f"src='{figure_metric_vs_params(task_cells, palette, f'{title}: {metric} vs trainable parameters')}'>")
-        parts.append(f"<img alt='{html.escape(task)} {metric} per method' "
-                     f"src='{figure_metric_per_method(task_runs, palette, f'{title}: test {metric} per method (seeds as dots)')}'>")
-        task_records = [r for r in records if r["run"]["model"] == model and r["run"]["task"] == task]
-        if task_records:
-            parts.append(f"<img alt='{html.escape(task)} training curves' "
-                         f"src='{figure_training_curves(task_records, palette, metric, f'{title}: training curves')}'>")
-        parts.append(_table(task_cells, [
-            ("method", "method", -1), ("variant", "variant", -1), ("n_seeds", "seeds", 0),
-            ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
-            ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4),
-            ("train_time_s", "train time (s)", 1), ("peak_rss_mb", "peak RSS (MB)", 0),
-            ("stored_size_bytes", "stored bytes", 0),
-            ("added_latency_ratio", "inference latency vs base", 2)]))
+        parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task))))
+    parts.extend(analyses_section(analyses, cells, style, figures))
+    parts.extend(_problems_section(runs, other))
 
-    # --- analyses ------------------------------------------------------------------------
-    parts.extend(analyses_section(list(analysis_paths), cells, palette))
-
-    # --- all runs ------------------------------------------------------------------------
     parts.append("<h2 id='runs'>All runs</h2>")
     metric_cols = [c for c in runs.columns if c.startswith("test_") and c != "test_main"]
     parts.append(_table(runs, [
         ("model", "model", -1), ("task", "task", -1), ("method", "method", -1), ("variant", "variant", -1),
-        ("seed", "seed", 0), *[(c, c.replace("_", " "), 4) for c in metric_cols],
+        ("seed", "seed", 0), ("status", "status", -1), *[(c, c.replace("_", " "), 4) for c in metric_cols],
         ("validation_main", "best validation", 4), ("best_validation_step", "best step", 0),
         ("steps", "steps", 0), ("trainable_params", "trainable params", 0),
         ("train_time_s", "train time (s)", 1)],
-        row_id="run-{model}-{task}-{method}-{variant}-{seed}"))
-    data = {"runs": json.loads(runs.to_json(orient="records")), "cells": json.loads(cells.to_json(orient="records"))}
+        row_id="run-{model}-{task}-{method}-{variant}-{seed}", row_class="status"))
+    data = {"runs": json.loads(runs.to_json(orient="records")),
+            "cells": json.loads(cells.to_json(orient="records")) if len(cells) else []}
     blob = json.dumps(data).replace("<", "\\u003c")  # safe inside <script>
     parts.append(f"<script type='application/json' id='peftlab-data'>{blob}</script>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>peftlab comparison{' (partial)' if partial else ''}</title>"
+            "<link rel='icon' href='data:,'>"  # no favicon request: a file:// page stays offline
+            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
 
-    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-           f"<title>peftlab comparison</title><style>{CSS}</style></head><body>"
-           + "\n".join(parts) + "</body></html>\n")
+
+def _tracking_info(mlflow_config: dict | None) -> dict | None:
+    if not mlflow_config:
+        return None
+    from .tracking import display_uri, pending_entries, tracking_uri
+
+    return {"uri": display_uri(tracking_uri(mlflow_config)), "experiment": mlflow_config.get("experiment", "peftlab"),
+            "pending": len(pending_entries(mlflow_config))}
+
+
+def figures_dir_for(html_path: str | Path) -> Path:
+    """Where the report's figures are also written as PNG files (for ``snakemake --report``)."""
+    p = Path(html_path)
+    return p.with_name(p.stem + "_figures")
+
+
+def partial_path_for(html_path: str | Path) -> Path:
+    p = Path(html_path)
+    return p.with_name(p.stem + ".partial" + p.suffix)
+
+
+def write_report(summary_path: str, stats_paths: list[str], config: dict, html_path: str,
+                 finetune_paths: list[str] | None = None, analysis_paths: list[str] = (),
+                 gift_paths: list[str] = (), mlflow_config: dict | None = None,
+                 figures_dir: str | Path | None = None) -> str:
+    """Render the comparison report; returns the HTML written to ``html_path``. A stale
+    partial report (from an earlier failed run) is removed: this one supersedes it."""
+    runs = pd.read_parquet(summary_path)
+    stats = {(s["model"], s["task"]["name"]): s for s in map(read_json, stats_paths)}
+    base = Path(summary_path).parent
+    paths = finetune_paths or [base / "finetune" / f"{r.model}/{r.task}/{r.method}/{r.variant}/seed{r.seed}/result.json"
+                               for r in runs.itertuples()]
+    records = [rec for rec in map(_read, paths) if rec is not None]
+    figures = Figures(figures_dir)
+    if figures_dir is not None:
+        Path(figures_dir).mkdir(parents=True, exist_ok=True)
+    doc = build_report(runs, records, stats, config, [read_json(p) for p in analysis_paths],
+                       [read_json(p) for p in gift_paths], _tracking_info(mlflow_config), figures=figures)
+    if figures_dir is not None:  # leave only this report's figures in the folder
+        for old in set(Path(figures_dir).glob("*.png")) - set(figures.written):
+            old.unlink()
     write_text(html_path, doc)
+    partial_path_for(html_path).unlink(missing_ok=True)
     return doc
+
+
+def expected_outputs(config: dict) -> dict[str, list[Path]]:
+    """Every record the configured pipeline produces (what the rules of workflow/ write)."""
+    from .config import iter_runs
+
+    results = Path(config["results_dir"])
+    keys = list(iter_runs(config))
+    out: dict[str, list[Path]] = {
+        "finetune": [results / "finetune" / k.path() / "result.json" for k in keys],
+        "evaluate": [results / "evaluate" / k.path() / "metrics.json" for k in keys],
+        "stats": [], "analyses": [], "gift": [],
+    }
+    analyses = config.get("analyses") or {}
+    for m in config["models"]:
+        for t in config["tasks"]:
+            out["stats"].append(results / "data" / m / t / "stats.json")
+            if (analyses.get("gradient_sparsity") or {}).get("enabled"):
+                out["analyses"].append(results / "analyses" / m / t / "gradient_sparsity" / "sparsity.json")
+            if (analyses.get("intrinsic_dimension") or {}).get("dims"):
+                out["analyses"].append(results / "analyses" / m / t / "intrinsic_dimension" / "d90.json")
+            if "gift" in config["methods"]:
+                out["gift"].append(results / "analyses" / m / t / "gift_tokens.json")
+    return out
+
+
+def _analysis_logs(path: Path, logs: Path) -> list[tuple[str, Path]]:
+    model, task = path.parts[-4], path.parts[-3]
+    if path.name == "gift_tokens.json":
+        model, task = path.parts[-3], path.parts[-2]
+        return [("prepare_data", logs / "prepare_data" / model / f"{task}.log"),
+                ("gift_view", logs / "gift_view" / model / f"{task}.log")]
+    rule = "gradient_sparsity" if path.name == "sparsity.json" else "d90"
+    stage_logs = [("prepare_data", logs / "prepare_data" / model / f"{task}.log")]
+    if rule == "d90":
+        stage_logs += sorted(("intrinsic_dimension", p) for p in
+                             (logs / "intrinsic_dimension" / model / task).rglob("*.log"))
+    return stage_logs + [(rule, logs / rule / model / f"{task}.log")]
+
+
+def write_partial_report(config: dict, logs_dir: str | Path = "logs", mlflow_config: dict | None = None) -> Path:
+    """The report from whatever records exist (jobs failed or the pipeline was stopped), to
+    ``<report>.partial.html`` beside the configured report (which keeps the last complete
+    report), with the summary in ``<results>/summary.partial.csv``. Missing runs and
+    analyses are listed with the reason found in their jobs' logs. Returns the report path."""
+    exp = expected_outputs(config)
+    logs = Path(logs_dir)
+    rows = summary_rows([str(p) for p in exp["finetune"]], [str(p) for p in exp["evaluate"]], logs)
+    runs = pd.DataFrame(rows)
+    results = Path(config["results_dir"])
+    with atomic_path(results / "summary.partial.csv", suffix=".csv") as tmp:
+        runs.to_csv(tmp, index=False)
+    records = [rec for rec in map(_read, exp["finetune"]) if rec is not None]
+    stats = {}
+    for p in exp["stats"]:
+        s = _read(p)
+        if s is not None:
+            stats[(s["model"], s["task"]["name"])] = s
+    analysis_records, gifts, other = [], [], []
+    for p in exp["analyses"] + exp["gift"]:
+        rec = _read(p)
+        if rec is not None:
+            (gifts if p.name == "gift_tokens.json" else analysis_records).append(rec)
+            continue
+        what = f"{p.parts[-3]}/{p.parts[-2]} gift_view" if p.name == "gift_tokens.json" else \
+            f"{p.parts[-4]}/{p.parts[-3]} {'gradient_sparsity' if p.name == 'sparsity.json' else 'd90'}"
+        other.append({"what": what, "status": MISSING, "stage": what.split()[-1], "step": None,
+                      "reason": missing_reason(_analysis_logs(p, logs))})
+    html_path = partial_path_for(config["report_path"])
+    doc = build_report(runs, records, stats, config, analysis_records, gifts, _tracking_info(mlflow_config),
+                       missing_other=other, partial=True)
+    write_text(html_path, doc)
+    return html_path

@@ -14,6 +14,7 @@ from peftlab.config import (
 from peftlab.errors import PeftlabError
 from peftlab.io import files_fingerprint
 from peftlab.methods import method_source_files
+from peftlab.report import figures_dir_for
 from peftlab.tracking import default_store
 
 try:
@@ -35,6 +36,8 @@ SPARSITY = config["analyses"]["gradient_sparsity"]
 # SIFT variants whose masks come from the gradient-sparsity stage (mask_source: analysis)
 SIFT_ANALYSIS = sift_analysis_variants(config)
 MODEL_TASKS = [(m, t) for m in config["models"] for t in config["tasks"]]
+# the report's figures as PNG files too (snakemake --report shows them)
+REPORT_FIGURES = str(figures_dir_for(config["report_path"]))
 
 
 RUN_DIR = "{model}/{task}/{method}/{variant}/seed{seed}"
@@ -93,3 +96,51 @@ def all_finetune_records(wildcards):
 
 def all_evaluate_records(wildcards):
     return [run_path("evaluate", k, "metrics.json") for k in RUNS]
+
+
+def gift_view_records(wildcards=None):
+    """The GIFT token views the report shows (one per (model, task) when gift runs)."""
+    if "gift" not in config["methods"]:
+        return []
+    return [f"{RESULTS}/analyses/{m}/{t}/gift_tokens.json" for m, t in MODEL_TASKS]
+
+
+def _gift_runs(wildcards):
+    return [
+        k
+        for k in RUNS
+        if k.method == "gift" and (k.model, k.task) == (wildcards.model, wildcards.task)
+    ]
+
+
+def gift_run_records(wildcards):
+    return [run_path("finetune", k, "result.json") for k in _gift_runs(wildcards)]
+
+
+def gift_run_weights(wildcards):
+    return [
+        run_path("finetune", k, "trainable.safetensors") for k in _gift_runs(wildcards)
+    ]
+
+
+def on_pipeline_error():
+    """Snakefile onerror: jobs failed, so the report rule cannot run; write the report of
+    whatever finished (beside the configured report, naming what is missing and why) and
+    sync MLflow records queued meanwhile. Never raises."""
+    try:
+        from peftlab.report import write_partial_report
+        from peftlab.tracking import sync_pending
+
+        sync_pending(MLFLOW)
+        path = write_partial_report(config, "logs", MLFLOW)
+        print(
+            f"peftlab: some jobs failed; report of what finished, with the missing runs and "
+            f"their reasons: {path}",
+            file=sys.stderr,
+        )
+    except Exception as exc:
+        print(
+            f"peftlab: could not write the partial report ({type(exc).__name__}: {exc}); "
+            "run: python -m peftlab report",
+            file=sys.stderr,
+        )

@@ -1,11 +1,14 @@
-# Thin wrapper: aggregate -> peftlab.report.aggregate
+# Thin wrapper: aggregate -> peftlab.report.aggregate (after syncing queued MLflow records)
 from peftlab.cli import run_step
 from peftlab.report import aggregate
+from peftlab.tracking import sync_pending
 
 sm = snakemake  # noqa: F821
 
-run_step(
-    "aggregate",
-    sm.log[0],
-    lambda: aggregate(list(sm.input.finetune), list(sm.input.evaluate), sm.output.csv, sm.output.parquet),
-)
+
+def main():
+    sync_pending(sm.params.mlflow)  # never raises: what cannot be synced stays queued
+    aggregate(list(sm.input.finetune), list(sm.input.evaluate), sm.output.csv, sm.output.parquet)
+
+
+run_step("aggregate", sm.log[0], main)

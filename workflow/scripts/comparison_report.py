@@ -14,5 +14,8 @@ run_step(
         sm.output.html,
         finetune_paths=list(sm.input.finetune),
         analysis_paths=list(sm.input.analyses),
+        gift_paths=list(sm.input.gift),
+        mlflow_config=dict(sm.params.mlflow),
+        figures_dir=sm.output.figures,
     ),
 )
