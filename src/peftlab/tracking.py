@@ -24,7 +24,8 @@ Never losing a run:
 4. **Concurrency.** Writers to a SQLite store (the embedded default) are serialised by a
    file lock beside the database, so parallel jobs never hit "database is locked"; a lock
    error that still slips through (another program holding the database) is retried.
-   Remote stores take a per-identity lock in the queue folder instead.
+   A job holds a lock on its own queue entry while it logs it, so a sync by another
+   process skips that entry instead of racing the job for it.
 """
 
 from __future__ import annotations
@@ -229,18 +230,26 @@ def pending_entries(mlflow_config: dict) -> list[Path]:
     return sorted(d.glob("*.json")) if d.is_dir() else []
 
 
-def _lock_for(uri: str, mlflow_config: dict, ident: dict | None):
+def _store_lock(uri: str):
+    """Writers to a SQLite store take turns (SQLite allows one writer; MLflow's own retries
+    give up with "database is locked" under a burst of parallel jobs)."""
     from filelock import FileLock
 
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
-    if ident is None:
-        return contextlib.nullcontext()
+    return contextlib.nullcontext()
+
+
+def _owner_lock(mlflow_config: dict, entry_name: str):
+    """Held by the job that owns a queue entry while it logs it: a sync by another process
+    skips entries whose job is still at work instead of racing it."""
+    from filelock import FileLock
+
     d = pending_dir(mlflow_config) / ".locks"
     d.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(d / _entry_name(ident)) + ".lock", timeout=LOCK_TIMEOUT_S)
+    return FileLock(str(d / entry_name) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -375,22 +384,32 @@ def log_record(record: dict, record_path: str | Path, mlflow_config: dict, artif
     extra tags (e.g. an evaluate run's ``config_hash``, taken from its finetune record).
     """
     uri = tracking_uri(mlflow_config)
+    owner = None
     try:
+        owner = _owner_lock(mlflow_config, _entry_name(identity(record)))
+        owner.acquire()
         entry_path = enqueue(record, record_path, mlflow_config, artifacts, tags)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
         log.warning("could not queue %s for MLflow (%s: %s); the record is kept", record_path,
                     type(exc).__name__, exc)
+        if owner is not None and owner.is_locked:
+            owner.release()
         return None
     try:
-        with _bounded_http(), _lock_for(uri, mlflow_config, identity(record)):
+        t0 = time.perf_counter()
+        with _bounded_http(), _store_lock(uri):
+            t1 = time.perf_counter()
             store = _Store(uri, mlflow_config.get("experiment", "peftlab"))
             run_id = _sync_entry(store, entry_path)
-        log.info("MLflow run %s at %s", run_id, display_uri(uri))
+        log.info("MLflow run %s at %s (waited %.2f s for the store lock, logged in %.2f s, %d lock retries)",
+                 run_id, display_uri(uri), t1 - t0, time.perf_counter() - t1, store.locked_retries)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail training
         log.warning("MLflow store %s unavailable (%s: %s); %s stays queued in %s and is synced "
                     "later (python -m peftlab sync-mlflow)", display_uri(uri), type(exc).__name__,
                     str(exc).splitlines()[0][:300] if str(exc) else "", record_path, entry_path.parent)
         return None
+    finally:
+        owner.release()
     # the store is up: take along what earlier jobs left queued
     sync_pending(mlflow_config, limit=SYNC_AFTER_LOG)
     return run_id
@@ -402,6 +421,8 @@ def sync_pending(mlflow_config: dict, limit: int | None = None, tracking_uri_ove
     Never raises: an entry that cannot be logged stays queued. ``tracking_uri_override``
     sends every entry to that store instead of the one it was queued for.
     """
+    from filelock import Timeout
+
     entries = pending_entries(mlflow_config)[:limit] if limit else pending_entries(mlflow_config)
     counts = {"synced": 0, "waiting": 0, "failed": 0}
     groups: dict[tuple[str, str], list[Path]] = {}
@@ -415,9 +436,16 @@ def sync_pending(mlflow_config: dict, limit: int | None = None, tracking_uri_ove
     for (uri, experiment), paths in groups.items():
         done = 0
         try:
-            with _bounded_http(), _lock_for(uri, mlflow_config, None):
+            with _bounded_http(), _store_lock(uri):
                 store = _Store(uri, experiment)
                 for path in paths:
+                    owner = _owner_lock(mlflow_config, path.name)
+                    try:
+                        owner.acquire(timeout=0)
+                    except Timeout:
+                        counts["waiting"] += 1  # its job is logging it right now
+                        done += 1
+                        continue
                     try:
                         counts["waiting" if _sync_entry(store, path) is None else "synced"] += 1
                     except FileNotFoundError:
@@ -425,6 +453,8 @@ def sync_pending(mlflow_config: dict, limit: int | None = None, tracking_uri_ove
                     except BadEntry as exc:
                         counts["failed"] += 1
                         log.warning("%s", exc)
+                    finally:
+                        owner.release()
                     done += 1
         except Exception as exc:  # noqa: BLE001 - keep the queue, report
             counts["failed"] += len(paths) - done
@@ -437,8 +467,22 @@ def sync_pending(mlflow_config: dict, limit: int | None = None, tracking_uri_ove
 
 
 def runs_table(mlflow_config: dict, tracking_uri_override: str | None = None):
-    """All active runs of the experiment as a DataFrame (for tests and users)."""
-    import mlflow
+    """All active runs of the experiment as a DataFrame (``run_id``, ``status``, ``tags.*``,
+    ``metrics.*``, ``params.*``), without touching the process's global MLflow settings."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri_override or tracking_uri(mlflow_config))
-    return mlflow.search_runs(experiment_names=[mlflow_config.get("experiment", "peftlab")])
+    client = MlflowClient(tracking_uri_override or tracking_uri(mlflow_config))
+    exp = client.get_experiment_by_name(mlflow_config.get("experiment", "peftlab"))
+    rows, token = [], None
+    while exp is not None:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        for r in page:
+            rows.append({"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time}
+                        | {f"tags.{k}": v for k, v in r.data.tags.items()}
+                        | {f"metrics.{k}": v for k, v in r.data.metrics.items()}
+                        | {f"params.{k}": v for k, v in r.data.params.items()})
+        token = page.token
+        if not token:
+            break
+    return pd.DataFrame(rows)
