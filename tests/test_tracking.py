@@ -236,3 +236,35 @@ def test_mlflow_server_outage_loses_nothing(tmp_path, tiny_task_dir, minilm_spec
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@pytest.mark.slow
+def test_weights_logged_when_configured(tmp_path, tiny_task_dir, minilm_spec):
+    """``log_weights: merged``: the run gets its trainable tensors and the merged plain model
+    (which loads into the base architecture); the exported file leaves the queue folder."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from peftlab.config import RunKey, load_experiment
+    from peftlab.export import weights_to_log
+    from peftlab.models import load_model
+    from peftlab.train import finetune
+
+    cfg = _mlflow_config(tmp_path) | {"log_weights": "merged"}
+    key = RunKey("minilm-l6", "rotten_tomatoes", "lora", "default", 0)
+    exp = load_experiment(REPO / "config" / "experiments", "lora", "default")
+    exp = type(exp)(exp.method, exp.variant, type(exp.training)(**(exp.training.to_dict() | {"max_steps": 2})),
+                    exp.method_params, exp.files)
+    ft_path = tmp_path / "results" / "finetune" / key.path() / "result.json"
+    weights = ft_path.with_name("trainable.safetensors")
+    record = finetune(key, minilm_spec, exp, tiny_task_dir, weights, ft_path, threads=1)
+    files = weights_to_log(cfg, key, minilm_spec, record, tiny_task_dir, weights)
+    assert [f.name for f in files] == ["trainable.safetensors", "merged.safetensors"]
+    merged = load_file(str(files[1]))
+    base = load_model(minilm_spec, 2, "single_label_classification").state_dict()
+    assert set(merged) == set(base) and all(merged[k].shape == base[k].shape for k in base)
+    run_id = log_record(record, ft_path, cfg, artifacts=files)
+    names = sorted(a.path for a in MlflowClient(f"sqlite:///{cfg['default_store']}").list_artifacts(run_id))
+    assert names == ["merged.safetensors", "result.json", "trainable.safetensors"]
+    assert not files[1].exists() and weights.exists()  # the export was the queue's; the output stays
+    assert weights_to_log(cfg | {"log_weights": "none"}, key, minilm_spec, record, tiny_task_dir, weights) == []

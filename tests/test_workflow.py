@@ -64,29 +64,50 @@ def test_bad_config_fails_before_any_job(tmp_path, override, expected):
     assert "rule finetune" not in res.stdout
 
 
-@pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
-    """Whole DAG on a tiny config: report + summary + MLflow runs, numbers equal the records."""
-    work = workflow_copy(tmp_path)
-    res = snakemake("-c2", "--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config", cwd=work)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+TINY = "tests/configs/tiny_gift.yaml"
+TINY_ARGS = ("--configfile", TINY, "--replace-workflow-config")
 
-    from peftlab.config import iter_runs, load_yaml
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole DAG once on the tiny config plus GIFT (for the report's token view); the
+    tests below read its outputs, in order, the last ones rerunning parts of it."""
+    import yaml
+
+    work = workflow_copy(tmp_path_factory.mktemp("tiny"))
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["methods"] = {"full": ["default"], "lora": ["default"], "gift": ["default"]}
+    (work / TINY).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = snakemake("-c2", *TINY_ARGS, cwd=work)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return work
+
+
+def _mlflow_runs(work: Path):
     from peftlab.tracking import default_store, runs_table
 
-    cfg = load_yaml(work / "tests" / "configs" / "tiny.yaml")
-    cfg.setdefault("seeds", [0])
+    return runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tiny_run):
+    """Whole DAG on a tiny config: report + summary + MLflow runs, numbers equal the records."""
+    work = tiny_run
+    from peftlab.config import iter_runs, load_yaml
+
+    cfg = load_yaml(work / TINY)
     keys = list(iter_runs(cfg))
     html = (work / "reports" / "comparison.html").read_text()
     summary = pd.read_csv(work / "results" / "summary.csv")
-    assert len(summary) == len(keys) == 6
+    assert len(summary) == len(keys) == 6 and set(summary["status"]) == {"completed"}
     blob = json.loads(re.search(r"<script type='application/json' id='peftlab-data'>(.*?)</script>", html).group(1))
     for key in keys:
         ft = json.loads((work / "results" / "finetune" / key.path() / "result.json").read_text())
         ev = json.loads((work / "results" / "evaluate" / key.path() / "metrics.json").read_text())
         assert ft["status"] == ev["status"] == "completed"
         # the visible row of this run shows the record's numbers
-        row = re.search(rf"<tr id=\"run-{key.model}-{key.task}-{key.method}-{key.variant}-{key.seed}\">(.*?)</tr>", html).group(1)
+        row = re.search(rf"<tr id=\"run-{key.model}-{key.task}-{key.method}-{key.variant}-{key.seed}\"[^>]*>(.*?)</tr>",
+                        html).group(1)
         cells = dict(re.findall(r'data-col="([^"]+)">([^<]*)<', row))
         for metric, value in ev["metrics"].items():
             assert cells[f"test_{metric}"] == f"{value:.4f}"
@@ -96,9 +117,15 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         (run,) = [r for r in blob["runs"] if r["method"] == key.method and r["seed"] == key.seed]
         assert run["test_main"] == ev["metrics"]["accuracy"]
         assert run["trainable_params"] == ft["trainable_params"]
-    # figures are embedded, nothing external: 3 for the task, 3 for the analyses
-    assert html.count("src='data:image/png;base64,") == 6
+    # figures are embedded, nothing external: 3 for the task + the GIFT scatter, 3 for the analyses
+    assert html.count("src='data:image/png;base64,") == 7
     assert not re.search(r"src=['\"](?!data:)", html)
+    figures = sorted(p.name for p in (work / "reports" / "comparison_figures").glob("*.png"))
+    assert len(figures) == 7 and "minilm-l6--rotten_tomatoes--gift_tokens.png" in figures
+    # the GIFT token view: every token of its sentences coloured by its cluster
+    view = json.loads((work / "results" / "analyses" / "minilm-l6" / "rotten_tomatoes" / "gift_tokens.json").read_text())
+    assert view["status"] == "completed" and view["run"]["method"] == "gift"
+    assert html.count("<span class='tok") == view["n_tokens"]
     analyses = work / "results" / "analyses" / "minilm-l6" / "rotten_tomatoes"
     d90 = json.loads((analyses / "intrinsic_dimension" / "d90.json").read_text())
     full = [json.loads((work / "results" / "evaluate" / k.path() / "metrics.json").read_text())["metrics"]["accuracy"]
@@ -106,29 +133,142 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert d90["reference"] == pytest.approx(sum(full) / len(full)) and d90["grid"] == [150, 600]
     sparsity = json.loads((analyses / "gradient_sparsity" / "sparsity.json").read_text())
     assert "Analyses of the tasks" in html and f"{sparsity['summary']['top1_share']:.3f}" in html
+    assert "Every run and analysis completed." in html
 
-    runs = runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})
+    runs = _mlflow_runs(work)
     assert len(runs) == 2 * len(keys) + 4
     assert sorted(runs["tags.rule"].value_counts().items()) == [
         ("d90", 1), ("evaluate", 6), ("finetune", 6), ("gradient_sparsity", 1), ("intrinsic_dimension", 2)]
     assert set(runs["status"]) == {"FINISHED"}
+    assert not list((work / "results" / "mlflow_pending").glob("*.json"))
     ft_runs = runs[runs["tags.rule"] == "finetune"]
     assert "metrics.validation_accuracy" in ft_runs and "params.config.training.learning_rate" in ft_runs
+    # an evaluate run carries its finetune run's config hash: the UI groups them by it
+    ev_runs = runs[runs["tags.rule"] == "evaluate"].set_index(["tags.method", "tags.seed"])
+    for _, r in ft_runs.iterrows():
+        assert ev_runs.loc[(r["tags.method"], r["tags.seed"]), "tags.config_hash"] == r["tags.config_hash"]
 
-    # the same outputs feed Snakemake's own report (report() categories and captions)
-    res = snakemake("--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config",
-                    "--report", "smk-report.html", cwd=work)
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(tiny_run):
+    """The report in a real browser: no console error, every image decoded; screenshots
+    (the first screen and the whole page) kept under test-artifacts/."""
+    import os
+
+    import _browser
+
+    why = _browser.available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    out = _browser.inspect_page(tiny_run / "reports" / "comparison.html", REPO / "test-artifacts", "comparison")
+    assert out["errors"] == [], out["errors"]
+    assert out["images"] == 7 and out["broken"] == []
+    assert all(p.stat().st_size > 20_000 for p in out["shots"])
+
+
+@pytest.mark.slow
+def test_snakemake_report_has_the_outputs(tiny_run):
+    """The same outputs feed Snakemake's own report (report() categories and captions)."""
+    res = snakemake(*TINY_ARGS, "--report", "smk-report.html", cwd=tiny_run)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (work / "smk-report.html").stat().st_size > 10_000
+    doc = (tiny_run / "smk-report.html").read_text()
+    assert len(doc) > 10_000
+    for needle in ("Figures", "Results", "Data", "metric_vs_params", "gift_tokens", "comparison.html"):
+        assert needle in doc, needle
 
-    # nothing to do on a second run; a rerun of one job replaces (not duplicates) its MLflow run
-    res = snakemake("-c2", "--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config", "-n", cwd=work)
+
+@pytest.mark.slow
+def test_failed_run_is_listed_and_kept_out_of_every_number(tiny_run):
+    """A run whose record says it failed (diverged loss) is listed with its reason; its numbers
+    reach no table, interval or figure. The records are written as the trainer and evaluator
+    write a failed run; their mtimes are kept so only the report stages rerun."""
+    import os
+
+    from peftlab.io import write_json
+
+    work = tiny_run
+    rd = "minilm-l6/rotten_tomatoes/lora/default/seed1"
+    ft_path = work / "results" / "finetune" / rd / "result.json"
+    ev_path = work / "results" / "evaluate" / rd / "metrics.json"
+    ft, ev = json.loads(ft_path.read_text()), json.loads(ev_path.read_text())
+    failure = {"reason": "loss became nan at step 4", "step": 4}
+    stamps = {p: p.stat().st_mtime for p in (ft_path, ev_path)}
+    write_json(ft_path, ft | {"status": "failed", "failure": failure})
+    write_json(ev_path, {k: ev[k] for k in ("rule", "run", "main_metric")} | {"status": "failed", "metrics": {},
+                                                                             "failure": failure})
+    for p, t in stamps.items():
+        os.utime(p, (t, t))
+    res = snakemake("-c2", *TINY_ARGS, "--forcerun", "aggregate", cwd=work)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    summary = pd.read_csv(work / "results" / "summary.csv")
+    row = summary[(summary["method"] == "lora") & (summary["seed"] == 1)].iloc[0]
+    assert row["status"] == "failed" and row["failure_reason"] == "loss became nan at step 4"
+    html = (work / "reports" / "comparison.html").read_text()
+    problems = html[html.index("id='problems'"):html.index("id='runs'")]
+    assert "loss became nan at step 4" in problems and rd in problems
+    blob = json.loads(re.search(r"id='peftlab-data'>(.*?)</script>", html).group(1))
+    (lora,) = [c for c in blob["cells"] if c["method"] == "lora"]
+    lora0 = json.loads((work / "results" / "evaluate" / rd.replace("seed1", "seed0") / "metrics.json").read_text())
+    assert lora["n_seeds"] == 1 and lora["test_mean"] == lora0["metrics"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_keep_going_writes_a_partial_report_naming_what_is_missing(tiny_run):
+    """A job that really fails (a task file without its label column fails at data
+    preparation): with --keep-going every other job runs, Snakemake cannot run the report
+    rule, and the Snakefile's onerror writes the report of what finished beside it."""
+    from html import escape as html_escape
+
+    import yaml
+
+    work = tiny_run
+    before = (work / "reports" / "comparison.html").read_text()
+    (work / "broken.csv").write_text("text,stars\nfine film,5\nbad film,1\n")
+    cfg = yaml.safe_load((work / TINY).read_text())
+    cfg["tasks"]["broken"] = {"source": "file", "path": "broken.csv", "text_columns": ["text"],
+                              "label_column": "label"}
+    cfg["analyses"]["intrinsic_dimension"]["dims"] = []
+    (work / "with_broken.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = snakemake("-c2", "--keep-going", "--configfile", "with_broken.yaml", "--replace-workflow-config", cwd=work)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "Error in rule prepare_data" in out and "reports/comparison.partial.html" in out
+    partial = (work / "reports" / "comparison.partial.html").read_text()
+    assert (work / "reports" / "comparison.html").read_text() == before  # the last full report is kept
+    assert "Partial report." in partial
+    problems = partial[partial.index("id='problems'"):partial.index("id='runs'")]
+    reason = html_escape("prepare_data failed: task 'broken': column(s) ['label'] not in broken.csv")
+    for method in ("full", "lora", "gift"):
+        for seed in (0, 1):
+            assert f"minilm-l6/broken/{method}/default/seed{seed}" in problems
+    assert problems.count(reason) == 6 + 2  # the 6 runs, its gradient sparsity and GIFT view
+    # what finished is all there: rotten_tomatoes' section (3 figures + GIFT), its gradient
+    # sparsity and the cross-analysis; lora seed 1 still failed (previous test)
+    assert "<h2 id='task-minilm-l6-rotten_tomatoes'>" in partial
+    assert partial.count("src='data:image/png;base64,") == 6
+    summary = pd.read_csv(work / "results" / "summary.partial.csv")
+    assert summary["status"].value_counts().to_dict() == {"completed": 5, "failed": 1, "missing": 6}
+
+
+@pytest.mark.slow
+def test_rerun_replaces_its_mlflow_run(tiny_run):
+    """Nothing to do on a second run; a rerun of one job replaces (not duplicates) its MLflow run."""
+    work = tiny_run
+    res = snakemake("-c2", *TINY_ARGS, "-n", cwd=work)
     assert "Nothing to be done" in res.stdout + res.stderr
-    res = snakemake("-c2", "--configfile", "tests/configs/tiny.yaml", "--replace-workflow-config",
+    before = _mlflow_runs(work)
+    res = snakemake("-c2", *TINY_ARGS,
                     "--forcerun", "results/evaluate/minilm-l6/rotten_tomatoes/lora/default/seed0/metrics.json",
                     "--until", "evaluate", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})) == 2 * len(keys) + 4
+    after = _mlflow_runs(work)
+    assert len(after) == len(before) == 2 * 6 + 4
+    ident = ["tags.rule", "tags.method", "tags.seed"]
+    old = before.set_index(ident).loc[("evaluate", "lora", "0"), "run_id"]
+    new = after.set_index(ident).loc[("evaluate", "lora", "0"), "run_id"]
+    assert old != new
 
 
 def test_analyses_are_stages_of_the_dag(tmp_path):

@@ -378,12 +378,18 @@ def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
             lw=1, zorder=0, label="Pareto front")
     ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=260, facecolors="none",
                edgecolors="grey", lw=1, zorder=0)
+    # legend entries as plain markers (an errorbar's own handle draws its caps over the marker)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker=style.marker(lab), color=style.color(lab),
+                      markersize=8 if style.marker(lab) != "*" else 11) for lab in cells["label"]]
+    handles.append(Line2D([], [], ls="--", color="grey", lw=1))
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel(f"test {metric} (mean ± 95% CI)")
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
-    _legend_outside(ax)
+    _legend_outside(ax, handles, [*cells["label"], "Pareto front"])
     return fig
 
 
@@ -601,7 +607,7 @@ tr.failed td,tr.missing td{background:#fdecea}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em;line-height:2.1;margin:.3em 0 .8em}
 .tok{padding:.1em .15em;border-radius:3px;border:1px solid rgba(0,0,0,.12)}
 .tok.sp{font-size:.8em;color:#444}.sent-label{color:#555;font-size:.85em;margin-right:.6em}
-.swatch{display:inline-block;width:1em;height:1em;border-radius:2px;vertical-align:middle;margin-right:.3em;
+.legend span{margin-right:1.2em;white-space:nowrap}.swatch{display:inline-block;width:1em;height:1em;border-radius:2px;vertical-align:middle;margin-right:.3em;
 border:1px solid rgba(0,0,0,.2)}
 """
 
@@ -806,14 +812,14 @@ def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
              "counterpart of the token-clustering figure of the GIFT paper.</p>"]
     legend = " ".join(
         f"<span><span class='swatch' style='background:{c['color']}'></span>cluster {c['id']}: "
-        f"{html.escape(', '.join(c['top_tokens'][:6]))}</span>&nbsp;&nbsp;" for c in view["clusters"])
-    parts.append(f"<p class='note'>{legend}</p>")
+        f"{html.escape(', '.join(c['top_tokens'][:6]))}</span>" for c in view["clusters"])
+    parts.append(f"<p class='note legend'>{legend}</p>")
     colors = {c["id"]: c["color"] for c in view["clusters"]}
     for s in view["sentences"]:
         spans = []
         for t in s["tokens"]:
             sp = " sp" if t.get("special") else ""
-            spans.append(("&nbsp;" if t.get("space") else "")
+            spans.append((" " if t.get("space") else "")
                          + f"<span class='tok{sp}' style='background:{colors[t['cluster']]}' "
                          f"title='cluster {t['cluster']}'>{html.escape(t['text'])}</span>")
         parts.append(f"<div class='tokens'><span class='sent-label'>[{html.escape(str(s['label']))}]</span>"

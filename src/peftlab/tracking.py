@@ -366,10 +366,15 @@ def _sync_entry(store: _Store, entry_path: Path) -> str | None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadEntry(f"{record_path} is not a result record ({type(exc).__name__}: {exc})") from exc
     run_id = store.log(record, record_path, entry["record_sha256"], entry.get("artifacts", []), entry.get("tags"))
-    # dequeue unless a newer entry of this identity replaced it meanwhile
+    # dequeue unless a newer entry of this identity replaced it meanwhile; files the queue
+    # owns (a merged model exported for the store only) go with it
     try:
         if read_json(entry_path)["record_sha256"] == entry["record_sha256"]:
             entry_path.unlink()
+            owned = entry_path.parent.resolve()
+            for a in map(Path, entry.get("artifacts", [])):
+                if owned in a.parents:
+                    a.unlink(missing_ok=True)
     except FileNotFoundError:
         pass
     return run_id

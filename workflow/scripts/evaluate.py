@@ -4,6 +4,7 @@ from pathlib import Path
 from peftlab.cli import run_step
 from peftlab.config import RunKey
 from peftlab.evaluate import evaluate
+from peftlab.io import read_json
 from peftlab.models import ModelSpec
 from peftlab.tracking import log_record
 
@@ -22,7 +23,9 @@ def main():
         out_path=sm.output.metrics,
         threads=sm.threads,
     )
-    log_record(record, sm.output.metrics, sm.params.mlflow)
+    # tagged with its finetune run's config hash, so the MLflow UI groups the two
+    config_hash = read_json(sm.input.record).get("config_hash")
+    log_record(record, sm.output.metrics, sm.params.mlflow, tags={"config_hash": config_hash})
 
 
 run_step("evaluate", sm.log[0], main)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from peftlab.cli import run_step
 from peftlab.config import RunKey, load_experiment
+from peftlab.export import weights_to_log
 from peftlab.models import ModelSpec
 from peftlab.tracking import log_record
 from peftlab.train import finetune
@@ -16,9 +17,10 @@ def main():
     experiment = load_experiment(sm.params.experiments_dir, w.method, w.variant)
     if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
         experiment.method_params["mask_path"] = sm.input.mask[0]
+    spec = ModelSpec.from_config(w.model, sm.params.model)
     record = finetune(
         key,
-        ModelSpec.from_config(w.model, sm.params.model),
+        spec,
         experiment,
         data_dir=Path(sm.input.stats).parent,
         weights_path=sm.output.weights,
@@ -26,7 +28,9 @@ def main():
         threads=sm.threads,
         code_fingerprint=sm.params.code,
     )
-    log_record(record, sm.output.record, sm.params.mlflow)
+    data_dir = Path(sm.input.stats).parent
+    weights = weights_to_log(sm.params.mlflow, key, spec, record, data_dir, sm.output.weights)
+    log_record(record, sm.output.record, sm.params.mlflow, artifacts=weights)
 
 
 run_step("finetune", sm.log[0], main)
