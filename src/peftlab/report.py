@@ -711,13 +711,12 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
     for name, entry in config["models"].items():
         total = runs.loc[runs["model"] == name, "total_params"].dropna() if "total_params" in runs else []
         rec = next((r for r in records if r["run"]["model"] == name and isinstance(r.get("model"), dict)), {})
-        model_rows.append({"model": name, "source": (entry or {}).get("pretrained") or "built-in",
-                           "pretrained": (rec.get("model") or {}).get("pretrained")
-                           or (rec.get("model") or {}).get("notes") or "–",
+        notes = (rec.get("model") or {}).get("notes") or ""
+        model_rows.append({"model": name, "source": (entry or {}).get("pretrained") or "built-in"
+                           + (f" ({notes})" if notes else ""),
                            "params": int(total.iloc[0]) if len(total) else None})
     parts.append("<h3>Models</h3>" + _table(pd.DataFrame(model_rows), [
-        ("model", "model", -1), ("source", "configured as", -1), ("pretrained", "weights", -1),
-        ("params", "parameters", 0)]))
+        ("model", "model", -1), ("source", "weights from", -1), ("params", "parameters", 0)]))
     task_rows = []
     for (model, task), s in sorted(stats.items()):
         t = s.get("task", {})

@@ -401,6 +401,11 @@ def log_record(record: dict, record_path: str | Path, mlflow_config: dict, artif
             owner.release()
         return None
     try:
+        import mlflow.entities  # noqa: F401 - imported before taking the store lock (seconds of CPU)
+        import mlflow.tracking  # noqa: F401
+
+        if uri.startswith("sqlite:"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         t0 = time.perf_counter()
         with _bounded_http(), _store_lock(uri):
             t1 = time.perf_counter()
