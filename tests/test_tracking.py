@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ stream = io.StringIO()
 logging.basicConfig(level=logging.INFO, stream=stream, force=True)
 from peftlab.tracking import log_record
 from peftlab.io import read_json
+import mlflow.tracking, mlflow.store.tracking.sqlalchemy_store  # a job's imports, done before the start signal
 record_path, cfg, ready, go = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 record = read_json(record_path)
 ready.write_text("1")
@@ -108,8 +110,11 @@ def test_16_parallel_jobs_log_to_the_default_sqlite_store(tmp_path):
         assert len(client.get_metric_history(run_id, "train_loss")) == 60
         assert [a.path for a in client.list_artifacts(run_id)] == ["result.json"]
     retries = sum(o["log"].count("database is locked") for o in outs)
+    waits = [float(w) for o in outs for w in re.findall(r"waited ([0-9.]+) s for the store lock", o["log"])]
+    assert len(waits) == n
     figures = {"processes": n, "wall_s": round(wall, 2), "slowest_job_s": round(max(o["seconds"] for o in outs), 2),
                "fastest_job_s": round(min(o["seconds"] for o in outs), 2), "lock_retries": retries,
+               "longest_lock_wait_s": round(max(waits), 2), "mean_lock_wait_s": round(sum(waits) / n, 2),
                "runs": len(runs)}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "mlflow_concurrency.json").write_text(json.dumps(figures, indent=2))
