@@ -26,8 +26,10 @@ RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))
 SRC = Path(workflow.basedir) / "src" / "peftlab"
 # config.yaml's mlflow section plus the embedded default store (absolute: jobs may run
-# on other nodes of a shared filesystem)
-MLFLOW = dict(config["mlflow"], default_store=default_store(RESULTS))
+# on other nodes of a shared filesystem), without log_weights: the jobs' params must not
+# change with it (finetune reads it from the config), so it never reruns training
+MLFLOW = {k: v for k, v in config["mlflow"].items() if k != "log_weights"}
+MLFLOW["default_store"] = default_store(RESULTS)
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 # analyses: intrinsic dimension (on when it has a grid of d) and gradient sparsity
 ID = config["analyses"]["intrinsic_dimension"]

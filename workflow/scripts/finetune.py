@@ -29,8 +29,10 @@ def main():
         code_fingerprint=sm.params.code,
     )
     data_dir = Path(sm.input.stats).parent
-    weights = weights_to_log(sm.params.mlflow, key, spec, record, data_dir, sm.output.weights)
-    log_record(record, sm.output.record, sm.params.mlflow, artifacts=weights)
+    # log_weights from the config, not params: changing it must not rerun training
+    mlflow = dict(sm.params.mlflow, log_weights=sm.config["mlflow"].get("log_weights", "none"))
+    weights = weights_to_log(mlflow, key, spec, record, data_dir, sm.output.weights)
+    log_record(record, sm.output.record, mlflow, artifacts=weights)
 
 
 run_step("finetune", sm.log[0], main)
