@@ -234,7 +234,8 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, total_steps, code_fingerprint)
     trained_before, resumed_from = 0.0, []
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> bool:
+        """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
         t = time.perf_counter()
         tensors = {f"trainable.{k}": v for k, v in method_parameters(model).items()}
         tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
@@ -246,8 +247,13 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                 "has_best_state": best_state is not None, "optimizer": optim_meta,
                 "scheduler": scheduler.state_dict(), "rng": rng_meta,
                 "train_time_s": trained_before + time.perf_counter() - t0, "resumed_from": resumed_from}
-        checkpoint.save(ckpt_path, run_fp, tensors, meta)
+        try:
+            checkpoint.save(ckpt_path, run_fp, tensors, meta)
+        except OSError as exc:
+            log.warning("checkpoint at step %d not saved to %s: %s", step, ckpt_path, exc)
+            return False
         log.info("checkpoint at step %d saved to %s (%.1f s)", step, ckpt_path, time.perf_counter() - t)
+        return True
 
     saved = checkpoint.load(ckpt_path, run_fp)
     if saved is not None:
@@ -323,11 +329,11 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                 break  # the outputs follow at once: no checkpoint, no stop
             left = deadline.seconds_left() if deadline else None
             if stop.received or (left is not None and left < policy.margin_seconds):
-                save_checkpoint()
                 why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
-                raise checkpoint.TrainingInterrupted(
-                    f"{key.path()}: stopped at step {step} of {total_steps} ({why}); checkpoint saved to "
-                    f"{ckpt_path}: run the job again to resume")
+                outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume" if save_checkpoint()
+                           else "the checkpoint could not be saved (see the log)")
+                raise checkpoint.TrainingInterrupted(f"{key.path()}: stopped at step {step} of {total_steps} "
+                                                     f"({why}); {outcome}")
             if (policy.every_steps and step % policy.every_steps == 0) or (
                     policy.every_seconds and time.monotonic() - last_save >= policy.every_seconds):
                 save_checkpoint()
