@@ -103,6 +103,8 @@ def test_sigterm_mid_training_saves_and_the_rerun_resumes_bitwise(tmp_path, mini
     ref, ref_out = reference
     assert ref["resumed_from_steps"] == []
     _same_outcome(resumed, ref, out, ref_out)
+    print(f"SIGTERM during step {stopped_at}: saved, resumed from step {stopped_at}; best validation "
+          f"{resumed['best_validation']} == uninterrupted {ref['best_validation']}, weights bitwise equal")
 
 
 @pytest.mark.slow
@@ -123,6 +125,8 @@ def test_sigkill_after_a_periodic_checkpoint_resumes_from_it_bitwise(tmp_path, m
     assert resumed["resumed_from_steps"] == [5]
     ref, ref_out = reference
     _same_outcome(resumed, ref, out, ref_out)
+    print(f"SIGKILL after step 6, resumed from the step-5 checkpoint; best validation "
+          f"{resumed['best_validation']} == uninterrupted {ref['best_validation']}, weights bitwise equal")
 
     other = _finetune(minilm_spec, tiny_task_dir, stale, lr=5e-4)
     assert other["resumed_from_steps"] == [] and other["steps"] == 12

@@ -334,3 +334,5 @@ def test_time_limit_checkpoint_and_retry_resume_through_slurm(tiny_run):
         assert after[k] == before[k], k
     assert (run / "trainable.safetensors").read_bytes() == weights
     assert not (run / ".checkpoint").exists()
+    print(f"SLURM time limit: attempt 1 stopped at step {stopped.group(1)} with {stopped.group(2)} s left, "
+          f"attempt 2 resumed from it; best validation {after['best_validation']} == {before['best_validation']}")
