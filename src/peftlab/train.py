@@ -237,7 +237,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     def save_checkpoint() -> bool:
         """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
         t = time.perf_counter()
-        tensors = {f"trainable.{k}": v for k, v in method_parameters(model).items()}
+        tensors = {f"trainable.{k}": v for k, v in method.trainable_state(model).items()}
         tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
         optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
         rng_tensors, rng_meta = checkpoint.rng_state()
@@ -259,7 +259,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     if saved is not None:
         tensors, meta = saved
         restored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
-        if set(restored) != set(method_parameters(model)):
+        if set(restored) != set(method.trainable_state(model)):
             raise TrainingError(f"checkpoint {ckpt_path} does not hold this run's trainable tensors: "
                                 "delete it to train from step 0")
         model.load_state_dict(restored, strict=False)
@@ -383,8 +383,3 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     write_json(record_path, record)
     checkpoint.remove(ckpt_path)
     return record
-
-
-def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that train (what a checkpoint must restore; everything else is rebuilt)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
