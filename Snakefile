@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# config/config.yaml, unless --configfile names other files: those then replace it, as
+# --replace-workflow-config does (which Snakemake does not pass on to cluster jobs, so jobs
+# would otherwise see the two files merged)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

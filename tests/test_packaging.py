@@ -1,4 +1,5 @@
-"""The conda environment of the rules pins the same versions as pyproject.toml."""
+"""The conda environment of the rules pins the same versions as pyproject.toml; the workflow
+extra (snakemake and its SLURM executor) the same as the dev extra."""
 
 from __future__ import annotations
 
@@ -18,3 +19,10 @@ def test_env_pins_equal_pyproject(repo):
     assert _pins(pip) == _pins(project["dependencies"])
     assert "python=3.11" in env["dependencies"]
     assert _pins(project["dependencies"])["torch"] == "2.13.0"
+
+
+def test_workflow_extra_pins_equal_dev(repo):
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    workflow, dev = _pins(extras["workflow"]), _pins(extras["dev"])
+    assert {"snakemake", "snakemake-executor-plugin-slurm", "snakemake-executor-plugin-slurm-jobstep"} <= set(workflow)
+    assert all(dev[name] == version for name, version in workflow.items())

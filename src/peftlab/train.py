@@ -3,13 +3,20 @@
 The loop: dynamic padding, AdamW with warmup + decay, a progress bar, periodic validation
 and model selection on the validation split only (the best step's trainable tensors are
 kept and stored). Deterministic: the same seed gives the same numbers on CPU.
+
+Resumable (``checkpoint.py``): the loop checkpoints periodically, on SIGTERM and before a
+SLURM job's time limit; a run started again resumes from its checkpoint and ends with the
+same numbers, bitwise on CPU, as one that was never stopped.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .config import Experiment, RunKey
 from .data import REGRESSION, load_split
 from .errors import TrainingError
-from .io import dir_size_bytes, fingerprint, read_json, write_json
+from .io import dir_size_bytes, files_fingerprint, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, count_parameters, load_model, load_tokenizer
@@ -139,6 +147,18 @@ def _schedule(total_steps: int, cfg):
     return factor
 
 
+def _run_fingerprint(key: RunKey, model_spec: ModelSpec, experiment: Experiment, method, stats: dict,
+                     total_steps: int, code_fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: the run, its resolved config, the data, and
+    the code of the training loop and the method (whoever calls, with or without a workflow
+    fingerprint)."""
+    code = [Path(__file__), Path(checkpoint.__file__), Path(inspect.getfile(load_model))]
+    code += [Path(inspect.getfile(c)) for c in type(method).__mro__ if c.__module__.startswith("peftlab.")]
+    return fingerprint(key.tags(), asdict(model_spec), experiment.resolved(), method.config.to_dict(),
+                       stats["fingerprint"], total_steps, code_fingerprint,
+                       files_fingerprint(sorted(set(code))))
+
+
 def finetune(
     key: RunKey,
     model_spec: ModelSpec,
@@ -153,7 +173,18 @@ def finetune(
     """Train one run; write the trainable tensors to ``weights_path`` and the record.
 
     ``method``: a ready ``Method`` object instead of the registry's ``key.method`` (the
-    intrinsic-dimension analysis trains its random-subspace reparametrisation this way)."""
+    intrinsic-dimension analysis trains its random-subspace reparametrisation this way).
+
+    Resumes from the checkpoint beside ``record_path`` when one of this run exists, and
+    removes it once the outputs are written. Raises ``checkpoint.TrainingInterrupted`` (after
+    saving) when SIGTERM arrives or the SLURM job's time is nearly up."""
+    with checkpoint.StopSignal() as stop:
+        return _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads,
+                         code_fingerprint, method, stop)
+
+
+def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads, code_fingerprint,
+              method, stop: checkpoint.StopSignal) -> dict[str, Any]:
     cfg = experiment.training
     set_seed(key.seed, threads)
     dev = device()
@@ -194,6 +225,59 @@ def finetune(
     best_state = None
     params = [p for p in model.parameters() if p.requires_grad]
     step, running, n_running = 0, 0.0, 0
+    # position in the data order: the loader's generator state when this epoch's shuffle was
+    # drawn, and how many of the epoch's batches have been trained
+    epoch, batch_in_epoch = 0, 0
+    epoch_rng = train_loader.generator.get_state()
+    policy = checkpoint.CheckpointPolicy.from_env()
+    ckpt_path = checkpoint.checkpoint_path(record_path)
+    run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, total_steps, code_fingerprint)
+    trained_before, resumed_from = 0.0, []
+
+    def save_checkpoint() -> bool:
+        """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
+        t = time.perf_counter()
+        tensors = {f"trainable.{k}": v for k, v in method.trainable_state(model).items()}
+        tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
+        optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
+        rng_tensors, rng_meta = checkpoint.rng_state()
+        tensors |= optim_tensors | rng_tensors | {"loader.epoch_rng": epoch_rng}
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "training": model.training,
+                "running": running, "n_running": n_running, "curves": curves, "best": best,
+                "has_best_state": best_state is not None, "optimizer": optim_meta,
+                "scheduler": scheduler.state_dict(), "rng": rng_meta,
+                "train_time_s": trained_before + time.perf_counter() - t0, "resumed_from": resumed_from}
+        try:
+            checkpoint.save(ckpt_path, run_fp, tensors, meta)
+        except OSError as exc:
+            log.warning("checkpoint at step %d not saved to %s: %s", step, ckpt_path, exc)
+            return False
+        log.info("checkpoint at step %d saved to %s (%.1f s)", step, ckpt_path, time.perf_counter() - t)
+        return True
+
+    saved = checkpoint.load(ckpt_path, run_fp)
+    if saved is not None:
+        tensors, meta = saved
+        restored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+        if set(restored) != set(method.trainable_state(model)):
+            raise TrainingError(f"checkpoint {ckpt_path} does not hold this run's trainable tensors: "
+                                "delete it to train from step 0")
+        model.load_state_dict(restored, strict=False)
+        if meta["has_best_state"]:
+            best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        checkpoint.load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        running, n_running = meta["running"], meta["n_running"]
+        curves = {k: [tuple(p) if isinstance(p, list) else p for p in v] for k, v in meta["curves"].items()}
+        best.update(meta["best"])
+        epoch_rng = tensors["loader.epoch_rng"]
+        model.train(meta["training"])
+        trained_before, resumed_from = meta["train_time_s"], meta["resumed_from"] + [step]
+        checkpoint.set_rng_state(tensors, meta["rng"])
+        log.info("resuming %s from its checkpoint at step %d of %d", key.path(), step, total_steps)
+    deadline = checkpoint.SlurmDeadline() if policy.margin_seconds else None
+    last_save = time.monotonic()
     t0 = time.perf_counter()
 
     def validate_now() -> None:
@@ -206,11 +290,15 @@ def finetune(
             best.update(step=step, value=metrics[main_metric], metrics=metrics)
             best_state = method.trainable_state(model)
 
-    bar = tqdm(total=total_steps, desc=f"finetune {key.method}/{key.variant} seed{key.seed}", mininterval=2)
-    epoch = 0
+    bar = tqdm(total=total_steps, initial=step, desc=f"finetune {key.method}/{key.variant} seed{key.seed}",
+               mininterval=2)
     while step < total_steps:
-        model.train()
-        for batch in train_loader:
+        if batch_in_epoch == 0:
+            model.train()
+            epoch_rng = train_loader.generator.get_state()
+        else:  # resumed mid-epoch: the epoch's shuffle again, its trained batches skipped
+            train_loader.generator.set_state(epoch_rng)
+        for batch in itertools.islice(train_loader, batch_in_epoch, None):
             batch = {k: v.to(dev) for k, v in batch.items()}
             loss = model(**batch).loss
             if not torch.isfinite(loss):
@@ -234,13 +322,26 @@ def finetune(
                 curves["train_loss"].append((step, running / n_running))
                 bar.set_postfix(loss=f"{running / n_running:.4f}")
                 running, n_running = 0.0, 0
+            batch_in_epoch += 1
             if step in evaluate_at:
                 validate_now()
             if step >= total_steps:
-                break
-        epoch += 1
+                break  # the outputs follow at once: no checkpoint, no stop
+            left = deadline.seconds_left() if deadline else None
+            if stop.received or (left is not None and left < policy.margin_seconds):
+                why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
+                outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume" if save_checkpoint()
+                           else "the checkpoint could not be saved (see the log)")
+                raise checkpoint.TrainingInterrupted(f"{key.path()}: stopped at step {step} of {total_steps} "
+                                                     f"({why}); {outcome}")
+            if (policy.every_steps and step % policy.every_steps == 0) or (
+                    policy.every_seconds and time.monotonic() - last_save >= policy.every_seconds):
+                save_checkpoint()
+                last_save = time.monotonic()
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    train_time = time.perf_counter() - t0
+    train_time = trained_before + time.perf_counter() - t0
 
     # keep the best validation step (model selection on validation only)
     if best_state is not None:
@@ -266,6 +367,7 @@ def finetune(
         "trainable_percent": 100.0 * trainable / base_params,
         "steps": step,
         "epochs": step / steps_per_epoch,
+        "resumed_from_steps": resumed_from,
         "curves": curves,
         "best_validation": {"step": best["step"], **best["metrics"]},
         "final_validation": curves["validation"][-1] if curves["validation"] else {},
@@ -279,4 +381,5 @@ def finetune(
         "git_commit": git_commit(),
     }
     write_json(record_path, record)
+    checkpoint.remove(ckpt_path)
     return record

@@ -19,7 +19,7 @@ rule gradient_sparsity:
     threads: config["threads"]
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=lambda wildcards, attempt: 60 * attempt,
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
@@ -49,16 +49,14 @@ rule intrinsic_dimension:
     threads: config["threads"]
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=lambda wildcards, attempt: 120 * attempt,
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
         settings=ID,
         training=ID_TRAINING,
         mlflow=MLFLOW,
-        code=files_fingerprint(
-            [SRC / "intrinsic.py", SRC / "train.py", SRC / "evaluate.py"]
-        ),
+        code=INTRINSIC_CODE,
     script:
         "../scripts/intrinsic_dimension.py"
 
@@ -85,12 +83,13 @@ rule d90:
     threads: config["threads"]
     resources:
         mem_mb=8000,
-        runtime=240,
+        runtime=lambda wildcards, attempt: 240 * attempt,
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
         settings=ID,
         training=ID_TRAINING,
         mlflow=MLFLOW,
+        code=INTRINSIC_CODE,
     script:
         "../scripts/d90.py"

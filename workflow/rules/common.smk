@@ -92,6 +92,12 @@ def method_code(wildcards):
     return files_fingerprint(method_source_files(wildcards.method) + shared)
 
 
+# the code of the intrinsic-dimension runs (the grid's and d90's bisection points)
+INTRINSIC_CODE = files_fingerprint(
+    [SRC / "intrinsic.py", SRC / "train.py", SRC / "evaluate.py"]
+)
+
+
 def all_finetune_records(wildcards):
     return [run_path("finetune", k, "result.json") for k in RUNS]
 

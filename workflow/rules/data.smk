@@ -19,7 +19,7 @@ rule prepare_data:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         model=lambda w: config["models"][w.model],
         task=lambda w: config["tasks"][w.task],

@@ -14,7 +14,7 @@ rule evaluate:
     threads: config["threads"]
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=lambda wildcards, attempt: 30 * attempt,
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],

@@ -18,7 +18,7 @@ rule finetune:
     threads: config["threads"]
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=lambda wildcards, attempt: 120 * attempt,
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
