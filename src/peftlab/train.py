@@ -139,6 +139,45 @@ def _schedule(total_steps: int, cfg):
     return factor
 
 
+class LossGuard:
+    """What a NaN or infinite loss does (``training.on_nonfinite_loss``): ``stop`` ends the
+    run as failed; ``skip`` drops that batch without an optimizer step (counted in the
+    record), and still fails after a whole epoch of such batches in a row."""
+
+    def __init__(self, policy: str, fix: str, batches_per_epoch: int):
+        self.policy, self.fix, self.patience = policy, fix, max(1, batches_per_epoch)
+        self.skipped, self.in_a_row = 0, 0
+        self.failure: dict[str, Any] | None = None
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        """True when the batch trains; False to skip it (``failure`` is set when the run stops)."""
+        if torch.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        value = loss.item()
+        what = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if self.policy == "skip":
+            self.skipped += 1
+            self.in_a_row += 1
+            log.warning("loss became %s at step %d: batch skipped (%d so far)", what, step, self.skipped)
+            if self.in_a_row < self.patience:
+                return False
+            reason = (f"loss became {what} at step {step} on {self.in_a_row} batches in a row "
+                      f"(a whole epoch skipped); {self.fix}")
+        else:
+            reason = f"loss became {what} at step {step}; {self.fix}"
+        self.failure = {"reason": reason, "step": step}
+        log.error(reason)
+        return False
+
+
+def nonfinite_fix(experiment: Experiment) -> str:
+    """The advice of a diverged run: where its learning rate is set."""
+    where = experiment.files[-1] if experiment.files else "analyses.intrinsic_dimension.training in config.yaml"
+    skip = "" if experiment.training.on_nonfinite_loss == "skip" else ", or set on_nonfinite_loss: skip there"
+    return f"lower learning_rate (now {experiment.training.learning_rate}) in {where}{skip}"
+
+
 def finetune(
     key: RunKey,
     model_spec: ModelSpec,
@@ -207,17 +246,17 @@ def finetune(
             best_state = method.trainable_state(model)
 
     bar = tqdm(total=total_steps, desc=f"finetune {key.method}/{key.variant} seed{key.seed}", mininterval=2)
+    guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), steps_per_epoch)
     epoch = 0
-    while step < total_steps:
+    while step < total_steps and guard.failure is None:
         model.train()
         for batch in train_loader:
             batch = {k: v.to(dev) for k, v in batch.items()}
             loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{key.path()}: loss became {loss.item()} at step {step}; lower learning_rate "
-                    f"(now {cfg.learning_rate}) in config/experiments/{key.method}/{key.variant}.yaml"
-                )
+            if not guard.ok(loss, step):
+                if guard.failure:
+                    break
+                continue
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -242,20 +281,23 @@ def finetune(
     bar.close()
     train_time = time.perf_counter() - t0
 
-    # keep the best validation step (model selection on validation only)
-    if best_state is not None:
+    # keep the best validation step (model selection on validation only); a failed run
+    # stores its state at the failure (a valid file of the method's tensors, not a trained model)
+    if best_state is not None and guard.failure is None:
         model.load_state_dict(best_state, strict=False)
     method.save(model, weights_path)
 
     record = {
         "schema_version": 1,
         "rule": "finetune",
-        "status": "completed",
+        "status": "failed" if guard.failure else "completed",
+        "failure": guard.failure,
+        "skipped_batches": guard.skipped,
         "run": key.tags() | {"seed": key.seed},
-        "model": {"name": model_spec.name, "pretrained": model_spec.pretrained,
-                  "notes": model_spec.notes, "total_params": base_params},
+        "model": model_spec.to_dict() | {"notes": model_spec.notes, "total_params": base_params},
         "task": stats["task"],
         "data_fingerprint": stats["fingerprint"],
+        "split_fingerprints": {k: v["fingerprint"] for k, v in stats["splits"].items()},
         "main_metric": main_metric,
         "method": {"name": key.method, "family": method.family, "params": method.config.to_dict(),
                    "selection": getattr(method, "selection", None)},

@@ -27,6 +27,7 @@ def main():
         code_fingerprint=sm.params.code,
     )
     log_record(record, sm.output.record, sm.params.mlflow)
+    return record
 
 
 run_step("finetune", sm.log[0], main)
