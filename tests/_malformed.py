@@ -179,6 +179,8 @@ CASES: list[Case] = [
          ("'tasks.mine.path'", "data.dat", "'format:'", "csv")),
     Case("task-file-bad-format", _local_file("data.csv", CSV, {"format": "xlsx"}),
          ("'tasks.mine.format' = 'xlsx'", "csv", "parquet")),
+    Case("task-unknown-encoding", _local_file("data.csv", CSV, {"encoding": "utf-9"}),
+         ("'tasks.mine.encoding' = 'utf-9'", "not a known text encoding", "latin-1")),
     Case("task-label-is-text-column", _local_file("data.csv", CSV, {"label_column": "text"}),
          ("'tasks.mine.label_column' = 'text'", "also in text_columns")),
     Case("task-same-text-column-twice", _local_file("data.csv", CSV, {"text_columns": ["text", "text"]}),

@@ -12,6 +12,7 @@ experiment's identity comes from its path.
 
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
 import difflib
@@ -387,6 +388,13 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
                 f"{where}: '{key}.path' = {spec.path!r}: cannot tell the format from the suffix; "
                 f"set 'format:' to one of {list(FILE_FORMATS)}"
             )
+        try:
+            codecs.lookup(spec.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"{where}: '{key}.encoding' = {spec.encoding!r} is not a known text encoding; use e.g. "
+                "utf-8 or latin-1"
+            ) from None
         if len(set(spec.text_columns)) < len(spec.text_columns):
             raise ConfigError(
                 f"{where}: '{key}.text_columns' = {list(spec.text_columns)} names the same column twice; "

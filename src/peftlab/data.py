@@ -246,8 +246,8 @@ def _decode(path: Path, raw: bytes, encoding: str, name: str) -> str:
     try:
         return raw.decode(encoding)
     except LookupError:
-        raise DataError(f"task '{name}': 'encoding: {encoding}' is not a known text encoding; use e.g. utf-8 "
-                        "or latin-1") from None
+        raise DataError(f"task '{name}': 'encoding: {encoding}' (for {path}) is not a known text encoding; "
+                        "use e.g. utf-8 or latin-1") from None
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
@@ -311,7 +311,8 @@ def _first_line(exc: BaseException) -> str:
 def _load_file(spec: TaskSpec) -> RawTask:
     path = Path(spec.path).expanduser()
     if not path.is_file():
-        raise DataError(f"task '{spec.name}': file {path} does not exist; fix 'path:' in config.yaml")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"task '{spec.name}': file {path} {what}; fix 'path:' in config.yaml")
     fmt = file_format(spec)
     if fmt not in FILE_FORMATS:
         raise DataError(
