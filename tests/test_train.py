@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from peftlab.config import Experiment, RunKey, TrainConfig
-from peftlab.errors import TrainingError
 from peftlab.evaluate import evaluate
 from peftlab.metrics import classification_metrics, regression_metrics
 from peftlab.train import Collator, finetune
