@@ -230,6 +230,8 @@ CASES: list[Case] = [
     Case("variant-a-list", _variant("lora", "- r: 8\n"), ("bad.yaml", "expected a mapping", "training:")),
     Case("variant-lr-without-dot", _variant("lora", "training:\n  learning_rate: 1e-3\n"),
          ("bad.yaml", "'training.learning_rate' = '1e-3'", "expected a number", "1.0e-3")),
+    Case("variant-lr-unsigned-exponent", _variant("lora", "training:\n  learning_rate: 1.0e4\n"),
+         ("bad.yaml", "'training.learning_rate' = '1.0e4'", "write 1.0e+4")),
     Case("variant-lr-negative", _variant("full", "training:\n  learning_rate: -0.001\n"),
          ("bad.yaml", "'training.learning_rate' = -0.001", "minimum of 0")),
     Case("variant-batch-size-zero", _variant("full", "training:\n  batch_size: 0\n"),

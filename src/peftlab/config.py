@@ -182,9 +182,13 @@ def _type_hint(instance: Any, types: list[str]) -> str:
             float(instance)
         except ValueError:
             return ""
-        if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", instance.strip()):
-            fixed = re.sub(r"[eE]", ".0e", instance.strip(), count=1)
-            return f" (YAML reads {instance} as text: write it with a dot, {fixed})"
+        text = instance.strip()
+        match = re.fullmatch(r"([+-]?\d*\.?\d*)[eE]([+-]?\d+)", text)
+        if match:  # YAML 1.1 needs a dot and a signed exponent: 1e-3 and 1.0e4 are text
+            mantissa, exponent = match.groups()
+            mantissa = mantissa if "." in mantissa else mantissa + ".0"
+            exponent = exponent if exponent[0] in "+-" else "+" + exponent
+            return f" (YAML reads {text} as text: write {mantissa}e{exponent})"
         return " (a quoted number is text: remove the quotes)"
     if isinstance(instance, str) and "array" in types:
         return f" (write a list: [{instance}])"
