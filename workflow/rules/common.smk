@@ -19,7 +19,11 @@ def config_name():
     """The config file named in error messages: the one in effect, else 'config'."""
     settings = workflow.config_settings
     cli = [_shown(p) for p in workflow.overwrite_configfiles]
-    files = cli if (cli and settings.replace_workflow_config) else ["config/config.yaml", *cli]
+    files = (
+        cli
+        if (cli and settings.replace_workflow_config)
+        else ["config/config.yaml", *cli]
+    )
     return files[0] if len(files) == 1 and not settings.config else "config"
 
 
