@@ -23,7 +23,6 @@ def main():
         threads=sm.threads,
     )
     log_record(record, sm.output.metrics, sm.params.mlflow)
-    return record
 
 
 run_step("evaluate", sm.log[0], main)
