@@ -60,7 +60,7 @@ def _outputs(work: Path, variant: str, seed: int = 0, method: str = "full") -> d
             "log": work / f"logs/finetune/{run}.log"}
 
 
-def test_diverged_run_is_recorded_and_the_dag_goes_on(work):
+def test_diverged_run_is_recorded_and_the_dag_goes_on(work, monkeypatch):
     from peftlab.tracking import default_store, runs_table
 
     out = _outputs(work, "diverge")
@@ -78,6 +78,8 @@ def test_diverged_run_is_recorded_and_the_dag_goes_on(work):
     assert out["weights"].stat().st_size > 0  # declared output, documented as not a trained model
     metrics = json.loads(out["metrics"].read_text())
     assert metrics["status"] == "failed" and metrics["metrics"] == {} and metrics["failure"] == record["failure"]
+    # runs_table (mlflow.set_tracking_uri) exports MLFLOW_TRACKING_URI: undone after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{default_store(work / 'results')}")
     runs = runs_table({"experiment": "peftlab", "default_store": default_store(work / "results")})
     mine = runs[runs["tags.variant"] == "diverge"]
     assert sorted(mine["tags.rule"]) == ["evaluate", "finetune"] and set(mine["status"]) == {"FAILED"}

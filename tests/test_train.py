@@ -90,8 +90,11 @@ def _fresh_full_model(spec):
     return load_model(spec, 2, "single_label_classification", seed=0)
 
 
-def test_failed_runs_are_failed_in_mlflow(tmp_path, minilm_spec, tiny_task_dir):
+def test_failed_runs_are_failed_in_mlflow(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
     from peftlab.tracking import log_record, runs_table
+
+    # runs_table (mlflow.set_tracking_uri) exports MLFLOW_TRACKING_URI: undone after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     key, out, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "nan", method="full", learning_rate=1.0e4)
     ev = evaluate(key, minilm_spec, tiny_task_dir, out / "result.json", out / "w.safetensors",
