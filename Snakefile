@@ -5,6 +5,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+include: "workflow/rules/config_files.smk"
+
+
 # config/config.yaml, unless --configfile names other files: those then replace it, as
 # --replace-workflow-config does (which Snakemake does not pass on to cluster jobs, so jobs
 # would otherwise see the two files merged)

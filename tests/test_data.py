@@ -127,7 +127,7 @@ def test_local_file_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_raw(TaskSpec.from_config("t", {"source": "file", "path": str(tmp_path / "missing.csv")}))
     _frame().to_csv(tmp_path / "x.csv", index=False)
-    with pytest.raises(DataError, match=r"column\(s\) \['text', 'label'\] not in x.csv"):
+    with pytest.raises(DataError, match=r"column\(s\) \['text', 'label'\] not in \S*x.csv"):
         load_raw(TaskSpec.from_config("t", {"source": "file", "path": str(tmp_path / "x.csv")}))
     (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
     with pytest.raises(DataError, match="cannot read"):
@@ -147,6 +147,7 @@ def test_corrupt_split_file_is_reported(tmp_path):
 
 def _glue_copy(root, rt):
     """A local folder laid out like the hub's GLUE repo (parquet per config + README configs)."""
+    rt = rt.sample(frac=1.0, random_state=0).reset_index(drop=True)  # both labels in every split
     (root / "sst2").mkdir(parents=True)
     (root / "stsb").mkdir()
     rt.iloc[:200].rename(columns={"text_a": "sentence"})[["sentence", "label"]].to_parquet(
@@ -192,3 +193,86 @@ def test_glue_unreachable_gives_one_line_error(tmp_path):
 def test_unknown_glue_task():
     with pytest.raises(DataError, match="not a GLUE task"):
         TaskSpec.from_config("x", {"source": "glue", "glue_name": "squad"})
+
+
+# ---------------------------------------------------------------------------------------
+# Bad data: every problem is a one-line DataError at data preparation naming the file
+# ---------------------------------------------------------------------------------------
+
+_ROWS = [("a fine film", "pos"), ("a dull film", "neg"), ("great acting", "pos"), ("awful plot", "neg")]
+
+
+def _csv(rows, header="text,label") -> str:
+    return header + "\n" + "".join(f"{t},{lab}\n" for t, lab in rows)
+
+
+def _many(n=60, labels=("pos", "neg")):
+    return [(f"review number {i} {labels[i % len(labels)]}", labels[i % len(labels)]) for i in range(n)]
+
+
+BAD_FILES = [
+    # (id, file name, content (str or bytes), task entry, what the message must say)
+    ("empty-file", "empty.csv", b"", {}, "is empty"),
+    ("blank-lines-only", "blank.csv", "\n\n  \n", {}, "is empty"),
+    ("header-only", "header.csv", "text,label\n", {}, "has no rows"),
+    ("no-text-column", "notext.csv", _csv(_many(), "review,label"), {}, "column(s) ['text'] not in"),
+    ("no-label-column", "nolabel.csv", _csv(_many(), "text,stars"), {}, "column(s) ['label'] not in"),
+    ("single-class", "oneclass.csv", _csv(_many(labels=("pos",))), {},
+     "label column 'label' has a single value ('pos') in all 60 rows"),
+    ("unparseable-csv-row", "ragged.csv", _csv(_many(10)) + "a,b,c\n" + _csv(_many(10), "").lstrip("\n"), {},
+     "Expected 2 fields in line 12, saw 3"),
+    ("unparseable-jsonl-line", "broken.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": \n', {},
+     "line 2 is not valid JSON"),
+    ("jsonl-line-not-an-object", "list.jsonl", '{"text": "a", "label": 1}\n["b", 0]\n', {},
+     "line 2 is a JSON list, not an object"),
+    ("non-utf8-bytes", "latin1.csv", _csv(_many(8)).encode() + "café crème,pos\n".encode("latin-1"), {},
+     "line 10: byte 0xe9 is not valid utf-8"),
+    ("no-complete-row", "holes.csv", "text,label\na,\n,pos\n", {}, "none of the 2 rows"),
+    ("regression-label-not-a-number", "scores.csv", _csv([(f"s {i}", i) for i in range(30)] + [("t", "high")]),
+     {"problem_type": "regression"}, "not finite numbers (first: 'high', row 31)"),
+    ("labels-look-like-text", "swapped.csv", _csv([(f"l{i}", f"free text {i}") for i in range(40)]), {},
+     "40 distinct values in 40 rows"),
+    ("too-few-rows", "tiny.csv", _csv(_ROWS), {}, "split is empty (4 examples)"),
+    ("label-only-in-test", "rare.csv", _csv(_many(200) + [(f"odd one {i}", "rare") for i in range(3)]),
+     {"max_train_examples": 20}, "label(s) ['rare'] occur in the test split but never in the training split"),
+    ("unknown-encoding", "enc.csv", _csv(_many()), {"encoding": "utf-9"}, "is not a known text encoding"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "entry", "expected"), [c[1:] for c in BAD_FILES],
+                         ids=[c[0] for c in BAD_FILES])
+def test_bad_data_file_is_a_one_line_error_naming_the_file(tmp_path, minilm_tokenizer, name, content, entry,
+                                                           expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = TaskSpec.from_config("mine", {"source": "file", "path": str(path), **entry})
+    with pytest.raises(DataError) as info:
+        prepare_task(spec, minilm_tokenizer, tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("task 'mine': ")
+    assert str(path) in message, message  # names the file
+    assert expected in message, message
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_encoding_key_reads_latin1(tmp_path, minilm_tokenizer):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(_csv(_many(40)).encode() + "café crème,pos\n".encode("latin-1"))
+    spec = TaskSpec.from_config("mine", {"source": "file", "path": str(path), "encoding": "latin-1"})
+    assert "café crème" in set(load_raw(spec).frame["text_a"])
+
+
+def test_glue_test_label_never_seen_in_training(tmp_path):
+    """A local GLUE copy whose held-out split carries a label the training split lacks (GLUE's
+    unlabelled test split uses -1)."""
+    rt = load_raw(TaskSpec.from_config("rotten_tomatoes", {})).frame
+    _glue_copy(tmp_path / "glue", rt)
+    held = tmp_path / "glue" / "sst2" / "validation-00000-of-00001.parquet"
+    frame = pd.read_parquet(held)
+    frame.loc[frame.index[:5], "label"] = -1
+    frame.to_parquet(held)
+    spec = TaskSpec.from_config("sst2", {"source": "glue", "hub_path": str(tmp_path / "glue")})
+    with pytest.raises(DataError) as info:
+        make_splits(load_raw(spec), spec)
+    assert f"GLUE sst2 at {tmp_path / 'glue'}" in str(info.value)
+    assert "label(s) [-1] occur in the test split but never in the training split" in str(info.value)

@@ -265,3 +265,49 @@ def test_subspace_learning_rate_keeps_the_full_space_step():
     # lr * sqrt(d) (Adam's step length in theta) is the same at every d
     steps = [subspace_learning_rate(1e-2, d, 4000) * d ** 0.5 for d in (1000, 4000, 16000, 64000)]
     assert max(steps) == pytest.approx(min(steps))
+
+
+def test_d90_ignores_failed_runs_and_fails_clearly_when_none_remain():
+    from peftlab.errors import TrainingError
+
+    def rec(d, score, seed=0, status="completed"):
+        out = {"d": d, "test_main": score, "main_metric": "accuracy", "total_params": 10**6, "kind": "said",
+               "status": status, "run": {"seed": seed}}
+        if status == "failed":
+            out.update(test_main=None, failure={"reason": "loss became NaN at step 3; lower learning_rate", "step": 3})
+        return out
+
+    def ref(acc, seed, status="completed"):
+        out = {"main_metric": "accuracy", "metrics": {"accuracy": acc} if acc is not None else {},
+               "status": status, "run": {"method": "full", "seed": seed}}
+        if status == "failed":
+            out["failure"] = {"reason": "loss became NaN at step 2; lower learning_rate", "step": 2}
+        return out
+
+    grid = [rec(10, 0.5), rec(100, 0.75), rec(1000, None, status="failed"), rec(100, None, 1, "failed")]
+    reference = [ref(0.8, 0), ref(None, 1, "failed")]
+    out = d90_stage(grid, reference, 0.9)
+    # only the completed reference counts (0.8, not a mean with a missing score); d=1000 has no score
+    assert out["reference"] == 0.8 and out["reference_runs"] == 1 and out["d90"] == 100
+    assert out["scores"] == {"10": 0.5, "100": 0.75} and out["grid"] == [10, 100]
+    assert out["failed_runs"] == ["d1000 seed0: loss became NaN at step 3; lower learning_rate",
+                                  "d100 seed1: loss became NaN at step 3; lower learning_rate"]
+    assert out["failed_reference_runs"] == ["full seed1: loss became NaN at step 2; lower learning_rate"]
+    with pytest.raises(TrainingError, match=r"every full fine-tuning reference run failed \(full seed1: loss"):
+        d90_stage(grid, [ref(None, 1, "failed")], 0.9)
+    with pytest.raises(TrainingError, match="every intrinsic-dimension run of the grid failed"):
+        d90_stage([rec(1000, None, status="failed")], reference, 0.9)
+
+
+def test_diverged_subspace_run_is_recorded_as_failed(minilm_spec, tiny_task_dir, tmp_path):
+    from peftlab.config import TrainConfig
+    from peftlab.intrinsic import run_subspace
+
+    tc = TrainConfig(epochs=1, max_steps=4, batch_size=16, learning_rate=1.0e12, weight_decay=0.0, evals_per_epoch=1,
+                     warmup_ratio=0.0)
+    rec = run_subspace(minilm_spec, tiny_task_dir, tmp_path, d=256, seed=0, training=tc, threads=1)
+    assert rec["status"] == "failed" and rec["test"] == {} and rec["test_main"] is None
+    assert rec["failure"]["reason"].startswith(f"loss became NaN at step {rec['failure']['step']}; lower learning_rate")
+    assert "analyses.intrinsic_dimension.training" in rec["failure"]["reason"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["metrics"] == {}

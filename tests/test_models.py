@@ -298,7 +298,7 @@ def test_folder_without_config_is_an_error(tmp_path):
 def test_folder_without_weights_is_an_error(minilm, tmp_path):
     shutil.copy(Path(resolve_model_path(minilm.spec)) / "config.json", tmp_path)
     spec = ModelSpec.from_config("mine", {"pretrained": str(tmp_path)})
-    with pytest.raises(ModelError, match="cannot load model 'mine'"):
+    with pytest.raises(ModelError, match=r"model 'mine': folder .* has no weights \(model.safetensors\): save"):
         load_model(spec, 2, "single_label_classification")
 
 
@@ -334,10 +334,170 @@ class _Toy(nn.Module):
 
 def test_unknown_architecture_needs_a_targets_override():
     toy = _Toy()
-    with pytest.raises(ModelError, match="no module pattern for role 'query' on model type 'toy'"):
+    with pytest.raises(ModelError, match=r"model 'toy' \(type 'toy'\) has no known module for role 'query'"):
         resolve_targets(toy, ["query"])
     assert resolve_targets(toy, ["query"], {"query": r"\.wq$"}) == [
         "blocks.0.wq",
         "blocks.1.wq",
         "blocks.2.wq",
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad and untrusted models: clear errors naming the model and what to do
+# ---------------------------------------------------------------------------------------
+
+
+def _minilm_folder(dest: Path, weights: str = "safetensors") -> Path:
+    """A copy of MiniLM-L6's folder whose weights are safetensors, a pickle, or absent."""
+    src = Path(resolve_model_path(ModelSpec.from_config("minilm-l6", {})))
+    dest.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, dest / f)
+    if weights == "safetensors":
+        shutil.copy(src / "model.safetensors", dest / "model.safetensors")
+    elif weights in ("pytorch_model.bin", "model.pt"):
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(src / "model.safetensors")), dest / weights)  # a PyTorch pickle
+    return dest
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pickle code ran"))
+
+
+def test_pickle_weights_are_refused_unless_allowed(minilm, tmp_path):
+    folder = _minilm_folder(tmp_path / "pickled", weights="pytorch_model.bin")
+    spec = ModelSpec.from_config("pickled", {"pretrained": str(folder)})
+    with pytest.raises(ModelError) as info:
+        load_model(spec, 2, "single_label_classification", seed=0)
+    message = str(info.value)
+    assert "model 'pickled'" in message and "only pickle-based weights (pytorch_model.bin)" in message
+    assert "arbitrary code" in message and "allow_pickle: true" in message and "\n" not in message
+    allowed = ModelSpec.from_config("pickled", {"pretrained": str(folder), "allow_pickle": True})
+    model = load_model(allowed, 2, "single_label_classification", seed=0).eval()
+    mine = Loaded("pickled", allowed, load_tokenizer(allowed), model)
+    assert torch.allclose(_logits(mine, SENTENCES)[0], _logits(minilm, SENTENCES)[0], atol=1e-6)
+    # a .pt file is refused too, and even when allowed it is not a file transformers loads
+    pt = _minilm_folder(tmp_path / "pt", weights="model.pt")
+    with pytest.raises(ModelError, match=r"only pickle-based weights \(model.pt\)"):
+        load_tokenizer(ModelSpec.from_config("pt", {"pretrained": str(pt)}))
+    with pytest.raises(ModelError, match="has model.pt but no weight file transformers loads"):
+        load_model(ModelSpec.from_config("pt", {"pretrained": str(pt), "allow_pickle": True}), 2,
+                   "single_label_classification")
+
+
+def test_a_malicious_pickle_is_never_opened(tmp_path):
+    import pickle
+
+    folder = _minilm_folder(tmp_path / "evil", weights=None)
+    marker = tmp_path / "marker.txt"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    spec = ModelSpec.from_config("evil", {"pretrained": str(folder)})
+    for load in (load_tokenizer, lambda s: load_model(s, 2, "single_label_classification")):
+        with pytest.raises(ModelError, match="pickle-based weights"):
+            load(spec)
+    assert not marker.exists()
+
+
+def _custom_code_folder(dest: Path, marker: Path) -> Path:
+    """MiniLM-L6 behind an ``auto_map``: loading it imports modeling_custom.py, which writes
+    ``marker`` (code shipped with a model runs on load)."""
+    folder = _minilm_folder(dest)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-bert", architectures=["CustomBertForSequenceClassification"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomBertConfig",
+                            "AutoModelForSequenceClassification": "modeling_custom.CustomBertForSequenceClassification"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import BertConfig\n\n\nclass CustomBertConfig(BertConfig):\n    model_type = 'custom-bert'\n")
+    (folder / "modeling_custom.py").write_text(
+        f"from pathlib import Path\n\nPath({str(marker)!r}).write_text('model code ran')\n\n"
+        "from transformers import BertForSequenceClassification\n\n"
+        "from .configuration_custom import CustomBertConfig\n\n\n"
+        "class CustomBertForSequenceClassification(BertForSequenceClassification):\n"
+        "    config_class = CustomBertConfig\n")
+    return folder
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path):
+    marker = tmp_path / "marker.txt"
+    folder = _custom_code_folder(tmp_path / "custom", marker)
+    spec = ModelSpec.from_config("custom", {"pretrained": str(folder)})
+    for load in (load_tokenizer, lambda s: load_model(s, 2, "single_label_classification")):
+        with pytest.raises(ModelError) as info:
+            load(spec)
+        assert "model 'custom'" in str(info.value) and "configuration_custom.py, modeling_custom.py" in str(info.value)
+        assert "trust_remote_code: true" in str(info.value)
+    assert not marker.exists()
+
+
+def _cache_repo(hf_home: Path, repo: str, folder: Path) -> None:
+    """Put ``folder``'s files into a Hugging Face cache as the snapshot of hub repo ``repo``."""
+    base = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, base / "snapshots" / commit)
+
+
+@pytest.mark.slow
+def test_hub_ids_offline_unknown_pickled_or_with_code(tmp_path):
+    """Hub ids resolved from a local cache (as on a cluster node without hub access)."""
+    import os
+    import subprocess
+    import sys
+
+    hf_home = tmp_path / "hf"
+    _cache_repo(hf_home, "someone/pickled-minilm", _minilm_folder(tmp_path / "p", weights="pytorch_model.bin"))
+    marker = tmp_path / "marker.txt"
+    _cache_repo(hf_home, "someone/custom-minilm", _custom_code_folder(tmp_path / "c", marker))
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    res = subprocess.run([sys.executable, str(Path(__file__).parent / "_hub_cache_models.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = {r["case"]: r for r in map(json.loads, res.stdout.splitlines())}
+    unknown = out["unknown-id"]["error"]
+    assert "model 'unknown-id': hub id 'nobody/no-such-model' is not in the local Hugging Face cache" in unknown
+    assert "HF_HUB_OFFLINE=1" in unknown and "local model folder" in unknown
+    assert "only pickle-based weights" in out["pickle-only"]["error"] and "allow_pickle: true" in out["pickle-only"]["error"]
+    assert out["pickle-only-allowed"]["loaded"] == "BertForSequenceClassification"
+    assert "trust_remote_code: true" in out["remote-code"]["error"]
+    assert out["remote-code-trusted"]["loaded"] == "CustomBertForSequenceClassification"
+    assert marker.read_text() == "model code ran"  # it ran only in the trusted case, the last one
+
+
+def test_method_targets_missing_on_the_architecture(tmp_path, minilm_spec, tiny_task_dir):
+    """A real GPT-2 architecture (its attention is Conv1D, not nn.Linear): LoRA's query/value
+    targets do not exist there; the run stops before training, naming the model and the fix."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from peftlab.config import Experiment, RunKey, TrainConfig
+    from peftlab.train import finetune
+
+    folder = tmp_path / "gpt2-tiny"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=0)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    load_tokenizer(minilm_spec).save_pretrained(folder)  # same vocabulary size as the prepared data
+    spec = ModelSpec.from_config("gpt2-tiny", {"pretrained": str(folder)})
+    experiment = Experiment("lora", "default", TrainConfig(max_steps=2, batch_size=16), {"targets": ["query"]}, ())
+    key = RunKey("gpt2-tiny", "rotten_tomatoes", "lora", "default", 0)
+    with pytest.raises(ModelError) as info:
+        finetune(key, spec, experiment, tiny_task_dir, tmp_path / "w.safetensors", tmp_path / "r.json", threads=1)
+    message = str(info.value)
+    assert "model 'gpt2-tiny' (type 'gpt2') has no known module for role 'query'" in message
+    assert "add 'targets: {query: <regex over module names>}'" in message and "its linear modules: score" in message
+    # a pattern over the Conv1D modules still matches no nn.Linear: said so, with the fix
+    spec = ModelSpec.from_config("gpt2-tiny", {"pretrained": str(folder), "targets": {"query": r"c_attn$"}})
+    with pytest.raises(ModelError, match=r"role 'query' \(pattern 'c_attn\$'\) matches no linear module of "
+                                         r"model 'gpt2-tiny'.*choose other targets"):
+        finetune(key, spec, experiment, tiny_task_dir, tmp_path / "w.safetensors", tmp_path / "r.json", threads=1)
+    assert not (tmp_path / "r.json").exists()

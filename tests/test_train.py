@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from peftlab.config import Experiment, RunKey, TrainConfig
-from peftlab.errors import TrainingError
 from peftlab.evaluate import evaluate
 from peftlab.metrics import classification_metrics, regression_metrics
 from peftlab.train import Collator, finetune
@@ -64,23 +63,95 @@ def test_same_seed_same_numbers_bitwise(tmp_path, minilm_spec, tiny_task_dir):
     assert a["curves"]["train_loss"] != c["curves"]["train_loss"]
 
 
-def test_nan_loss_is_a_clear_error(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
-    import peftlab.train as train_mod
+def test_diverged_run_is_recorded_as_failed_not_crashed(tmp_path, minilm_spec, tiny_task_dir):
+    """A learning rate far too high: the loss becomes NaN; the run stops there and is recorded
+    as failed (status, reason, step) with a valid weights file; evaluation does not load it."""
+    from safetensors.torch import load_file
 
-    real = train_mod.load_model
+    key, out, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "nan", method="full", learning_rate=1.0e4)
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(rec, default=str))
+    assert rec["status"] == "failed" and rec["failure"]["step"] == 2 == rec["steps"]
+    assert rec["failure"]["reason"].startswith("loss became NaN at step 2; lower learning_rate (now 10000.0)")
+    assert "on_nonfinite_loss: skip" in rec["failure"]["reason"] and "\n" not in rec["failure"]["reason"]
+    assert all(np.isfinite(loss) for _, loss in rec["curves"]["train_loss"])  # no NaN in the curves
+    stored = load_file(str(out / "w.safetensors"))  # a valid file of the method's tensors
+    assert len(stored) == len([p for p in _fresh_full_model(minilm_spec).parameters()])
+    (out / "w.safetensors").unlink()  # evaluation of a failed run must not need the weights
+    ev = evaluate(key, minilm_spec, tiny_task_dir, out / "result.json", out / "w.safetensors",
+                  out / "metrics.json", threads=1)
+    assert ev["status"] == "failed" and ev["metrics"] == {} and ev["failure"] == rec["failure"]
+    assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
 
-    def poisoned(*args, **kwargs):
-        model = real(*args, **kwargs)
-        with torch.no_grad():
-            model.classifier.weight.fill_(float("nan"))
-        return model
 
-    monkeypatch.setattr(train_mod, "load_model", poisoned)
-    with pytest.raises(TrainingError) as info:
-        _run(tmp_path, minilm_spec, tiny_task_dir, "nan", method="full")
-    assert "loss became nan at step 0" in str(info.value)
-    assert "lower learning_rate" in str(info.value)
-    assert not (tmp_path / "nan" / "result.json").exists()  # no half result that looks complete
+def _fresh_full_model(spec):
+    from peftlab.models import load_model
+
+    return load_model(spec, 2, "single_label_classification", seed=0)
+
+
+def test_failed_runs_are_failed_in_mlflow(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
+    from peftlab.tracking import log_record, runs_table
+
+    # runs_table (mlflow.set_tracking_uri) exports MLFLOW_TRACKING_URI: undone after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    key, out, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "nan", method="full", learning_rate=1.0e4)
+    ev = evaluate(key, minilm_spec, tiny_task_dir, out / "result.json", out / "w.safetensors",
+                  out / "metrics.json", threads=1)
+    mlflow_cfg = {"experiment": "failures", "default_store": str(tmp_path / "mlflow.db")}
+    assert log_record(rec, out / "result.json", mlflow_cfg) is not None
+    assert log_record(ev, out / "metrics.json", mlflow_cfg) is not None
+    runs = runs_table(mlflow_cfg)
+    assert sorted(runs["tags.rule"]) == ["evaluate", "finetune"]
+    assert set(runs["status"]) == {"FAILED"} and set(runs["tags.status"]) == {"failed"}
+    assert not [c for c in runs if c.startswith("metrics.test_")]  # no score from a failed run
+
+
+def _outlier_task(tmp_path, tokenizer):
+    """A real regression file whose one label is absurdly large (1e30, a valid number): the
+    squared error of the batch holding it overflows float32 to inf."""
+    import pandas as pd
+
+    from peftlab.data import TaskSpec, prepare_task
+
+    rng = np.random.default_rng(0)
+    words = ["great", "fine", "dull", "awful", "superb", "bad"]
+    df = pd.DataFrame({"text": [" ".join(rng.choice(words, 6)) + f" {i}" for i in range(80)]})
+    df["score"] = (df["text"].str.count("great|superb") - df["text"].str.count("awful|bad")).astype(float)
+    df.loc[7, "score"] = 1e30
+    df.to_csv(tmp_path / "scores.csv", index=False)
+    spec = TaskSpec.from_config("scores", {"source": "file", "path": str(tmp_path / "scores.csv"),
+                                           "label_column": "score", "problem_type": "regression"})
+    prepare_task(spec, tokenizer, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_inf_loss_stops_or_skips_the_batch_as_configured(tmp_path, minilm_spec, minilm_tokenizer):
+    data = _outlier_task(tmp_path, minilm_tokenizer)
+    key = RunKey("minilm-l6", "scores", "bitfit", "default", 0)
+    runs = {}
+    for policy in ("stop", "skip"):
+        runs[policy] = finetune(key, minilm_spec, _experiment("bitfit", max_steps=8, on_nonfinite_loss=policy),
+                                data, tmp_path / policy / "w.safetensors", tmp_path / policy / "r.json", threads=1)
+    stop, skip = runs["stop"], runs["skip"]
+    assert stop["status"] == "failed" and stop["skipped_batches"] == 0
+    k = stop["failure"]["step"]
+    assert stop["failure"]["reason"].startswith(f"loss became inf at step {k}; ") and k < 8
+    # skip: the same batch is dropped (no optimizer step), training goes on to max_steps
+    assert skip["status"] == "completed" and skip["failure"] is None and skip["steps"] == 8
+    assert skip["skipped_batches"] >= 1
+    assert all(np.isfinite(loss) for _, loss in skip["curves"]["train_loss"])
+    # the steps before the bad batch are the same in both runs
+    assert [p for p in skip["curves"]["train_loss"] if p[0] <= k] == [p for p in stop["curves"]["train_loss"]]
+
+
+def test_skip_gives_up_when_no_batch_is_finite(tmp_path, minilm_spec, tiny_task_dir):
+    _, _, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "skip", method="full", learning_rate=1.0e4,
+                     on_nonfinite_loss="skip")
+    assert rec["status"] == "failed"
+    assert "batches in a row (a whole epoch skipped)" in rec["failure"]["reason"]
+    assert rec["skipped_batches"] == 4  # the tiny task's 64 training examples at batch 16
 
 
 def test_collator_pads_dynamically():
@@ -156,3 +227,21 @@ def test_length_sorted_eval_loader_keeps_row_order(minilm_spec, minilm_tokenizer
     out, labels = predict(model, sorted_loader, torch.device("cpu"))
     np.testing.assert_array_equal(labels, plain_labels)
     np.testing.assert_allclose(out, plain_out, atol=1e-5)
+
+
+def test_every_training_step_runs_in_train_mode(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
+    """Validation (eval mode) mid-epoch must not leave dropout off for the epoch's remaining steps."""
+    import peftlab.train as train_mod
+
+    real = train_mod.load_model
+    modes: list[bool] = []
+
+    def recording_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, a, k: modes.append(m.training) if k.get("labels") is not None else None,
+                                        with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(train_mod, "load_model", recording_model)
+    _run(tmp_path, minilm_spec, tiny_task_dir, "modes", max_steps=6)  # validation after steps 2 and 4
+    assert len(modes) == 6 and all(modes), modes

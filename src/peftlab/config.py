@@ -1,16 +1,23 @@
 """Configuration: validation of config.yaml, layered experiments, the typed TrainConfig.
 
 ``validate_config`` checks the workflow config against ``workflow/schemas/config.schema.yaml``
-(filling defaults) and raises ``ConfigError`` with one line naming the key, the bad value
-and what is allowed. An experiment is ``config/experiments/defaults.yaml`` overridden by
-``config/experiments/<method>/<variant>.yaml`` (peft ``method_comparison``'s layering);
-the experiment's identity comes from its path.
+(filling defaults), then what a schema cannot say (files that must exist, options that
+contradict each other, every experiment file it names), and raises ``ConfigError`` with one
+line naming the key, the bad value and what is allowed. YAML files are read strictly
+(``load_yaml``): a syntax error or a key given twice names the file and the line. An
+experiment is ``config/experiments/defaults.yaml`` overridden by
+``config/experiments/<method>/<variant>.yaml`` (peft ``method_comparison``'s layering); the
+experiment's identity comes from its path.
 """
 
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
+import difflib
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +31,116 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 
 
+# ---------------------------------------------------------------------------------------
+# Strict YAML
+# ---------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark, first_mark):
+        super().__init__(key)
+        self.key, self.mark, self.first_mark = key, mark, first_mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark, seen[key])
+            seen[key] = key_node.start_mark
+        except TypeError:  # unhashable key: SafeLoader reports it
+            pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; ``ConfigError`` naming the file and line on any problem."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a YAML file")
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} line {line}: byte {raw[exc.start]:#04x} is not UTF-8; save the file as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{path} line {exc.mark.line + 1}: key {exc.key!r} is given twice (first on line "
+            f"{exc.first_mark.line + 1}) and YAML would keep only the last; give each key once"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        hint = "indent with spaces, not tabs" if "\\t" in problem else "fix the syntax there"
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); {hint}") from None
+
+
+def check_config_files(paths) -> None:
+    """Read each config file strictly: Snakemake's own reader accepts a key given twice
+    (keeping the last) and reports syntax errors without a file or line."""
+    for p in paths:
+        if Path(p).exists():
+            load_yaml(p)
+
+
+def retype_overrides(config: dict, overrides: Any) -> None:
+    """Give values set with ``snakemake --config key=value`` the types YAML would.
+
+    Snakemake parses a structured value (``seeds=[0,1]``, ``data={max_length: 64}``) with
+    YAML's BaseLoader, so every item is a string ('0'); each string at an overridden place
+    is read again as YAML (``0`` -> 0), in ``config`` (where the overrides are merged)."""
+    def retype(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+            return parsed if isinstance(parsed, (int, float, bool)) or parsed is None else value
+        if isinstance(value, list):
+            return [retype(v) for v in value]
+        if isinstance(value, dict):
+            return {k: retype(v) for k, v in value.items()}
+        return value
+
+    def walk(node: dict, over: dict) -> None:
+        for k, v in over.items():
+            if k not in node:
+                continue
+            if isinstance(v, dict) and isinstance(node[k], dict):
+                walk(node[k], v)
+            elif isinstance(v, (list, dict)):
+                node[k] = retype(node[k])
+
+    if isinstance(config, dict) and isinstance(overrides, dict):
+        walk(config, dict(overrides))
 
 
 def load_schema(name: str) -> dict:
     return load_yaml(SCHEMA_DIR / f"{name}.schema.yaml")
+
+
+# ---------------------------------------------------------------------------------------
+# Schema validation with one-line messages
+# ---------------------------------------------------------------------------------------
 
 
 def _validator_with_defaults(schema: dict):
@@ -55,75 +157,278 @@ def _validator_with_defaults(schema: dict):
     return cls(schema)
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value, cut to ``limit`` characters (one line)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: Any, choices) -> str:
+    """' (did you mean 'x'?)' for a close match among ``choices`` (any case), else ''."""
+    if not isinstance(word, str):
+        return ""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
+
+
+_TYPE_NAMES = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+def _type_hint(instance: Any, types: list[str]) -> str:
+    if isinstance(instance, str) and ({"number", "integer"} & set(types)):
+        try:
+            float(instance)
+        except ValueError:
+            return ""
+        text = instance.strip()
+        match = re.fullmatch(r"([+-]?\d*\.?\d*)[eE]([+-]?\d+)", text)
+        if match:  # YAML 1.1 needs a dot and a signed exponent: 1e-3 and 1.0e4 are text
+            mantissa, exponent = match.groups()
+            mantissa = mantissa if "." in mantissa else mantissa + ".0"
+            exponent = exponent if exponent[0] in "+-" else "+" + exponent
+            return f" (YAML reads {text} as text: write {mantissa}e{exponent})"
+        return " (a quoted number is text: remove the quotes)"
+    if isinstance(instance, str) and "array" in types:
+        return f" (write a list: [{instance}])"
+    return ""
+
+
 def _format_error(err, where: str) -> str:
-    path = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    path = ".".join(str(p) for p in err.absolute_path)
+    key = f"'{path}'" if path else "the top level"
+    value = short(err.instance)
+    v, desc = err.validator, err.schema.get("description")
     if "propertyNames" in err.absolute_schema_path:
         # the offending key itself is bad (e.g. an unknown method name)
         sub = err.context[0] if err.validator == "propertyNames" and err.context else err
-        allowed = sub.validator_value if sub.validator == "enum" else sub.schema.get("pattern", sub.message)
-        return f"{where}: key '{sub.instance}' under '{path}' is not allowed; use one of {allowed}"
-    if err.validator == "additionalProperties":
+        bad = sub.instance
+        if sub.validator == "enum":
+            allowed = f"use one of {sub.validator_value}{did_you_mean(bad, sub.validator_value)}"
+        elif sub.validator == "pattern":
+            allowed = "use a name of letters, digits, '_', '.' and '-' that starts with a letter or digit"
+        else:
+            allowed = sub.message
+        return f"{where}: key {short(bad)} under {key} is not allowed; {allowed}"
+    if v == "additionalProperties":
         allowed = sorted(err.schema.get("properties", {}))
-        return f"{where}: at '{path}': {err.message}; allowed keys: {allowed}"
-    if err.validator == "enum":
-        return f"{where}: '{path}' = {err.instance!r} is not allowed; use one of {err.validator_value}"
-    return f"{where}: '{path}' = {err.instance!r}: {err.message}"
+        extra = [k for k in err.instance if k not in allowed] if isinstance(err.instance, dict) else []
+        bad = extra[0] if extra else "?"
+        return (f"{where}: unknown key {short(bad)} under {key}{did_you_mean(bad, allowed)}; "
+                f"allowed keys: {allowed}")
+    if v == "enum":
+        return (f"{where}: {key} = {value} is not allowed; use one of {err.validator_value}"
+                f"{did_you_mean(err.instance, err.validator_value)}")
+    if v == "type":
+        types = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+        expected = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+        about = f" ({desc})" if desc else ""
+        return f"{where}: {key} = {value}: expected {expected}{about}{_type_hint(err.instance, types)}"
+    if v == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        sub = err.schema.get("properties", {}).get(missing, {})
+        about = f" ({sub['description']})" if sub.get("description") else ""
+        return f"{where}: missing required key '{missing}' at {key}{about}"
+    if v == "uniqueItems":
+        seen, twice = set(), []
+        for item in err.instance:
+            marker = repr(item)
+            if marker in seen and item not in twice:
+                twice.append(item)
+            seen.add(marker)
+        return f"{where}: {key} = {value} lists {short(twice)[1:-1]} more than once; give each once"
+    if v == "minItems":
+        return f"{where}: {key} = {value} needs at least {err.validator_value} item(s)"
+    if v == "maxItems":
+        return f"{where}: {key} = {value} allows at most {err.validator_value} item(s)"
+    if v == "minProperties":
+        return f"{where}: {key} is empty; give at least {err.validator_value} entry ({desc or 'name: entry'})"
+    if v == "minLength":
+        return f"{where}: {key} = {value} must not be empty"
+    if v == "pattern":
+        return f"{where}: {key} = {value} does not fit: {desc or 'it must match ' + err.validator_value}"
+    return f"{where}: {key} = {value}: {err.message}"
 
 
 def validate(instance: Any, schema_name: str, where: str) -> Any:
     """Validate (and fill defaults into) ``instance``; one-line ``ConfigError`` on failure."""
-    from jsonschema.exceptions import best_match
-
     validator = _validator_with_defaults(load_schema(schema_name))
-    errors = list(validator.iter_errors(instance))
-    if errors:
-        raise ConfigError(_format_error(best_match(errors), where))
+    error = _first_error(validator, instance)
+    if error is not None:
+        raise ConfigError(_format_error(error, where))
     return instance
 
 
+def _first_error(validator, instance):
+    from jsonschema.exceptions import best_match
+
+    errors = list(validator.iter_errors(instance))
+    return best_match(errors) if errors else None
+
+
+# ---------------------------------------------------------------------------------------
+# The workflow config
+# ---------------------------------------------------------------------------------------
+
+_FILE_KEYS = ("path", "format", "text_columns", "label_column", "problem_type", "encoding")
+_GLUE_KEYS = ("glue_name", "hub_path")
+
+
 def validate_config(config: dict, where: str = "config") -> dict:
-    """Check the whole workflow config, including every experiment file it names."""
+    """Check the whole workflow config, including every experiment file it names.
+
+    ``where`` names the config in messages (the config file, when there is one)."""
     if not isinstance(config, dict):
         raise ConfigError(f"{where}: expected a mapping of models, tasks, methods, seeds")
     validate(config, "config", where)
-    from .data import TaskSpec
-    from .models import ModelSpec
-
     for name, entry in config["models"].items():
-        try:
-            ModelSpec.from_config(name, entry)
-        except Exception as exc:
-            raise ConfigError(f"{where}: models.{name}: {exc}") from None
+        _check_model(name, entry or {}, where)
     for name, entry in config["tasks"].items():
-        try:
-            TaskSpec.from_config(name, entry, config["data"])
-        except Exception as exc:
-            raise ConfigError(f"{where}: tasks.{name}: {exc}") from None
+        _check_task(name, entry or {}, config["data"], where)
+    exp_dir = Path(config["experiments_dir"])
+    if not exp_dir.is_dir():
+        raise ConfigError(
+            f"{where}: 'experiments_dir' = {config['experiments_dir']!r}: no such folder (from "
+            f"{Path.cwd()}); give the folder holding defaults.yaml and <method>/<variant>.yaml"
+        )
+    if not (exp_dir / "defaults.yaml").is_file():
+        raise ConfigError(
+            f"{where}: 'experiments_dir' = {config['experiments_dir']!r} has no defaults.yaml "
+            "(the training settings every variant starts from); create it or fix the folder"
+        )
     for method, variants in config["methods"].items():
         for variant in variants:
-            load_experiment(config["experiments_dir"], method, variant)
+            variant_path = experiment_files(exp_dir, method, variant)[1]
+            if not variant_path.is_file():
+                have = sorted(p.stem for p in variant_path.parent.glob("*.yaml"))
+                raise ConfigError(
+                    f"{where}: 'methods.{method}' lists variant '{variant}' but {variant_path} does not "
+                    f"exist; create it or use one of the variants there: {have or 'none'}"
+                    f"{did_you_mean(variant, have)}"
+                )
+            load_experiment(exp_dir, method, variant)
     intrinsic = config["analyses"]["intrinsic_dimension"]
     if intrinsic["dims"]:
-        analysis_training(config)
-        ref = Path(config["experiments_dir"]) / "full" / f"{intrinsic['reference']}.yaml"
+        analysis_training(config, where)
+        ref = exp_dir / "full" / f"{intrinsic['reference']}.yaml"
         if not ref.exists():
             raise ConfigError(
-                f"{where}: analyses.intrinsic_dimension.reference '{intrinsic['reference']}' needs "
-                f"{ref} (the full fine-tuning variant d90 is measured against)"
+                f"{where}: 'analyses.intrinsic_dimension.reference' = '{intrinsic['reference']}': needs "
+                f"{ref} (the full fine-tuning variant d90 is measured against); create it or name an "
+                "existing variant of full"
             )
     return config
 
 
-def analysis_training(config: dict) -> TrainConfig:
+def _check_model(name: str, entry: dict, where: str) -> None:
+    from .errors import PeftlabError
+    from .models import BUILTIN_MODELS, ModelSpec, check_local_model
+
+    key = f"models.{name}"
+    if entry.get("pretrained") is None and name not in BUILTIN_MODELS:
+        raise ConfigError(
+            f"{where}: '{key}': '{name}' is not a built-in model ({', '.join(BUILTIN_MODELS)})"
+            f"{did_you_mean(name, BUILTIN_MODELS)}; give it 'pretrained:' (a hub id or a local folder)"
+        )
+    for role, pattern in (entry.get("targets") or {}).items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{where}: '{key}.targets.{role}' = {short(pattern)} is not a valid regular expression "
+                f"({exc}); give a Python regex over module names"
+            ) from None
+    spec = ModelSpec.from_config(name, entry)
+    try:
+        local = check_local_model(spec)
+    except PeftlabError as exc:
+        raise ConfigError(f"{where}: '{key}.pretrained' = {spec.pretrained!r}: {exc}") from None
+    if local and spec.revision is not None:
+        raise ConfigError(
+            f"{where}: '{key}.revision' = {short(spec.revision)}: a revision only applies to hub ids, "
+            f"and 'pretrained' is the local folder {spec.pretrained}; remove 'revision'"
+        )
+
+
+def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
+    from .data import BUILTIN_TASKS, FILE_FORMATS, TaskSpec, file_format
+    from .errors import PeftlabError
+
+    key = f"tasks.{name}"
+    source = entry.get("source") or ("builtin" if name in BUILTIN_TASKS else None)
+    if source is None:
+        raise ConfigError(
+            f"{where}: '{key}': '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
+            f"{did_you_mean(name, BUILTIN_TASKS)}; give it 'source: glue' or 'source: file' with a path"
+        )
+    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS), "glue": _FILE_KEYS, "file": _GLUE_KEYS}[source]
+    for k in foreign:
+        if k in entry:
+            needs = "source: file" if k in _FILE_KEYS else "source: glue"
+            raise ConfigError(
+                f"{where}: '{key}.{k}' = {short(entry[k])}: only applies to tasks with '{needs}' and "
+                f"this task's source is {source}; set the source or remove '{k}'"
+            )
+    try:
+        spec = TaskSpec.from_config(name, entry, data)
+    except PeftlabError as exc:
+        raise ConfigError(f"{where}: '{key}': {exc}") from None
+    if source != "glue" and spec.validation_fraction + spec.test_fraction >= 1:
+        raise ConfigError(
+            f"{where}: '{key}': validation_fraction + test_fraction = {spec.validation_fraction} + "
+            f"{spec.test_fraction} leaves no training examples; the two must sum to less than 1"
+        )
+    if source == "file":
+        path = Path(spec.path).expanduser()
+        if not path.is_file():
+            what = "a folder, not a file" if path.is_dir() else f"no such file (from {Path.cwd()})"
+            raise ConfigError(
+                f"{where}: '{key}.path' = {spec.path!r}: {what}; give an existing CSV, TSV, "
+                "JSONL or parquet file"
+            )
+        if file_format(spec) is None:
+            raise ConfigError(
+                f"{where}: '{key}.path' = {spec.path!r}: cannot tell the format from the suffix; "
+                f"set 'format:' to one of {list(FILE_FORMATS)}"
+            )
+        try:
+            codecs.lookup(spec.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"{where}: '{key}.encoding' = {spec.encoding!r} is not a known text encoding; use e.g. "
+                "utf-8 or latin-1"
+            ) from None
+        if len(set(spec.text_columns)) < len(spec.text_columns):
+            raise ConfigError(
+                f"{where}: '{key}.text_columns' = {list(spec.text_columns)} names the same column twice; "
+                "give one column, or two different ones for sentence pairs"
+            )
+        if spec.label_column in spec.text_columns:
+            raise ConfigError(
+                f"{where}: '{key}.label_column' = {short(spec.label_column)} is also in text_columns, "
+                "so the model would read the answer; use a label column that is not a text column"
+            )
+    if source == "glue":
+        hub = os.path.expanduser(spec.hub_path)
+        if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
+            raise ConfigError(
+                f"{where}: '{key}.hub_path' = {spec.hub_path!r}: no such folder; give a local "
+                "copy laid out like the hub's GLUE repository, or a dataset id such as nyu-mll/glue"
+            )
+
+
+def analysis_training(config: dict, where: str = "config") -> TrainConfig:
     """Training settings of the intrinsic-dimension runs: experiments_dir/defaults.yaml's
     ``training`` with ``analyses.intrinsic_dimension.training`` over it."""
     defaults = load_yaml(Path(config["experiments_dir"]) / "defaults.yaml") or {}
-    merged = deep_merge(defaults.get("training") or {},
-                        config["analyses"]["intrinsic_dimension"].get("training") or {})
+    override = config["analyses"]["intrinsic_dimension"].get("training") or {}
+    merged = deep_merge(defaults.get("training") or {}, override)
+    validate({"training": merged}, "experiment", f"{where}: analyses.intrinsic_dimension")
     try:
         return TrainConfig(**merged)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config: analyses.intrinsic_dimension.training: {exc}") from None
+        raise ConfigError(f"{where}: 'analyses.intrinsic_dimension.training': {exc}") from None
 
 
 def sift_analysis_variants(config: dict) -> dict[str, dict]:
@@ -141,6 +446,8 @@ def sift_analysis_variants(config: dict) -> dict[str, dict]:
 # Experiments
 # ---------------------------------------------------------------------------------------
 
+NONFINITE_POLICIES = ("stop", "skip")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -157,6 +464,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     evals_per_epoch: int = 2
     log_every_steps: int = 10
+    # a NaN/inf loss: stop (the run is recorded as failed) or skip that batch (counted)
+    on_nonfinite_loss: str = "stop"
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -167,6 +476,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be linear, constant or cosine, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.on_nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite_loss must be stop or skip, got {self.on_nonfinite_loss!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,8 +511,28 @@ def experiment_files(experiments_dir: str | Path, method: str, variant: str) -> 
     return [d / "defaults.yaml", d / method / f"{variant}.yaml"]
 
 
+def _has_path(tree: Any, path: list) -> bool:
+    for part in path:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _experiment_part(path: Path, data: Any) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping with 'training:' and/or 'method:', got {type(data).__name__} "
+            f"{short(data)}"
+        )
+    return data
+
+
 def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> Experiment:
-    """Merge defaults.yaml with ``<method>/<variant>.yaml`` and type-check the result."""
+    """Merge defaults.yaml with ``<method>/<variant>.yaml`` and type-check the result; an
+    error names the file that sets the bad key."""
     from .methods import get_method
 
     defaults_path, variant_path = experiment_files(experiments_dir, method, variant)
@@ -212,18 +543,34 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
             f"method '{method}' has no variant '{variant}': create {variant_path} "
             f"(existing variants: {have or 'none'})"
         )
-    defaults = load_yaml(defaults_path) or {}
-    override = load_yaml(variant_path) or {}
-    merged = validate(deep_merge(defaults, override), "experiment", str(variant_path))
+    defaults = _experiment_part(defaults_path, load_yaml(defaults_path))
+    override = _experiment_part(variant_path, load_yaml(variant_path))
+    merged = deep_merge(defaults, override)
+    validator = _validator_with_defaults(load_schema("experiment"))
+    error = _first_error(validator, merged)
+    if error is not None:
+        path = list(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            allowed = error.schema.get("properties", {})
+            path += [k for k in error.instance if k not in allowed][:1]
+        culprit = variant_path if _has_path(override, path) or not path else defaults_path
+        raise ConfigError(_format_error(error, str(culprit)))
     try:
         training = TrainConfig(**(merged.get("training") or {}))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{variant_path}: training: {exc}") from None
     params = merged.get("method") or {}
+    culprit = variant_path if "method" in override else defaults_path
     try:
         cls.config_cls.from_dict(method, params)
     except ConfigError as exc:
-        raise ConfigError(f"{variant_path}: {exc}") from None
+        raise ConfigError(f"{culprit}: {exc}") from None
+    for k, v in params.items():
+        if k.endswith("_path") and isinstance(v, str) and not Path(v).expanduser().is_file():
+            raise ConfigError(
+                f"{culprit}: 'method.{k}' = {v!r}: no such file (from {Path.cwd()}); give an "
+                "existing file"
+            )
     return Experiment(method, variant, training, params, tuple(str(p) for p in (defaults_path, variant_path)))
 
 

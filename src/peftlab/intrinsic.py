@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .methods.base import Method, MethodConfig, check_positive_int
 
 
@@ -347,7 +347,9 @@ def run_subspace(
     record = {
         "schema_version": 1,
         "rule": "intrinsic_dimension",
-        "status": "completed",
+        "status": ft["status"],
+        "failure": ft["failure"],
+        "skipped_batches": ft["skipped_batches"],
         "run": ft["run"],
         "d": int(d),
         "kind": key.method,
@@ -357,7 +359,7 @@ def run_subspace(
         "trainable_params": ft["trainable_params"],
         "main_metric": ft["main_metric"],
         "test": ev["metrics"],
-        "test_main": ev["metrics"][ft["main_metric"]],
+        "test_main": ev["metrics"].get(ft["main_metric"]),  # None when the run failed
         "best_validation": ft["best_validation"],
         "curves": ft["curves"],
         "steps": ft["steps"],
@@ -380,7 +382,22 @@ def d90_stage(records: list[dict], reference_metrics: list[dict], fraction: floa
     (which returns that d's records, one per seed)."""
     if not reference_metrics:
         raise ConfigError("d90 needs full fine-tuning's test metrics for this (model, task)")
-    metric = records[0]["main_metric"] if records else reference_metrics[0]["main_metric"]
+    # failed runs (a NaN loss) carry no score: d90 ignores them and lists them
+    failed_reference = [_failure_of(m) for m in reference_metrics if not _completed(m)]
+    reference_metrics = [m for m in reference_metrics if _completed(m)]
+    if not reference_metrics:
+        raise TrainingError(
+            f"d90: every full fine-tuning reference run failed ({'; '.join(failed_reference)}), so there "
+            "is no score to compare against; fix that variant (lower its learning_rate) and rerun"
+        )
+    failed = [_failure_of(r) for r in records if not _completed(r)]
+    records = [r for r in records if _completed(r)]
+    if not records:
+        raise TrainingError(
+            f"d90: every intrinsic-dimension run of the grid failed ({'; '.join(failed)}); lower "
+            "analyses.intrinsic_dimension.training.learning_rate in config.yaml and rerun"
+        )
+    metric = records[0]["main_metric"]
     reference = sum(m["metrics"][metric] for m in reference_metrics) / len(reference_metrics)
     points = [{"d": r["d"], "score": r["test_main"]} for r in records]
     refined: list[int] = []
@@ -390,17 +407,30 @@ def d90_stage(records: list[dict], reference_metrics: list[dict], fraction: floa
         if mid is None or run_more is None:
             break
         more = run_more(mid)
+        failed += [_failure_of(r) for r in more if not _completed(r)]
+        more = [r for r in more if _completed(r)]
         points += [{"d": r["d"], "score": r["test_main"]} for r in more]
         records = records + more
         refined.append(mid)
     out = d90(points, reference, fraction)
     out.update(metric=metric, reference_runs=len(reference_metrics), refined=refined,
+               failed_runs=failed, failed_reference_runs=failed_reference,
                total_params=records[0]["total_params"] if records else None,
                kind=records[0]["kind"] if records else None,
                grid=sorted({int(r["d"]) for r in records}))
     if out["d90"] is not None and out["total_params"]:
         out["d90_fraction_of_D"] = out["d90"] / out["total_params"]
     return out
+
+
+def _completed(record: dict) -> bool:
+    return record.get("status", "completed") == "completed"
+
+
+def _failure_of(record: dict) -> str:
+    run = record.get("run", {})
+    who = f"d{record['d']} seed{run.get('seed')}" if "d" in record else f"{run.get('method')} seed{run.get('seed')}"
+    return f"{who}: {(record.get('failure') or {}).get('reason', 'failed')}"
 
 
 def d90_record(model_spec, data_dir, record_paths, reference_paths, out_path, settings: dict,

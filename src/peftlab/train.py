@@ -147,6 +147,45 @@ def _schedule(total_steps: int, cfg):
     return factor
 
 
+class LossGuard:
+    """What a NaN or infinite loss does (``training.on_nonfinite_loss``): ``stop`` ends the
+    run as failed; ``skip`` drops that batch without an optimizer step (counted in the
+    record), and still fails after a whole epoch of such batches in a row."""
+
+    def __init__(self, policy: str, fix: str, batches_per_epoch: int):
+        self.policy, self.fix, self.patience = policy, fix, max(1, batches_per_epoch)
+        self.skipped, self.in_a_row = 0, 0
+        self.failure: dict[str, Any] | None = None
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        """True when the batch trains; False to skip it (``failure`` is set when the run stops)."""
+        if torch.isfinite(loss):
+            self.in_a_row = 0
+            return True
+        value = loss.item()
+        what = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if self.policy == "skip":
+            self.skipped += 1
+            self.in_a_row += 1
+            log.warning("loss became %s at step %d: batch skipped (%d so far)", what, step, self.skipped)
+            if self.in_a_row < self.patience:
+                return False
+            reason = (f"loss became {what} at step {step} on {self.in_a_row} batches in a row "
+                      f"(a whole epoch skipped); {self.fix}")
+        else:
+            reason = f"loss became {what} at step {step}; {self.fix}"
+        self.failure = {"reason": reason, "step": step}
+        log.error(reason)
+        return False
+
+
+def nonfinite_fix(experiment: Experiment) -> str:
+    """The advice of a diverged run: where its learning rate is set."""
+    where = experiment.files[-1] if experiment.files else "analyses.intrinsic_dimension.training in config.yaml"
+    skip = "" if experiment.training.on_nonfinite_loss == "skip" else ", or set on_nonfinite_loss: skip there"
+    return f"lower learning_rate (now {experiment.training.learning_rate}) in {where}{skip}"
+
+
 def _run_fingerprint(key: RunKey, model_spec: ModelSpec, experiment: Experiment, method, stats: dict,
                      total_steps: int, code_fingerprint: str) -> str:
     """What a checkpoint must match to be resumed: the run, its resolved config, the data, and
@@ -229,6 +268,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     # drawn, and how many of the epoch's batches have been trained
     epoch, batch_in_epoch = 0, 0
     epoch_rng = train_loader.generator.get_state()
+    guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), steps_per_epoch)
     policy = checkpoint.CheckpointPolicy.from_env()
     ckpt_path = checkpoint.checkpoint_path(record_path)
     run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, total_steps, code_fingerprint)
@@ -246,7 +286,8 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                 "running": running, "n_running": n_running, "curves": curves, "best": best,
                 "has_best_state": best_state is not None, "optimizer": optim_meta,
                 "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                "train_time_s": trained_before + time.perf_counter() - t0, "resumed_from": resumed_from}
+                "train_time_s": trained_before + time.perf_counter() - t0, "resumed_from": resumed_from,
+                "skipped_batches": guard.skipped, "nonfinite_in_a_row": guard.in_a_row}
         try:
             checkpoint.save(ckpt_path, run_fp, tensors, meta)
         except OSError as exc:
@@ -274,6 +315,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         epoch_rng = tensors["loader.epoch_rng"]
         model.train(meta["training"])
         trained_before, resumed_from = meta["train_time_s"], meta["resumed_from"] + [step]
+        guard.skipped, guard.in_a_row = meta["skipped_batches"], meta["nonfinite_in_a_row"]
         checkpoint.set_rng_state(tensors, meta["rng"])
         log.info("resuming %s from its checkpoint at step %d of %d", key.path(), step, total_steps)
     deadline = checkpoint.SlurmDeadline() if policy.margin_seconds else None
@@ -283,6 +325,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     def validate_now() -> None:
         nonlocal best_state
         outputs, labels = predict(model, val_loader, dev, desc="validation")
+        model.train()  # predict() left it in eval mode: dropout back on for the epoch's remaining steps
         metrics = compute_metrics(stats["problem_type"], outputs, labels)
         curves["validation"].append({"step": step, **metrics})
         log.info("step %d validation %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -292,7 +335,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
 
     bar = tqdm(total=total_steps, initial=step, desc=f"finetune {key.method}/{key.variant} seed{key.seed}",
                mininterval=2)
-    while step < total_steps:
+    while step < total_steps and guard.failure is None:
         if batch_in_epoch == 0:
             model.train()
             epoch_rng = train_loader.generator.get_state()
@@ -301,11 +344,11 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         for batch in itertools.islice(train_loader, batch_in_epoch, None):
             batch = {k: v.to(dev) for k, v in batch.items()}
             loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{key.path()}: loss became {loss.item()} at step {step}; lower learning_rate "
-                    f"(now {cfg.learning_rate}) in config/experiments/{key.method}/{key.variant}.yaml"
-                )
+            if not guard.ok(loss, step):
+                if guard.failure:
+                    break
+                batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
+                continue
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -343,20 +386,23 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     bar.close()
     train_time = trained_before + time.perf_counter() - t0
 
-    # keep the best validation step (model selection on validation only)
-    if best_state is not None:
+    # keep the best validation step (model selection on validation only); a failed run
+    # stores its state at the failure (a valid file of the method's tensors, not a trained model)
+    if best_state is not None and guard.failure is None:
         model.load_state_dict(best_state, strict=False)
     method.save(model, weights_path)
 
     record = {
         "schema_version": 1,
         "rule": "finetune",
-        "status": "completed",
+        "status": "failed" if guard.failure else "completed",
+        "failure": guard.failure,
+        "skipped_batches": guard.skipped,
         "run": key.tags() | {"seed": key.seed},
-        "model": {"name": model_spec.name, "pretrained": model_spec.pretrained,
-                  "notes": model_spec.notes, "total_params": base_params},
+        "model": model_spec.to_dict() | {"notes": model_spec.notes, "total_params": base_params},
         "task": stats["task"],
         "data_fingerprint": stats["fingerprint"],
+        "split_fingerprints": {k: v["fingerprint"] for k, v in stats["splits"].items()},
         "main_metric": main_metric,
         "method": {"name": key.method, "family": method.family, "params": method.config.to_dict(),
                    "selection": getattr(method, "selection", None)},

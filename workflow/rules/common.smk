@@ -1,26 +1,50 @@
 # Helpers for the workflow files: config validation, run discovery, input functions.
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from peftlab.config import retype_overrides, validate_config
+from peftlab.errors import PeftlabError
+
+
+def _shown(path):
+    """A path as the user would write it: relative below the working directory."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def config_name():
+    """The config file named in error messages: the one in effect, else 'config'."""
+    settings = workflow.config_settings
+    cli = [_shown(p) for p in workflow.overwrite_configfiles]
+    files = (
+        cli
+        if (cli and settings.replace_workflow_config)
+        else ["config/config.yaml", *cli]
+    )
+    return files[0] if len(files) == 1 and not settings.config else "config"
+
+
+# checked before anything else is imported or planned: a bad config stops the DAG with one
+# line naming the key, the bad value and what is allowed
+try:
+    retype_overrides(config, workflow.config_settings.config)
+    validate_config(config, config_name())
+except PeftlabError as exc:
+    sys.exit(f"peftlab: {exc}")
 
 from peftlab.config import (
     analysis_training,
     experiment_files,
     iter_runs,
     sift_analysis_variants,
-    validate_config,
 )
-from peftlab.errors import PeftlabError
 from peftlab.io import files_fingerprint
 from peftlab.methods import method_source_files
 from peftlab.report import figures_dir_for
 from peftlab.tracking import default_store
-
-try:
-    validate_config(config)
-except PeftlabError as exc:
-    sys.exit(f"peftlab: {exc}")
 
 RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))

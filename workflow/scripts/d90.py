@@ -23,6 +23,7 @@ def main():
         threads=sm.threads,
     )
     log_record(record, sm.output.record, sm.params.mlflow)
+    return record
 
 
 run_step("d90", sm.log[0], main)

@@ -33,6 +33,7 @@ def main():
     mlflow = dict(sm.params.mlflow, log_weights=sm.config["mlflow"].get("log_weights", "none"))
     weights = weights_to_log(mlflow, key, spec, record, data_dir, sm.output.weights)
     log_record(record, sm.output.record, mlflow, artifacts=weights)
+    return record
 
 
 run_step("finetune", sm.log[0], main)

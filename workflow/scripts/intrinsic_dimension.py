@@ -27,6 +27,7 @@ def main():
         lr_reference_d=s.get("lr_reference_d"),
     )
     log_record(record, sm.output.record, sm.params.mlflow)
+    return record
 
 
 run_step("intrinsic_dimension", sm.log[0], main)
