@@ -245,3 +245,38 @@ def test_every_training_step_runs_in_train_mode(tmp_path, minilm_spec, tiny_task
     monkeypatch.setattr(train_mod, "load_model", recording_model)
     _run(tmp_path, minilm_spec, tiny_task_dir, "modes", max_steps=6)  # validation after steps 2 and 4
     assert len(modes) == 6 and all(modes), modes
+
+
+def test_length_grouped_batches_cover_every_row_once_with_little_padding(tiny_task_dir):
+    from peftlab.data import load_split
+    from peftlab.train import LengthGroupedBatches
+
+    lengths = load_split(tiny_task_dir, "train")["input_ids"].map(len).tolist()
+    for group in (1, 2, 50):
+        gen = torch.Generator().manual_seed(3)
+        sampler = LengthGroupedBatches(lengths, 5, gen, group=group)
+        epochs = [list(sampler) for _ in range(2)]
+        for batches in epochs:
+            assert len(batches) == len(sampler)
+            assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+            assert all(len(b) <= 5 for b in batches)
+        assert epochs[0] != epochs[1]  # a new shuffle each epoch
+        again = LengthGroupedBatches(lengths, 5, torch.Generator().manual_seed(3), group=group)
+        assert [list(again) for _ in range(2)] == epochs  # seeded: the same batches
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped = list(LengthGroupedBatches(lengths, 8, torch.Generator().manual_seed(0)))
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    plain = [perm[k:k + 8] for k in range(0, len(perm), 8)]
+    assert padded(grouped) < padded(plain)
+
+
+def test_record_has_steady_state_throughput(tmp_path, minilm_spec, tiny_task_dir):
+    _, _, rec = _run(tmp_path, minilm_spec, tiny_task_dir, "speed", max_steps=8)
+    tp = rec["train_throughput"]
+    assert tp["steps"] == 8 - tp["warmup_steps"] == 3
+    assert tp["examples_per_s"] > 0 and tp["tokens_per_s"] <= tp["padded_tokens_per_s"]
+    assert 0 <= tp["padding_share"] < 1
+    assert rec["config"]["training"]["group_by_length"] is True

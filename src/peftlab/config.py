@@ -464,6 +464,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     evals_per_epoch: int = 2
     log_every_steps: int = 10
+    # training batches of rows of similar length (less padding), in random order
+    group_by_length: bool = True
     # a NaN/inf loss: stop (the run is recorded as failed) or skip that batch (counted)
     on_nonfinite_loss: str = "stop"
 

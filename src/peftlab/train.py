@@ -80,6 +80,78 @@ def make_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, shuffl
     return DataLoader(_rows(frame), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=gen)
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Training batches of rows of similar length, in random order (``training.group_by_length``).
+
+    Each epoch draws a random permutation of the rows, cuts it into groups of ``group``
+    batches, sorts each group by length (longest first), cuts it into batches and shuffles the
+    order of all batches. Every row still comes once per epoch and batch composition stays
+    random across epochs, but a batch pads to about its rows' own length: on rotten_tomatoes
+    (1,000 rows, 27 tokens mean, batch 16) the padded tokens per epoch fall from 1.79x
+    the real ones to 1.03x. The draws use ``generator`` (the loader's), so a resumed run
+    that restores it gets the same batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 50):
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+        self.span = batch_size * group
+
+    def __len__(self) -> int:
+        n, full = len(self.lengths), len(self.lengths) // self.span
+        return full * math.ceil(self.span / self.batch_size) + math.ceil((n - full * self.span) / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(perm), self.span):
+            chunk = sorted(perm[start:start + self.span], key=lambda i: -self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
+class Throughput:
+    """Steady-state training speed of this process: steps after the first ``warmup``, each
+    timed from the end of the previous step's work to the end of its optimizer step (data
+    loading included; validation, checkpoints and skipped batches excluded)."""
+
+    def __init__(self, warmup: int = 5):
+        self.warmup, self.seen, self.steps, self.seconds = warmup, 0, 0, 0.0
+        self.examples = self.tokens = self.padded = 0
+        self.mark = time.perf_counter()
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def step(self, attention_mask: torch.Tensor) -> None:
+        now = time.perf_counter()
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.steps += 1
+            self.seconds += now - self.mark
+            self.examples += int(attention_mask.shape[0])
+            self.tokens += int(attention_mask.sum())
+            self.padded += int(attention_mask.numel())
+        self.mark = now
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.steps or self.seconds <= 0:
+            return None
+        return {"warmup_steps": self.warmup, "steps": self.steps, "seconds": self.seconds,
+                "steps_per_s": self.steps / self.seconds, "examples_per_s": self.examples / self.seconds,
+                "tokens_per_s": self.tokens / self.seconds, "padded_tokens_per_s": self.padded / self.seconds,
+                "padding_share": 1 - self.tokens / self.padded}
+
+
+def make_train_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, seed: int,
+                      group_by_length: bool) -> DataLoader:
+    """The shuffled training loader: plain random batches, or ``LengthGroupedBatches``."""
+    if not group_by_length:
+        return make_loader(frame, batch_size, collator, shuffle=True, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = LengthGroupedBatches(frame["input_ids"].map(len).tolist(), batch_size, gen)
+    return DataLoader(_rows(frame), batch_sampler=sampler, collate_fn=collator, generator=gen)
+
+
 def make_eval_loader(frame: pd.DataFrame, batch_size: int, collator: Collator) -> DataLoader:
     """Batches of rows sorted by token count, so each batch pads to a similar length (on
     rotten_tomatoes' validation split, half the time of batches in file order). ``predict``
@@ -251,7 +323,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         )
     log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
 
-    train_loader = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
+    train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length)
     val_loader = make_eval_loader(val_df, cfg.eval_batch_size, collator)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
@@ -335,19 +407,23 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
 
     bar = tqdm(total=total_steps, initial=step, desc=f"finetune {key.method}/{key.variant} seed{key.seed}",
                mininterval=2)
+    speed = Throughput()
     while step < total_steps and guard.failure is None:
+        speed.restart()
         if batch_in_epoch == 0:
             model.train()
             epoch_rng = train_loader.generator.get_state()
         else:  # resumed mid-epoch: the epoch's shuffle again, its trained batches skipped
             train_loader.generator.set_state(epoch_rng)
         for batch in itertools.islice(train_loader, batch_in_epoch, None):
+            attention_mask = batch["attention_mask"]
             batch = {k: v.to(dev) for k, v in batch.items()}
             loss = model(**batch).loss
             if not guard.ok(loss, step):
                 if guard.failure:
                     break
                 batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
+                speed.restart()
                 continue
             loss.backward()
             if cfg.max_grad_norm:
@@ -366,8 +442,10 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                 bar.set_postfix(loss=f"{running / n_running:.4f}")
                 running, n_running = 0.0, 0
             batch_in_epoch += 1
+            speed.step(attention_mask)
             if step in evaluate_at:
                 validate_now()
+                speed.restart()
             if step >= total_steps:
                 break  # the outputs follow at once: no checkpoint, no stop
             left = deadline.seconds_left() if deadline else None
@@ -381,6 +459,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                     policy.every_seconds and time.monotonic() - last_save >= policy.every_seconds):
                 save_checkpoint()
                 last_save = time.monotonic()
+                speed.restart()
         else:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
@@ -418,6 +497,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "best_validation": {"step": best["step"], **best["metrics"]},
         "final_validation": curves["validation"][-1] if curves["validation"] else {},
         "train_time_s": train_time,
+        "train_throughput": speed.summary(),
         "peak_memory": peak_memory_mb(dev),
         "stored_size_bytes": dir_size_bytes(weights_path),
         "device": str(dev),

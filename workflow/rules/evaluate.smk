@@ -9,6 +9,8 @@ rule evaluate:
         metrics=f"{RESULTS}/evaluate/{RUN_DIR}/metrics.json",
     log:
         f"logs/evaluate/{RUN_DIR}.log",
+    benchmark:
+        f"benchmarks/evaluate/{RUN_DIR}.tsv"
     conda:
         "../../envs/peftlab.yaml"
     threads: config["threads"]

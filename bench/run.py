@@ -1,0 +1,95 @@
+"""Every benchmark, one command: one table per benchmark in ``<out>/bench.md``, all figures
+in ``<out>/bench.json``.
+
+    python bench/run.py                  # throughput, method costs, SAID step, pipeline scale
+    python bench/run.py --only throughput said_step --quick
+
+Run it on a quiet machine: every figure is a ratio of two things measured side by side in
+the same run, but a busy machine still adds noise. ``--quick`` uses one seed and fewer
+methods (a smoke run, not figures to quote). On a CUDA machine the throughput benchmark
+also reports achieved TFLOP/s and model FLOPs utilisation (``--gpu-models`` adds MPNet-base
+and SmolLM2-135M there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
+
+BENCHES = ("throughput", "method_costs", "said_step", "pipeline_scale")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import method_costs
+    import pipeline_scale
+    import said_step
+    import throughput
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
+    ap.add_argument("--quick", action="store_true", help="one seed, fewer methods: a smoke run")
+    ap.add_argument("--gpu-models", action="store_true", help="throughput also on mpnet-base and smollm2-135m")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = ap.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sections, figures = [], {}
+    started = time.time()
+    header = (f"Machine: {platform.machine()}, {torch.get_num_threads()} threads available, "
+              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+              f"torch {torch.__version__}.")
+    for name in args.only:
+        t0 = time.time()
+        print(f"== {name}", flush=True)
+        if name == "throughput":
+            models = ["minilm-l6"] + (["mpnet-base", "smollm2-135m"] if args.gpu_models else [])
+            for model in models:
+                extra = ["--seeds", "0", "--methods", "full", "lora", "gift"] if args.quick else []
+                throughput.main(["--model", model, "--out", str(out / "throughput" / model), *extra])
+                sections.append((f"Training throughput, {model}", out / "throughput" / model / "throughput.md"))
+                figures[f"throughput/{model}"] = json.loads((out / "throughput" / model / "throughput.json").read_text())
+        elif name == "method_costs":
+            extra = ["--methods", "full", "lora", "sift", "pafi", "said"] if args.quick else []
+            method_costs.main(["--out", str(out / "method_costs"), *extra])
+            sections.append(("Method costs (memory, step time, inference latency)", out / "method_costs" / "method_costs.md"))
+            figures["method_costs"] = json.loads((out / "method_costs" / "method_costs.json").read_text())
+        elif name == "said_step":
+            for d, bs in ((1000, 16), (4000, 16), (16000, 16), (4000, 32)):
+                sub = out / "said_step" / f"d{d}_b{bs}"
+                said_step.main(["--d", str(d), "--batch-size", str(bs), "--out", str(sub)])
+                figures[f"said_step/d{d}_b{bs}"] = json.loads((sub / "said_step.json").read_text())
+            lines = []
+            for i, sub in enumerate(sorted((out / "said_step").iterdir())):
+                table = (sub / "said_step.md").read_text().splitlines()
+                lines += table if i == 0 else table[2:]
+            (out / "said_step" / "said_step.md").write_text("\n".join(lines) + "\n")
+            sections.append(("One SAID step vs one full fine-tuning step", out / "said_step" / "said_step.md"))
+        elif name == "pipeline_scale":
+            pipeline_scale.main(["--out", str(out / "pipeline_scale")])
+            sections.append(("Pipeline scale", out / "pipeline_scale" / "pipeline_scale.md"))
+            figures["pipeline_scale"] = json.loads((out / "pipeline_scale" / "pipeline_scale.json").read_text())
+        print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
+    md = [f"# peftlab benchmarks\n\n{header} Run took {time.time() - started:.0f} s"
+          + (" (quick: not figures to quote)." if args.quick else ".")]
+    if not torch.cuda.is_available():
+        md.append("\nNo GPU on this machine: the GPU throughput (TFLOP/s, model FLOPs utilisation) is not measured.")
+    for title, path in sections:
+        md.append(f"\n## {title}\n\n{path.read_text()}")
+    (out / "bench.md").write_text("\n".join(md))
+    (out / "bench.json").write_text(json.dumps({"machine": header, "quick": args.quick, "figures": figures},
+                                               indent=1, default=str))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""Training throughput: our fine-tuning loop vs ``transformers.Trainer`` (+ peft), same run.
+
+For each method compared with the Trainer (full fine-tuning, LoRA, IA3) both sides train the
+same model (for LoRA and IA3 the very peft model our method module builds), on the same
+prepared, tokenized training split, at the same batch size, number of examples, learning
+rate and schedule (AdamW, linear decay after 6% warm-up, gradient clipping at 1.0), the same
+seeds and thread count, one after the other in one process. Our loop runs as the pipeline's
+``finetune`` (length-grouped batches, the default) with one validation pass at the end; the
+Trainer runs with its defaults for the rest (random batches padded by
+``DataCollatorWithPadding``, no evaluation, no saving, no reporting). Throughput is steady
+state: the steps after the first 5, timed step end to step end (data loading included, our
+final validation excluded), in examples/s and real (non-padding) tokens/s. Both final
+models are then scored on the same test split. Our LoReFT and GIFT are compared with our
+LoRA the same way (the cost of the method itself).
+
+Peak memory is each run's peak resident set (CPU; ``torch.cuda.max_memory_allocated`` on a
+GPU), measured in a fresh process per run.
+
+    python bench/throughput.py                          # MiniLM-L6, rotten_tomatoes, 3 seeds
+    python bench/throughput.py --seeds 0 --methods lora # quick look
+
+Writes ``<out>/throughput.json`` and ``<out>/throughput.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+HF_METHODS = ("full", "lora", "ia3")  # against transformers.Trainer (+ peft)
+OWN_METHODS = ("loreft", "gift")  # against our LoRA
+WARMUP = 5
+# peak dense bf16 tensor-core TFLOP/s of the GPUs this project is lent (for utilisation)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def prepare(task: str, model: str, out: Path, max_train: int, max_length: int) -> Path:
+    from peftlab.data import TaskSpec, prepare_task
+    from peftlab.models import ModelSpec, load_tokenizer
+
+    data_dir = out / "data" / model / task
+    if not (data_dir / "stats.json").exists():
+        spec = TaskSpec.from_config(task, {"max_train_examples": max_train, "max_eval_examples": 500,
+                                           "max_length": max_length})
+        prepare_task(spec, load_tokenizer(ModelSpec.from_config(model, {})), data_dir, model_name=model)
+    return data_dir
+
+
+def experiment(method: str, epochs: float):
+    """The method's default variant at the pipeline's budget; one validation pass (at the end)."""
+    from dataclasses import replace
+
+    from peftlab.config import load_experiment
+
+    exp = load_experiment(ROOT / "config" / "experiments", method, "default")
+    return replace(exp, training=replace(exp.training, epochs=epochs, evals_per_epoch=1))
+
+
+def run_ours(method: str, seed: int, data_dir: Path, model: str, epochs: float, threads: int, out: Path) -> dict:
+    from peftlab.config import RunKey
+    from peftlab.evaluate import evaluate
+    from peftlab.models import ModelSpec
+    from peftlab.train import finetune
+
+    spec = ModelSpec.from_config(model, {})
+    key = RunKey(model, data_dir.name, method, "default", seed)
+    run_dir = out / "ours" / method / f"seed{seed}"
+    rec = finetune(key, spec, experiment(method, epochs), data_dir, run_dir / "w.safetensors",
+                   run_dir / "result.json", threads=threads)
+    ev = evaluate(key, spec, data_dir, run_dir / "result.json", run_dir / "w.safetensors",
+                  run_dir / "metrics.json", threads=threads, measure_inference=False)
+    tp = rec["train_throughput"]
+    return {"examples_per_s": tp["examples_per_s"], "tokens_per_s": tp["tokens_per_s"],
+            "padded_tokens_per_s": tp["padded_tokens_per_s"], "steps": rec["steps"],
+            "trainable_params": rec["trainable_params"], "total_params": rec["model"]["total_params"],
+            "test_main": ev["metrics"][ev["main_metric"]], "train_time_s": rec["train_time_s"]}
+
+
+def run_hf(method: str, seed: int, data_dir: Path, model: str, epochs: float, threads: int, out: Path) -> dict:
+    """The same training with transformers.Trainer; the model is our method module's (peft)."""
+    import datasets
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from peftlab.data import load_split
+    from peftlab.io import read_json
+    from peftlab.methods import build_method
+    from peftlab.metrics import compute_metrics
+    from peftlab.models import ModelSpec, load_model, load_tokenizer
+    from peftlab.provenance import set_seed
+    from peftlab.train import Collator, make_eval_loader, predict
+
+    set_seed(seed, threads)
+    spec = ModelSpec.from_config(model, {})
+    stats = read_json(data_dir / "stats.json")
+    exp = experiment(method, epochs)
+    tok = load_tokenizer(spec)
+    net = load_model(spec, stats["num_labels"], stats["problem_type"], seed=seed)
+    method_obj = build_method(method, exp.method_params, spec.targets)
+    net = method_obj.apply(net)
+    train = load_split(data_dir, "train")
+    cols = [c for c in ("input_ids", "token_type_ids") if c in train]
+    ds = datasets.Dataset.from_pandas(train[cols + ["label"]].rename(columns={"label": "labels"}),
+                                      preserve_index=False)
+    ds = ds.map(lambda r: {"attention_mask": [1] * len(r["input_ids"])})
+    batches: list[tuple[int, int]] = []  # (rows, real tokens) per collated batch, in order
+    padding = DataCollatorWithPadding(tok)
+
+    def collate(rows):
+        batch = padding(rows)
+        batches.append((len(rows), int(batch["attention_mask"].sum())))
+        return batch
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    cfg = exp.training
+    args = TrainingArguments(
+        output_dir=str(out / "hf" / method / f"seed{seed}"), per_device_train_batch_size=cfg.batch_size,
+        num_train_epochs=epochs, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm,
+        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=cfg.log_every_steps,
+        seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=net, args=args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()])
+    t0 = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - t0
+    # steps WARMUP+1..N, timed from step WARMUP's end: batches WARMUP..N-1 (a look-ahead
+    # batch collated by the loader, if any, comes after them)
+    seconds = stamps[-1] - stamps[WARMUP - 1]
+    steady = batches[WARMUP:len(stamps)]
+    test = load_split(data_dir, "test")
+    dev = next(net.parameters()).device
+    outputs, labels = predict(net, make_eval_loader(test, cfg.eval_batch_size, Collator(tok.pad_token_id, False)),
+                              dev, desc="test")
+    metrics = compute_metrics(stats["problem_type"], outputs, labels)
+    return {"examples_per_s": sum(n for n, _ in steady) / seconds, "tokens_per_s": sum(t for _, t in steady) / seconds,
+            "steps": len(stamps), "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in net.parameters()),
+            "test_main": metrics[stats["main_metric"]], "train_time_s": train_time}
+
+
+def one_run(kind: str, method: str, seed: int, args) -> dict:
+    """A run in a fresh process, so each has its own peak memory."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import throughput as b, argparse;"
+            f"a = argparse.Namespace(**json.loads({json.dumps(json.dumps(_plain(args)))}));"
+            f"r = b.in_process({kind!r}, {method!r}, {seed}, a); print('RESULT ' + json.dumps(r))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{kind} {method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _plain(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def in_process(kind: str, method: str, seed: int, args) -> dict:
+    import resource
+
+    import torch
+
+    out = Path(args.out)
+    data_dir = prepare(args.task, args.model, out, args.max_train, args.max_length)
+    fn = run_ours if kind == "ours" else run_hf
+    result = fn(method, seed, data_dir, args.model, args.epochs, args.threads, out / "runs")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        # training FLOPs ~ 6 x parameters x tokens (forward 2, backward 4; PEFT still
+        # back-propagates through every frozen layer for the activations' gradients)
+        achieved = 6 * result.get("total_params", 0) * result["tokens_per_s"] / 1e12
+        result.update(gpu=name, achieved_tflops=achieved, mfu=achieved / peak if peak else None)
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    def stat(key):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if not vals:
+            return None
+        return {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "values": vals}
+
+    return {k: stat(k) for k in ("examples_per_s", "tokens_per_s", "test_main", "peak_rss_mb", "peak_gpu_mb",
+                                 "achieved_tflops", "mfu")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="minilm-l6")
+    ap.add_argument("--task", default="rotten_tomatoes")
+    ap.add_argument("--max-train", type=int, default=1000)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=[*HF_METHODS, *OWN_METHODS])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "throughput")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pairs = [("ours", m) for m in args.methods] + [("hf", m) for m in args.methods if m in HF_METHODS]
+    if any(m in OWN_METHODS for m in args.methods) and "lora" not in args.methods:
+        pairs.append(("ours", "lora"))
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed-major: both sides of a comparison see the same machine state
+        for kind, method in pairs:
+            print(f"{kind} {method} seed {seed} ...", flush=True)
+            runs.setdefault(f"{kind}/{method}", []).append(one_run(kind, method, seed, args))
+    summary = {k: summarise(v) for k, v in runs.items()}
+    rows = []
+    for method in args.methods:
+        ours = summary[f"ours/{method}"]
+        if method in HF_METHODS:
+            base, base_name, target = summary[f"hf/{method}"], "Trainer + peft" if method != "full" else "Trainer", 1.2
+        else:
+            base, base_name, target = summary["ours/lora"], "our LoRA", None
+        rows.append({"method": method, "baseline": base_name,
+                     "ratio_examples_per_s": ours["examples_per_s"]["mean"] / base["examples_per_s"]["mean"],
+                     "ratio_tokens_per_s": ours["tokens_per_s"]["mean"] / base["tokens_per_s"]["mean"],
+                     "target": target, "ours": ours, "baseline_stats": base})
+    result = {"args": _plain(args), "runs": runs, "summary": summary, "rows": rows}
+    (args.out / "throughput.json").write_text(json.dumps(result, indent=1))
+    md = ["| method | vs | ours ex/s | theirs ex/s | ratio (ex/s) | ratio (tokens/s) | target | "
+          "test acc ours | test acc theirs | peak RSS ours / theirs (MB) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(s, d=3):
+        return f"{s['mean']:.{d}f} ± {s['sd']:.{d}f}" if s else "-"
+
+    for r in rows:
+        o, b = r["ours"], r["baseline_stats"]
+        md.append(f"| {r['method']} | {r['baseline']} | {o['examples_per_s']['mean']:.1f} | "
+                  f"{b['examples_per_s']['mean']:.1f} | {r['ratio_examples_per_s']:.2f}x | "
+                  f"{r['ratio_tokens_per_s']:.2f}x | {'>= 1.2x' if r['target'] else '-'} | {ms(o['test_main'])} | "
+                  f"{ms(b['test_main'])} | {o['peak_rss_mb']['mean']:.0f} / {b['peak_rss_mb']['mean']:.0f} |")
+    table = "\n".join(md) + "\n"
+    (args.out / "throughput.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
