@@ -21,11 +21,8 @@ Writes ``<out>/method_costs.json`` and ``<out>/method_costs.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from said_step import make_batch, rss_mb  # noqa: E402  (one batch and RSS reader for every bench)
+from _common import PeakRSS, in_fresh_process, write_outputs  # noqa: E402
+from said_step import make_batch  # noqa: E402  (the same real batch as the SAID benchmark)
 
 
 def measure(method: str, model_name: str, batch_size: int, max_length: int, threads: int, d: int) -> dict:
@@ -52,23 +50,6 @@ def measure(method: str, model_name: str, batch_size: int, max_length: int, thre
     spec = ModelSpec.from_config(model_name, {})
     batch = make_batch(model_name, batch_size, max_length)
     exp = load_experiment(ROOT / "config" / "experiments", "full" if method == "said" else method, "default")
-    base, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    model = load_model(spec, 2, "single_label_classification", seed=0)
-    obj = subspace_method({"d": d, "said": True}) if method == "said" else build_method(
-        method, exp.method_params, spec.targets)
-    if obj.needs_calibration:
-        obj.calibrate(model, iter([batch] * 8))
-    model = obj.apply(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(model, exp.training)
 
     def step():
         model.train()
@@ -78,11 +59,18 @@ def measure(method: str, model_name: str, batch_size: int, max_length: int, thre
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    done.set()
-    sampler.join()
-    memory = max(peak[0], rss_mb()) - base
+    with PeakRSS() as mem:
+        model = load_model(spec, 2, "single_label_classification", seed=0)
+        obj = subspace_method({"d": d, "said": True}) if method == "said" else build_method(
+            method, exp.method_params, spec.targets)
+        if obj.needs_calibration:
+            obj.calibrate(model, iter([batch] * 8))
+        model = obj.apply(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(model, exp.training)
+        for _ in range(3):
+            step()
+    memory = mem.mb
     times = []
     for i in range(10):
         t0 = time.perf_counter()
@@ -96,17 +84,6 @@ def measure(method: str, model_name: str, batch_size: int, max_length: int, thre
     inference = inference_cost(obj, model, plain, inputs)
     return {"method": method, "trainable_params": trainable, "memory_mb": memory,
             "step_s": statistics.median(times), "inference": inference}
-
-
-def in_fresh_process(method: str, args) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import method_costs as b;"
-            f"print('RESULT ' + json.dumps(b.measure({method!r}, {args.model!r}, {args.batch_size}, "
-            f"{args.max_length}, {args.threads}, {args.d})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for m in methods:
         print(f"{m} ...", flush=True)
-        results[m] = in_fresh_process(m, args)
+        results[m] = in_fresh_process("method_costs", f"measure({m!r}, {args.model!r}, {args.batch_size}, "
+                                                      f"{args.max_length}, {args.threads}, {args.d})")
     full = results["full"]
     rows = ["| method | trainable | peak memory (MB) | memory / full | step (s) | step / full | "
             "unmerged / plain latency | merged / plain latency | merged max abs diff |",
@@ -139,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {m} | {r['trainable_params']:,} | {r['memory_mb']:.0f} | {r['memory_ratio']:.2f} | "
                     f"{r['step_s']:.3f} | {r['step_ratio']:.2f}x | {inf['unmerged_ms_per_batch'] / base:.2f}x | "
                     + (f"{merged / base:.2f}x | {inf['merged_max_abs_diff']:.1e} |" if merged else "not mergeable | - |"))
-    (args.out).mkdir(parents=True, exist_ok=True)
-    (args.out / "method_costs.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                            "results": results}, indent=1))
-    table = "\n".join(rows) + "\n"
-    (args.out / "method_costs.md").write_text(table)
-    print(table)
+    write_outputs(args.out, "method_costs", {"args": vars(args), "results": results}, "\n".join(rows) + "\n")
     return 0
 
 

@@ -37,6 +37,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import write_outputs  # noqa: E402
 
 MODELS = {"minilm-l6": {}, "mpnet-base": {}, "smollm2-135m": {}, "bert-base": {"pretrained": "bert-base-uncased"},
           "roberta-base": {"pretrained": "FacebookAI/roberta-base"}}
@@ -171,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_jobs:
         result["jobs"] = job_costs(work)
     result["report"] = report_over_records(work)
-    (args.out / "pipeline_scale.json").write_text(json.dumps(result, indent=1))
     d, r = result["dag"], result["report"]
     rows = ["| measurement | value | target |", "|---|---|---|",
             f"| `snakemake -n`, {d['runs']:,} runs ({d['jobs']:,} jobs) | {d['median_s']:.1f} s (median of 3) | < 10 s |"]
@@ -181,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{c['max']:.1f} s | < 10 s |")
     rows.append(f"| aggregate + report over {r['records']:,} records | {r['total_s']:.1f} s "
                 f"(aggregate {r['aggregate_s']:.1f} s; {r['html_mb']:.1f} MB of HTML) | < 30 s |")
-    table = "\n".join(rows) + "\n"
-    (args.out / "pipeline_scale.md").write_text(table)
-    print(table)
+    write_outputs(args.out, "pipeline_scale", result, "\n".join(rows) + "\n")
     return 0
 
 

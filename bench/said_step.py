@@ -17,10 +17,8 @@ Writes ``<out>/said_step.json`` and ``<out>/said_step.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import PeakRSS, in_fresh_process, write_outputs  # noqa: E402
 
 
 def make_batch(model_name: str, batch_size: int, max_length: int):
@@ -78,42 +79,22 @@ def time_steps(args) -> dict:
             "trainable": {m: sum(p.numel() for p in built[m][1]) for m in built}}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def mode_memory_mb(mode: str, model_name: str, d: int, batch_size: int, max_length: int, threads: int) -> float:
     """Peak RSS while building one mode and running 3 steps, minus the RSS before (imports
-    and the batch): the memory the mode itself needs (sampled every 2 ms)."""
-    import threading
-
+    and the batch): the memory the mode itself needs."""
     torch.set_num_threads(threads)
     batch = make_batch(model_name, batch_size, max_length)
-    base, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    m = build(mode, model_name, d)
-    for _ in range(3):
-        step(*m, batch)
-    done.set()
-    t.join()
-    return max(peak[0], rss_mb()) - base
+    with PeakRSS() as mem:
+        m = build(mode, model_name, d)
+        for _ in range(3):
+            step(*m, batch)
+    return mem.mb
 
 
 def peak_rss_mb(args, mode: str) -> float:
     """``mode_memory_mb`` in a fresh process (no allocator state shared with the other mode)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import said_step as b;"
-            f"print(b.mode_memory_mb({mode!r}, {args.model!r}, {args.d}, {args.batch_size}, "
-            f"{args.max_length}, {args.threads}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    return in_fresh_process("said_step", f"mode_memory_mb({mode!r}, {args.model!r}, {args.d}, {args.batch_size}, "
+                                         f"{args.max_length}, {args.threads})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
               "peak_rss_mb": {m: peak_rss_mb(args, m) for m in ("full", "said")},
               "torch": torch.__version__, "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     result["memory_ratio"] = result["peak_rss_mb"]["said"] / result["peak_rss_mb"]["full"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "said_step.json").write_text(json.dumps(result, indent=1))
     med = result["median_s"]
     table = (
         "| model | batch (shape) | d | full step (s) | SAID step (s) | SAID / full | target | "
@@ -141,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {args.model} | {result['shape']} | {args.d} | {med['full']:.3f} | {med['said']:.3f} | "
         f"{result['ratio']:.2f}x | <= 1.5x | {result['peak_rss_mb']['full']:.0f} | {result['peak_rss_mb']['said']:.0f} |\n"
     )
-    (args.out / "said_step.md").write_text(table)
-    print(table)
+    write_outputs(args.out, "said_step", result, table)
     return 0
 
 

@@ -25,15 +25,16 @@ Writes ``<out>/throughput.json`` and ``<out>/throughput.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import in_fresh_process, write_outputs  # noqa: E402
 
 HF_METHODS = ("full", "lora", "ia3")  # against transformers.Trainer (+ peft)
 OWN_METHODS = ("loreft", "gift")  # against our LoRA
@@ -153,31 +154,20 @@ def run_hf(method: str, seed: int, data_dir: Path, model: str, epochs: float, th
             "test_main": metrics[stats["main_metric"]], "train_time_s": train_time}
 
 
-def one_run(kind: str, method: str, seed: int, args) -> dict:
-    """A run in a fresh process, so each has its own peak memory."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import throughput as b, argparse;"
-            f"a = argparse.Namespace(**json.loads({json.dumps(json.dumps(_plain(args)))}));"
-            f"r = b.in_process({kind!r}, {method!r}, {seed}, a); print('RESULT ' + json.dumps(r))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{kind} {method} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _plain(args) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def in_process(kind: str, method: str, seed: int, args) -> dict:
+def in_process(kind: str, method: str, seed: int, args: dict) -> dict:
+    """One run (``kind`` ours or hf), meant for a fresh process (``_common.in_fresh_process``)."""
     import resource
 
     import torch
 
-    out = Path(args.out)
-    data_dir = prepare(args.task, args.model, out, args.max_train, args.max_length)
+    out = Path(args["out"])
+    data_dir = prepare(args["task"], args["model"], out, args["max_train"], args["max_length"])
     fn = run_ours if kind == "ours" else run_hf
-    result = fn(method, seed, data_dir, args.model, args.epochs, args.threads, out / "runs")
+    result = fn(method, seed, data_dir, args["model"], args["epochs"], args["threads"], out / "runs")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -222,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:  # seed-major: both sides of a comparison see the same machine state
         for kind, method in pairs:
             print(f"{kind} {method} seed {seed} ...", flush=True)
-            runs.setdefault(f"{kind}/{method}", []).append(one_run(kind, method, seed, args))
+            call = f"in_process({kind!r}, {method!r}, {seed}, {_plain(args)!r})"
+            runs.setdefault(f"{kind}/{method}", []).append(in_fresh_process("throughput", call))
     summary = {k: summarise(v) for k, v in runs.items()}
     rows = []
     for method in args.methods:
@@ -236,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio_tokens_per_s": ours["tokens_per_s"]["mean"] / base["tokens_per_s"]["mean"],
                      "target": target, "ours": ours, "baseline_stats": base})
     result = {"args": _plain(args), "runs": runs, "summary": summary, "rows": rows}
-    (args.out / "throughput.json").write_text(json.dumps(result, indent=1))
     md = ["| method | vs | ours ex/s | theirs ex/s | ratio (ex/s) | ratio (tokens/s) | target | "
           "test acc ours | test acc theirs | peak RSS ours / theirs (MB) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -250,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['examples_per_s']['mean']:.1f} | {r['ratio_examples_per_s']:.2f}x | "
                   f"{r['ratio_tokens_per_s']:.2f}x | {'>= 1.2x' if r['target'] else '-'} | {ms(o['test_main'])} | "
                   f"{ms(b['test_main'])} | {o['peak_rss_mb']['mean']:.0f} / {b['peak_rss_mb']['mean']:.0f} |")
-    table = "\n".join(md) + "\n"
-    (args.out / "throughput.md").write_text(table)
-    print(table)
+    write_outputs(args.out, "throughput", result, "\n".join(md) + "\n")
     return 0
 
 

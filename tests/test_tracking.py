@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _mlflow_server import free_port, mlflow_server
 from peftlab.io import write_json
 from peftlab.tracking import log_record, pending_entries, runs_table
 
@@ -176,12 +175,6 @@ def test_unreachable_sqlite_store_queues_then_the_sync_command_catches_up(tmp_pa
     assert sorted(runs["tags.seed"]) == ["0", "1"] and set(runs["status"]) == {"FINISHED"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_server_outage_loses_nothing(tmp_path, tiny_task_dir, minilm_spec):
     """A real training run while nothing answers at the tracking URL: the job's logging
@@ -190,7 +183,7 @@ def test_mlflow_server_outage_loses_nothing(tmp_path, tiny_task_dir, minilm_spec
     from peftlab.config import RunKey, load_experiment
     from peftlab.train import finetune
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = _mlflow_config(tmp_path, uri)
     key = RunKey("minilm-l6", "rotten_tomatoes", "bitfit", "default", 0)
@@ -209,17 +202,7 @@ def test_mlflow_server_outage_loses_nothing(tmp_path, tiny_task_dir, minilm_spec
     assert log_record(other, other_path, cfg) is None
     assert len(pending_entries(cfg)) == 2
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        from peftlab.tracking import reachable
-
-        deadline = time.time() + 180
-        while not reachable(uri, timeout=1):
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
+    with mlflow_server(tmp_path, port):
         later = _record(6)
         later_path = _write(tmp_path, later)
         assert log_record(later, later_path, cfg)  # a later job: logs itself and syncs the queue
@@ -234,13 +217,6 @@ def test_mlflow_server_outage_loses_nothing(tmp_path, tiny_task_dir, minilm_spec
         client = MlflowClient(uri)
         assert [a.path for a in client.list_artifacts(bitfit["run_id"])] == ["result.json"]
         assert len(client.get_metric_history(bitfit["run_id"], "train_loss")) == len(record["curves"]["train_loss"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow
