@@ -3,6 +3,7 @@ in ``<out>/bench.json``.
 
     python bench/run.py                  # throughput, method costs, SAID step, pipeline scale
     python bench/run.py --only throughput said_step --quick
+    python bench/run.py --collect        # bench.md again from the outputs already there
 
 Run it on a quiet machine: every figure is a ratio of two things measured side by side in
 the same run, but a busy machine still adds noise. ``--quick`` uses one seed and fewer
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import write_outputs  # noqa: E402
+
 BENCHES = ("throughput", "method_costs", "said_step", "pipeline_scale")
 
 
@@ -39,56 +42,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one seed, fewer methods: a smoke run")
     ap.add_argument("--gpu-models", action="store_true", help="throughput also on mpnet-base and smollm2-135m")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: rebuild bench.md / bench.json from the outputs already in --out")
     args = ap.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    sections, figures = [], {}
     started = time.time()
     header = (f"Machine: {platform.machine()}, {torch.get_num_threads()} threads available, "
               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
               f"torch {torch.__version__}.")
-    for name in args.only:
+    models = ["minilm-l6"] + (["mpnet-base", "smollm2-135m"] if args.gpu_models else [])
+    for name in [] if args.collect else args.only:
         t0 = time.time()
         print(f"== {name}", flush=True)
         if name == "throughput":
-            models = ["minilm-l6"] + (["mpnet-base", "smollm2-135m"] if args.gpu_models else [])
             for model in models:
                 extra = ["--seeds", "0", "--methods", "full", "lora", "gift"] if args.quick else []
                 throughput.main(["--model", model, "--out", str(out / "throughput" / model), *extra])
-                sections.append((f"Training throughput, {model}", out / "throughput" / model / "throughput.md"))
-                figures[f"throughput/{model}"] = json.loads((out / "throughput" / model / "throughput.json").read_text())
         elif name == "method_costs":
             extra = ["--methods", "full", "lora", "sift", "pafi", "said"] if args.quick else []
             method_costs.main(["--out", str(out / "method_costs"), *extra])
-            sections.append(("Method costs (memory, step time, inference latency)", out / "method_costs" / "method_costs.md"))
-            figures["method_costs"] = json.loads((out / "method_costs" / "method_costs.json").read_text())
         elif name == "said_step":
-            for d, bs in ((1000, 16), (4000, 16), (16000, 16), (4000, 32)):
-                sub = out / "said_step" / f"d{d}_b{bs}"
-                said_step.main(["--d", str(d), "--batch-size", str(bs), "--out", str(sub)])
-                figures[f"said_step/d{d}_b{bs}"] = json.loads((sub / "said_step.json").read_text())
-            lines = []
-            for i, sub in enumerate(sorted((out / "said_step").iterdir())):
-                table = (sub / "said_step.md").read_text().splitlines()
-                lines += table if i == 0 else table[2:]
-            (out / "said_step" / "said_step.md").write_text("\n".join(lines) + "\n")
-            sections.append(("One SAID step vs one full fine-tuning step", out / "said_step" / "said_step.md"))
+            for d, bs in SAID_SHAPES:
+                said_step.main(["--d", str(d), "--batch-size", str(bs), "--out", str(out / "said_step" / f"d{d}_b{bs}")])
         elif name == "pipeline_scale":
             pipeline_scale.main(["--out", str(out / "pipeline_scale")])
-            sections.append(("Pipeline scale", out / "pipeline_scale" / "pipeline_scale.md"))
-            figures["pipeline_scale"] = json.loads((out / "pipeline_scale" / "pipeline_scale.json").read_text())
         print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
-    md = [f"# peftlab benchmarks\n\n{header} Run took {time.time() - started:.0f} s"
-          + (" (quick: not figures to quote)." if args.quick else ".")]
-    if not torch.cuda.is_available():
+    collect(out, header, args.quick, None if args.collect else time.time() - started)
+    return 0
+
+
+SAID_SHAPES = ((1000, 16), (4000, 16), (16000, 16), (4000, 32))
+
+
+def _measured(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+
+
+def collect(out: Path, header: str, quick: bool, seconds: float | None) -> tuple[str, dict]:
+    """``bench.md`` / ``bench.json`` from every benchmark's outputs found under ``out``, each
+    section stamped with when it was measured (a partial rerun keeps the other sections)."""
+    sections, figures = [], {}
+    for model_dir in sorted((out / "throughput").glob("*/throughput.json")):
+        model = model_dir.parent.name
+        sections.append((f"Training throughput, {model}", model_dir.with_suffix(".md")))
+        figures[f"throughput/{model}"] = json.loads(model_dir.read_text())
+    if (out / "method_costs" / "method_costs.json").exists():
+        sections.append(("Method costs (memory, step time, inference latency)", out / "method_costs" / "method_costs.md"))
+        figures["method_costs"] = json.loads((out / "method_costs" / "method_costs.json").read_text())
+    said = [(out / "said_step" / f"d{d}_b{bs}", d, bs) for d, bs in SAID_SHAPES]
+    said = [x for x in said if (x[0] / "said_step.json").exists()]
+    if said:
+        lines = []
+        for i, (sub, d, bs) in enumerate(said):
+            table = (sub / "said_step.md").read_text().splitlines()
+            lines += table if i == 0 else table[2:]
+            figures[f"said_step/d{d}_b{bs}"] = json.loads((sub / "said_step.json").read_text())
+        (out / "said_step" / "said_step.md").write_text("\n".join(lines) + "\n")
+        sections.append(("One SAID step vs one full fine-tuning step", out / "said_step" / "said_step.md"))
+    if (out / "pipeline_scale" / "pipeline_scale.json").exists():
+        sections.append(("Pipeline scale", out / "pipeline_scale" / "pipeline_scale.md"))
+        figures["pipeline_scale"] = json.loads((out / "pipeline_scale" / "pipeline_scale.json").read_text())
+    md = [f"# peftlab benchmarks\n\n{header}"
+          + (f" This run took {seconds:.0f} s." if seconds is not None else "")
+          + (" Quick run: not figures to quote." if quick else "")]
+    if "CUDA" not in header:
         md.append("\nNo GPU on this machine: the GPU throughput (TFLOP/s, model FLOPs utilisation) is not measured.")
     for title, path in sections:
-        md.append(f"\n## {title}\n\n{path.read_text()}")
-    (out / "bench.md").write_text("\n".join(md))
-    (out / "bench.json").write_text(json.dumps({"machine": header, "quick": args.quick, "figures": figures},
-                                               indent=1, default=str))
-    print("\n".join(md))
-    return 0
+        md.append(f"\n## {title}\n\nMeasured {_measured(path)}.\n\n{path.read_text()}")
+    text = "\n".join(md)
+    write_outputs(out, "bench", {"machine": header, "quick": quick, "figures": figures}, text)
+    return text, figures
 
 
 if __name__ == "__main__":

@@ -98,22 +98,26 @@ def sift_mask_input(wildcards):
     return []
 
 
-def experiment_inputs(wildcards):
-    """The two YAML files that define this run's experiment (reruns when they change)."""
-    return [
-        str(p)
-        for p in experiment_files(
-            config["experiments_dir"], wildcards.method, wildcards.variant
-        )
-    ]
+# the two YAML files that define a run's experiment (reruns when they change): patterns,
+# not an input function, which costs per job on a large grid
+EXPERIMENT_FILES = [
+    str(p) for p in experiment_files(config["experiments_dir"], "{method}", "{variant}")
+]
 
 
 def method_code(wildcards):
     """Fingerprint of the code a method's results depend on: its module, the method base,
     the training loop and model loading. Editing another method's module leaves it alone.
-    """
-    shared = [SRC / "train.py", SRC / "models.py", SRC / "metrics.py"]
-    return files_fingerprint(method_source_files(wildcards.method) + shared)
+    Hashed once per method: a 2,400-run grid asks 2,400 times."""
+    if wildcards.method not in _METHOD_CODE:
+        shared = [SRC / "train.py", SRC / "models.py", SRC / "metrics.py"]
+        _METHOD_CODE[wildcards.method] = files_fingerprint(
+            method_source_files(wildcards.method) + shared
+        )
+    return _METHOD_CODE[wildcards.method]
+
+
+_METHOD_CODE = {}
 
 
 # the code of the intrinsic-dimension runs (the grid's and d90's bisection points)

@@ -4,7 +4,7 @@ rule finetune:
         train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
         validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
         stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
-        experiment=experiment_inputs,
+        experiment=EXPERIMENT_FILES,
         mask=sift_mask_input,
     output:
         weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
