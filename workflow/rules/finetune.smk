@@ -22,7 +22,6 @@ rule finetune:
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
-        experiments_dir=config["experiments_dir"],
         mlflow=MLFLOW,
         code=method_code,
     script:
