@@ -85,10 +85,11 @@ def collect(out: Path, header: str, quick: bool, seconds: float | None) -> tuple
     sections, figures = [], {}
     for model_dir in sorted((out / "throughput").glob("*/throughput.json")):
         model = model_dir.parent.name
-        sections.append((f"Training throughput, {model}", model_dir.with_suffix(".md")))
+        sections.append((f"Training throughput, {model}", model_dir.with_suffix(".md"), model_dir))
         figures[f"throughput/{model}"] = json.loads(model_dir.read_text())
     if (out / "method_costs" / "method_costs.json").exists():
-        sections.append(("Method costs (memory, step time, inference latency)", out / "method_costs" / "method_costs.md"))
+        sections.append(("Method costs (memory, step time, inference latency)", out / "method_costs" / "method_costs.md",
+                         out / "method_costs" / "method_costs.json"))
         figures["method_costs"] = json.loads((out / "method_costs" / "method_costs.json").read_text())
     said = [(out / "said_step" / f"d{d}_b{bs}", d, bs) for d, bs in SAID_SHAPES]
     said = [x for x in said if (x[0] / "said_step.json").exists()]
@@ -99,17 +100,19 @@ def collect(out: Path, header: str, quick: bool, seconds: float | None) -> tuple
             lines += table if i == 0 else table[2:]
             figures[f"said_step/d{d}_b{bs}"] = json.loads((sub / "said_step.json").read_text())
         (out / "said_step" / "said_step.md").write_text("\n".join(lines) + "\n")
-        sections.append(("One SAID step vs one full fine-tuning step", out / "said_step" / "said_step.md"))
+        newest = max((sub / "said_step.json" for sub, _, _ in said), key=lambda p: p.stat().st_mtime)
+        sections.append(("One SAID step vs one full fine-tuning step", out / "said_step" / "said_step.md", newest))
     if (out / "pipeline_scale" / "pipeline_scale.json").exists():
-        sections.append(("Pipeline scale", out / "pipeline_scale" / "pipeline_scale.md"))
+        sections.append(("Pipeline scale", out / "pipeline_scale" / "pipeline_scale.md",
+                         out / "pipeline_scale" / "pipeline_scale.json"))
         figures["pipeline_scale"] = json.loads((out / "pipeline_scale" / "pipeline_scale.json").read_text())
     md = [f"# peftlab benchmarks\n\n{header}"
           + (f" This run took {seconds:.0f} s." if seconds is not None else "")
           + (" Quick run: not figures to quote." if quick else "")]
     if "CUDA" not in header:
         md.append("\nNo GPU on this machine: the GPU throughput (TFLOP/s, model FLOPs utilisation) is not measured.")
-    for title, path in sections:
-        md.append(f"\n## {title}\n\nMeasured {_measured(path)}.\n\n{path.read_text()}")
+    for title, path, measured in sections:
+        md.append(f"\n## {title}\n\nMeasured {_measured(measured)}.\n\n{path.read_text()}")
     text = "\n".join(md)
     write_outputs(out, "bench", {"machine": header, "quick": quick, "figures": figures}, text)
     return text, figures
