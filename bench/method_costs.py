@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import PeakRSS, in_fresh_process, write_outputs  # noqa: E402
-from said_step import make_batch  # noqa: E402  (the same real batch as the SAID benchmark)
+from said_step import make_batch, step  # noqa: E402  (the SAID benchmark's real batch and training step)
 
 
 def measure(method: str, model_name: str, batch_size: int, max_length: int, threads: int, d: int) -> dict:
@@ -51,14 +51,6 @@ def measure(method: str, model_name: str, batch_size: int, max_length: int, thre
     batch = make_batch(model_name, batch_size, max_length)
     exp = load_experiment(ROOT / "config" / "experiments", "full" if method == "said" else method, "default")
 
-    def step():
-        model.train()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     with PeakRSS() as mem:
         model = load_model(spec, 2, "single_label_classification", seed=0)
         obj = subspace_method({"d": d, "said": True}) if method == "said" else build_method(
@@ -69,12 +61,12 @@ def measure(method: str, model_name: str, batch_size: int, max_length: int, thre
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _optimizer(model, exp.training)
         for _ in range(3):
-            step()
+            step(model, params, opt, batch)
     memory = mem.mb
     times = []
     for i in range(10):
         t0 = time.perf_counter()
-        step()
+        step(model, params, opt, batch)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     trainable = count_parameters(model, trainable_only=True)  # before merging (it may unwrap in place)
