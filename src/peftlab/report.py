@@ -551,8 +551,17 @@ def figure_cross_analysis(cross: pd.DataFrame, style: Style):
         for label, g in (sub.groupby("label", sort=True) if len(sub) else []):
             ax.plot(g[col], g["gap_to_full"], "-" if len(g) > 1 else "", marker=style.marker(label),
                     color=style.color(label), label=label, alpha=0.85)
-        if log and len(sub):
+        if log and len(sub):  # ticks at the tasks' own d90 values (log minor labels collide)
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            values = sorted(set(sub[col]))
+            ax.set_xticks(values, [f"{v:,.0f}" for v in values])
+        elif len(sub):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.axhline(0, color="black", lw=0.8)
         ax.set(xlabel=xlabel)
         ax.grid(True, alpha=0.3)
