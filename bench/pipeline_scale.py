@@ -39,8 +39,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))  # the pipeline tests' scratch copy of the workflow
 
 from _common import write_outputs  # noqa: E402
+
+from _workflow_copy import workflow_copy  # noqa: E402
 
 MODELS = {"minilm-l6": {}, "mpnet-base": {}, "smollm2-135m": {}, "bert-base": {"pretrained": "bert-base-uncased"},
           "roberta-base": {"pretrained": "FacebookAI/roberta-base"}}
@@ -49,14 +52,6 @@ TASKS = {"rotten_tomatoes": {}, "imdb": {}, "bbc_news": {}, **{t: {"source": "gl
 VARIANTS = {"full": ["default"], "bitfit": ["default"], "lora": ["default"], "dora": ["default"],
             "ia3": ["default"], "vera": ["default"], "gift": ["default"], "hiwi": ["default"],
             "adapter": ["default", "pfeiffer"], "loreft": ["default"], "sift": ["default"]}
-
-
-def workflow_copy(dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "envs", "src"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    shutil.copytree(ROOT / "tests" / "configs", dest / "tests" / "configs")
-    return dest
 
 
 def snakemake(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from _malformed import CASES, base_config, experiments_copy
+from _workflow_copy import workflow_copy
 
 REPO = Path(__file__).resolve().parents[1]
 # Snakemake's own info line when --configfile replaces config/config.yaml
@@ -104,15 +105,6 @@ def test_malformed_configs_on_the_command_line(case_files):
         _assert_one_line(rc, lines, cases[name].expect)
 
 
-def _workflow_copy(dest: Path) -> Path:
-    import shutil
-
-    for name in ("Snakefile", "workflow", "config", "src"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    return dest
-
-
 @pytest.mark.parametrize(
     ("edit", "expect"),
     [
@@ -126,7 +118,7 @@ def _workflow_copy(dest: Path) -> Path:
     ids=["tab", "duplicate-key"],
 )
 def test_default_config_file_errors_name_file_and_line(tmp_path, edit, expect):
-    work = _workflow_copy(tmp_path)
+    work = workflow_copy(tmp_path)
     path = work / "config" / "config.yaml"
     path.write_text(edit(path.read_text()))
     rc, lines = _console(cwd=work)

@@ -21,6 +21,8 @@ import psutil
 import pytest
 import yaml
 
+from _workflow_copy import workflow_copy
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = "minilm-l6/rotten_tomatoes"
 
@@ -36,11 +38,7 @@ def snakemake(work: Path, *args, timeout=900):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("robust")
-    for name in ("Snakefile", "workflow", "config", "envs", "src"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    shutil.copytree(REPO / "tests" / "configs", work / "tests" / "configs")
+    work = workflow_copy(tmp_path_factory.mktemp("robust"))
     exp = work / "tests" / "configs" / "experiments"
     (exp / "full" / "diverge.yaml").write_text("# far too high a rate: the loss becomes NaN\n"
                                                "training:\n  learning_rate: 1.0e+4\n")

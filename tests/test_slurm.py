@@ -23,6 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from _mlflow_server import mlflow_server as serve_mlflow
+from _workflow_copy import workflow_copy
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--configfile", "tests/configs/tiny.yaml"]
@@ -47,16 +48,6 @@ def snakemake(*args, cwd: Path, env: dict | None = None, limit: int = 1500, log:
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     return rc, log.read_text()
-
-
-def workflow_copy(dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "envs", "src", "slurm"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name,
-                                                           **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                                              if src.is_dir() else {}))
-    shutil.copytree(REPO / "tests" / "configs", dest / "tests" / "configs")
-    return dest
 
 
 def slurm_cluster() -> str | None:
@@ -101,7 +92,7 @@ def jobs_of(output: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def test_profile_takes_site_values_from_the_environment(tmp_path):
-    work = workflow_copy(tmp_path)
+    work = workflow_copy(tmp_path, extra=("slurm",))
     site = {"PEFTLAB_SLURM_ACCOUNT": "proj-42", "PEFTLAB_SLURM_PARTITION": "cpu",
             "PEFTLAB_SLURM_GPU_PARTITION": "gpu-a100", "PEFTLAB_SLURM_GPU_MODEL": "a100",
             "PEFTLAB_SLURM_QOS": "normal", "PEFTLAB_SLURM_EXTRA": "--mail-type=FAIL"}
@@ -167,7 +158,7 @@ class TinyRun:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> TinyRun:
-    work = workflow_copy(tmp_path_factory.mktemp("tiny"))
+    work = workflow_copy(tmp_path_factory.mktemp("tiny"), extra=("slurm",))
     t0 = time.monotonic()
     if slurm_cluster() is None:
         rc, out = snakemake("--profile", "slurm", *TINY, *SMALL_NODE, "--verbose", cwd=work,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from _workflow_copy import workflow_copy
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(*args, cwd=REPO, timeout=1800):
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def workflow_copy(dest: Path) -> Path:
-    """The workflow files in a scratch folder, so a run never touches the checkout's results."""
-    for name in ("Snakefile", "workflow", "config", "envs", "src"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    shutil.copytree(REPO / "tests" / "configs", dest / "tests" / "configs")
-    return dest
 
 
 def test_dry_run_of_default_config_lists_every_stage():
