@@ -252,6 +252,8 @@ CASES: list[Case] = [
          ("bad.yaml", "unknown key 'batchsize'", "did you mean 'batch_size'")),
     Case("variant-top-level-typo", _variant("full", "trainig:\n  batch_size: 8\n"),
          ("bad.yaml", "unknown key 'trainig'", "did you mean 'training'")),
+    Case("variant-bad-precision", _variant("full", "training:\n  precision: fp16\n"),
+         ("bad.yaml", "'training.precision' = 'fp16'", "bf16")),
     Case("variant-bad-nonfinite-policy", _variant("full", "training:\n  on_nonfinite_loss: ignore\n"),
          ("bad.yaml", "'training.on_nonfinite_loss' = 'ignore'", "skip")),
     Case("defaults-bad-value", _write("defaults.yaml", "training:\n  warmup_ratio: 2\n"),

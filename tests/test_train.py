@@ -280,3 +280,50 @@ def test_record_has_steady_state_throughput(tmp_path, minilm_spec, tiny_task_dir
     assert tp["examples_per_s"] > 0 and tp["tokens_per_s"] <= tp["padded_tokens_per_s"]
     assert 0 <= tp["padding_share"] < 1
     assert rec["config"]["training"]["group_by_length"] is True
+
+
+def test_deferred_loss_readback_gives_the_same_run(tmp_path, minilm_spec, tiny_task_dir, monkeypatch):
+    """On a GPU the loop reads losses back only at logging / validation / checkpoint steps;
+    forced on here, it gives the very same run (curves, weights), and a NaN is still caught
+    and named at the step where it came, with no NaN in the curves."""
+    import peftlab.train as train
+
+    _, _, now = _run(tmp_path, minilm_spec, tiny_task_dir, "now", method="bitfit", max_steps=5, log_every_steps=3)
+    _, _, nan_now = _run(tmp_path, minilm_spec, tiny_task_dir, "nan_now", method="full", learning_rate=1.0e4)
+    monkeypatch.setattr(train, "defer_loss_readback", lambda dev: True)
+    _, _, later = _run(tmp_path, minilm_spec, tiny_task_dir, "later", method="bitfit", max_steps=5, log_every_steps=3)
+    _, _, nan_later = _run(tmp_path, minilm_spec, tiny_task_dir, "nan_later", method="full", learning_rate=1.0e4)
+    assert later["curves"] == now["curves"] and later["best_validation"] == now["best_validation"]
+    assert (tmp_path / "later" / "w.safetensors").read_bytes() == (tmp_path / "now" / "w.safetensors").read_bytes()
+    assert nan_now["failure"]["step"] == 2 and nan_later["status"] == "failed"
+    assert nan_later["failure"] == nan_now["failure"]  # found later (at a logging step), named at its own step
+    assert nan_later["steps"] >= nan_now["steps"]
+    assert all(np.isfinite(loss) for _, loss in nan_later["curves"]["train_loss"])
+
+
+def test_precision_setting_and_record(tmp_path, minilm_spec, tiny_task_dir):
+    """auto is fp32 on a CPU (the bitwise-reproducible default); bf16 asks for autocast on any
+    device and the record says which ran; an unknown value is refused by name."""
+    _, _, auto = _run(tmp_path, minilm_spec, tiny_task_dir, "auto", method="lora", max_steps=2)
+    _, out, bf16 = _run(tmp_path, minilm_spec, tiny_task_dir, "bf16", method="lora", max_steps=2, precision="bf16")
+    assert auto["precision"] == "fp32" and bf16["precision"] == "bf16 autocast"
+    assert bf16["status"] == "completed" and np.isfinite(bf16["curves"]["train_loss"][-1][1])
+    assert bf16["curves"]["train_loss"] != auto["curves"]["train_loss"]  # autocast really ran
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
+        TrainConfig(precision="fp16")
+
+
+def test_every_method_trains_under_bf16_autocast(tmp_path, minilm_spec, tiny_task_dir):
+    """What a GPU run does by default (precision auto = bf16 autocast there), on the CPU: every
+    method's default variant trains and validates, with a finite loss."""
+    from peftlab.config import REPO_ROOT, load_experiment
+    from peftlab.methods import METHODS
+
+    for name in sorted(METHODS):
+        exp = load_experiment(REPO_ROOT / "config" / "experiments", name, "default")
+        exp = dataclasses.replace(exp, training=dataclasses.replace(exp.training, max_steps=2, precision="bf16"))
+        key = RunKey("minilm-l6", "rotten_tomatoes", name, "default", 0)
+        rec = finetune(key, minilm_spec, exp, tiny_task_dir, tmp_path / name / "w.safetensors",
+                       tmp_path / name / "r.json", threads=1)
+        assert rec["status"] == "completed" and rec["precision"] == "bf16 autocast", name
+        assert np.isfinite(rec["curves"]["train_loss"][-1][1]) and rec["curves"]["validation"], name

@@ -447,6 +447,7 @@ def sift_analysis_variants(config: dict) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------
 
 NONFINITE_POLICIES = ("stop", "skip")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,8 @@ class TrainConfig:
     group_by_length: bool = True
     # a NaN/inf loss: stop (the run is recorded as failed) or skip that batch (counted)
     on_nonfinite_loss: str = "stop"
+    # forward-pass precision: auto (bf16 autocast on a CUDA GPU, fp32 elsewhere), fp32, bf16
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -478,6 +481,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be linear, constant or cosine, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.on_nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite_loss must be stop or skip, got {self.on_nonfinite_loss!r}")
 

@@ -16,7 +16,7 @@ from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, git_commit, set_seed, versions
-from .train import Collator, make_eval_loader, make_loader, predict
+from .train import Collator, autocast_dtype, make_eval_loader, make_loader, predict
 
 
 def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
@@ -89,9 +89,11 @@ def evaluate(
     model = method.load(model, weights_path).to(dev)
     collator = Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION)
     batch_size = ft["config"]["training"]["eval_batch_size"]
-    loader = make_eval_loader(test_df, batch_size, collator)
+    loader = make_eval_loader(test_df, batch_size, collator, pin_memory=dev.type == "cuda")
+    # the training's precision (records written before it was a setting: auto)
+    amp = autocast_dtype(ft["config"]["training"].get("precision", "auto"), dev)
     t0 = time.perf_counter()
-    outputs, labels = predict(model, loader, dev, desc="test")
+    outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
     elapsed = time.perf_counter() - t0
     metrics = compute_metrics(stats["problem_type"], outputs, labels)
     inference = None

@@ -11,6 +11,7 @@ same numbers, bitwise on CPU, as one that was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -75,9 +76,37 @@ def _rows(frame: pd.DataFrame) -> list[dict]:
     return frame[cols].to_dict("records")
 
 
-def make_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, shuffle: bool, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(_rows(frame), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=gen)
+    return DataLoader(_rows(frame), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=gen,
+                      pin_memory=pin_memory)
+
+
+def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``training.precision`` on ``dev`` (None: plain fp32). ``auto`` is
+    bf16 autocast on a CUDA GPU that supports it and fp32 elsewhere; ``bf16`` asks for it on
+    any device (on a CPU it is slower than fp32 unless the CPU has bf16 instructions)."""
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dev: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the forward pass (weights and optimizer state stay fp32)."""
+    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on ``dev``; from pinned host memory (a GPU's loaders) the copies are asynchronous."""
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def defer_loss_readback(dev: torch.device) -> bool:
+    """Whether the loop reads each step's loss back only at logging, validation and checkpoint
+    steps instead of after every step: on a GPU a read-back waits for the step's kernels,
+    so the host cannot queue the next step meanwhile; on a CPU it costs nothing."""
+    return dev.type == "cuda"
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
@@ -143,21 +172,23 @@ class Throughput:
 
 
 def make_train_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, seed: int,
-                      group_by_length: bool) -> DataLoader:
+                      group_by_length: bool, pin_memory: bool = False) -> DataLoader:
     """The shuffled training loader: plain random batches, or ``LengthGroupedBatches``."""
     if not group_by_length:
-        return make_loader(frame, batch_size, collator, shuffle=True, seed=seed)
+        return make_loader(frame, batch_size, collator, shuffle=True, seed=seed, pin_memory=pin_memory)
     gen = torch.Generator().manual_seed(seed)
     sampler = LengthGroupedBatches(frame["input_ids"].map(len).tolist(), batch_size, gen)
-    return DataLoader(_rows(frame), batch_sampler=sampler, collate_fn=collator, generator=gen)
+    return DataLoader(_rows(frame), batch_sampler=sampler, collate_fn=collator, generator=gen,
+                      pin_memory=pin_memory)
 
 
-def make_eval_loader(frame: pd.DataFrame, batch_size: int, collator: Collator) -> DataLoader:
+def make_eval_loader(frame: pd.DataFrame, batch_size: int, collator: Collator,
+                     pin_memory: bool = False) -> DataLoader:
     """Batches of rows sorted by token count, so each batch pads to a similar length (on
     rotten_tomatoes' validation split, half the time of batches in file order). ``predict``
     puts the outputs back in the frame's row order."""
     order = np.argsort(frame["input_ids"].map(len).to_numpy(), kind="stable")
-    loader = make_loader(frame.iloc[order], batch_size, collator, shuffle=False)
+    loader = make_loader(frame.iloc[order], batch_size, collator, shuffle=False, pin_memory=pin_memory)
     loader.row_order = order
     return loader
 
@@ -173,16 +204,18 @@ def eval_steps(steps_per_epoch: int, evals_per_epoch: int, total_steps: int) -> 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str = "predict",
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logits (or regression outputs) and labels over a loader, in the rows' order (the
-    frame's order for a ``make_eval_loader``)."""
+    frame's order for a ``make_eval_loader``); ``dtype``: autocast (``autocast_dtype``).
+    The outputs stay on the device until the end (one read-back, not one per batch)."""
     model.eval()
     outs, labels = [], []
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
         labels.append(batch.pop("labels").numpy())
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        outs.append(model(**batch).logits.float().cpu().numpy())
-    outputs, labels = np.concatenate(outs), np.concatenate(labels)
+        with autocast(dev, dtype):
+            outs.append(model(**to_device(batch, dev)).logits.float())
+    outputs, labels = torch.cat(outs).cpu().numpy(), np.concatenate(labels)
     order = getattr(loader, "row_order", None)
     if order is not None:
         inverse = np.empty_like(order)
@@ -191,7 +224,7 @@ def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str =
     return outputs, labels
 
 
-def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg, dev: torch.device | None = None) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -200,7 +233,8 @@ def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         is_weight = p.ndim >= 2 or name.endswith("sparse_delta")
         (decay if is_weight and "layernorm" not in name.lower() else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    # on a GPU the fused kernel updates every tensor in one launch
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=dev is not None and dev.type == "cuda")
 
 
 def _schedule(total_steps: int, cfg):
@@ -229,12 +263,12 @@ class LossGuard:
         self.skipped, self.in_a_row = 0, 0
         self.failure: dict[str, Any] | None = None
 
-    def ok(self, loss: torch.Tensor, step: int) -> bool:
-        """True when the batch trains; False to skip it (``failure`` is set when the run stops)."""
-        if torch.isfinite(loss):
+    def ok(self, value: float, step: int) -> bool:
+        """True when the batch (its loss ``value``) trains; False to skip it (``failure`` is
+        set when the run stops)."""
+        if math.isfinite(value):
             self.in_a_row = 0
             return True
-        value = loss.item()
         what = "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         if self.policy == "skip":
             self.skipped += 1
@@ -312,7 +346,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     collator = Collator(tokenizer.pad_token_id, regression)
     if method.needs_calibration:
         calib = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
-        method.calibrate(model.to(dev), ({k: v.to(dev) for k, v in b.items()} for b in calib))
+        method.calibrate(model.to(dev), (to_device(b, dev) for b in calib))
     expected = method.expected_trainable_parameters(model)
     model = method.apply(model).to(dev)
     trainable = count_parameters(model, trainable_only=True)
@@ -323,12 +357,14 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         )
     log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
 
-    train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length)
-    val_loader = make_eval_loader(val_df, cfg.eval_batch_size, collator)
+    pin = dev.type == "cuda"
+    amp = autocast_dtype(cfg.precision, dev)
+    train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length, pin)
+    val_loader = make_eval_loader(val_df, cfg.eval_batch_size, collator, pin)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     evaluate_at = eval_steps(steps_per_epoch, cfg.evals_per_epoch, total_steps)
-    optimizer = _optimizer(model, cfg)
+    optimizer = _optimizer(model, cfg, dev)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, cfg))
 
     curves: dict[str, list] = {"train_loss": [], "validation": [], "learning_rate": []}
@@ -341,6 +377,25 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     epoch, batch_in_epoch = 0, 0
     epoch_rng = train_loader.generator.get_state()
     guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), steps_per_epoch)
+    # losses not read back yet, as (steps done before the batch, loss on the device): with
+    # ``skip`` every loss is read at once (the step depends on it), with ``stop`` on a GPU
+    # only at logging, validation and checkpoint steps (``settle``)
+    pending: list[tuple[int, torch.Tensor]] = []
+    defer = cfg.on_nonfinite_loss == "stop" and defer_loss_readback(dev)
+
+    def settle() -> None:
+        """Read the pending losses back in one go: the running mean takes the finite ones; the
+        first non-finite one ends the run (at the step it came from)."""
+        nonlocal running, n_running
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending]).tolist()
+        for (at, _), value in zip(pending, values, strict=True):
+            if not guard.ok(value, at):
+                break
+            running += value
+            n_running += 1
+        pending.clear()
     policy = checkpoint.CheckpointPolicy.from_env()
     ckpt_path = checkpoint.checkpoint_path(record_path)
     run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, total_steps, code_fingerprint)
@@ -348,6 +403,9 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
 
     def save_checkpoint() -> bool:
         """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
+        settle()
+        if guard.failure:  # the pending losses ended the run: nothing to resume
+            return False
         t = time.perf_counter()
         tensors = {f"trainable.{k}": v for k, v in method.trainable_state(model).items()}
         tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
@@ -396,7 +454,10 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
 
     def validate_now() -> None:
         nonlocal best_state
-        outputs, labels = predict(model, val_loader, dev, desc="validation")
+        settle()
+        if guard.failure:
+            return
+        outputs, labels = predict(model, val_loader, dev, desc="validation", dtype=amp)
         model.train()  # predict() left it in eval mode: dropout back on for the epoch's remaining steps
         metrics = compute_metrics(stats["problem_type"], outputs, labels)
         curves["validation"].append({"step": step, **metrics})
@@ -417,14 +478,15 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
             train_loader.generator.set_state(epoch_rng)
         for batch in itertools.islice(train_loader, batch_in_epoch, None):
             attention_mask = batch["attention_mask"]
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if not guard.ok(loss, step):
+            with autocast(dev, amp):
+                loss = model(**to_device(batch, dev)).loss
+            if not defer and not guard.ok(loss.item(), step):
                 if guard.failure:
                     break
                 batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
                 speed.restart()
                 continue
+            pending.append((step, loss.detach()))
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -434,10 +496,13 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            running += loss.item()
-            n_running += 1
+            if not defer:
+                settle()
             bar.update(1)
             if step % cfg.log_every_steps == 0 or step == total_steps:
+                settle()
+                if guard.failure:
+                    break
                 curves["train_loss"].append((step, running / n_running))
                 bar.set_postfix(loss=f"{running / n_running:.4f}")
                 running, n_running = 0.0, 0
@@ -446,6 +511,8 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
             if step in evaluate_at:
                 validate_now()
                 speed.restart()
+            if guard.failure:
+                break
             if step >= total_steps:
                 break  # the outputs follow at once: no checkpoint, no stop
             left = deadline.seconds_left() if deadline else None
@@ -453,11 +520,15 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                 why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
                 outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume" if save_checkpoint()
                            else "the checkpoint could not be saved (see the log)")
+                if guard.failure:
+                    break
                 raise checkpoint.TrainingInterrupted(f"{key.path()}: stopped at step {step} of {total_steps} "
                                                      f"({why}); {outcome}")
             if (policy.every_steps and step % policy.every_steps == 0) or (
                     policy.every_seconds and time.monotonic() - last_save >= policy.every_seconds):
                 save_checkpoint()
+                if guard.failure:
+                    break
                 last_save = time.monotonic()
                 speed.restart()
         else:
@@ -501,6 +572,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "peak_memory": peak_memory_mb(dev),
         "stored_size_bytes": dir_size_bytes(weights_path),
         "device": str(dev),
+        "precision": "bf16 autocast" if amp == torch.bfloat16 else "fp32",
         "threads": torch.get_num_threads(),
         "protocol": PROTOCOL,
         "versions": versions(),
