@@ -7,9 +7,11 @@ in ``<out>/bench.json``.
 
 Run it on a quiet machine: every figure is a ratio of two things measured side by side in
 the same run, but a busy machine still adds noise. ``--quick`` uses one seed and fewer
-methods (a smoke run, not figures to quote). On a CUDA machine the throughput benchmark
-also reports achieved TFLOP/s and model FLOPs utilisation (``--gpu-models`` adds MPNet-base
-and SmolLM2-135M there).
+methods (a smoke run, not figures to quote). The throughput benchmark reports achieved
+TFLOP/s against the device's measured matrix-product peak and, on a known GPU, model FLOPs
+utilisation against the datasheet (``--gpu-models`` adds MPNet-base and SmolLM2-135M). On a
+lent GPU machine, ``bench/device.sh`` runs it with ``--model-root`` / ``--data-root`` (see
+``bench/device_pack.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     ap.add_argument("--quick", action="store_true", help="one seed, fewer methods: a smoke run")
     ap.add_argument("--gpu-models", action="store_true", help="throughput also on mpnet-base and smollm2-135m")
+    ap.add_argument("--models", nargs="+", default=None, help="throughput on these models instead")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="throughput seeds (default 0 1 2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the variants')")
+    ap.add_argument("--epochs", type=float, default=None, help="throughput epochs (default 1)")
+    ap.add_argument("--model-root", type=Path, default=None,
+                    help="throughput: each model's folder is <this>/<model> (device_pack.py materialize)")
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="throughput: each model's prepared task is <this>/<model>/rotten_tomatoes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--collect", action="store_true",
                     help="run nothing: rebuild bench.md / bench.json from the outputs already in --out")
@@ -51,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {platform.machine()}, {torch.get_num_threads()} threads available, "
               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
               f"torch {torch.__version__}.")
-    models = ["minilm-l6"] + (["mpnet-base", "smollm2-135m"] if args.gpu_models else [])
+    models = args.models or ["minilm-l6"] + (["mpnet-base", "smollm2-135m"] if args.gpu_models else [])
     for name in [] if args.collect else args.only:
         t0 = time.time()
         print(f"== {name}", flush=True)
         if name == "throughput":
             for model in models:
                 extra = ["--seeds", "0", "--methods", "full", "lora", "gift"] if args.quick else []
+                extra += ["--seeds", *map(str, args.seeds)] if args.seeds else []
+                extra += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+                extra += ["--epochs", str(args.epochs)] if args.epochs else []
+                extra += ["--pretrained", str(args.model_root / model)] if args.model_root else []
+                extra += ["--data", str(args.data_root / model / "rotten_tomatoes")] if args.data_root else []
                 throughput.main(["--model", model, "--out", str(out / "throughput" / model), *extra])
         elif name == "method_costs":
             extra = ["--methods", "full", "lora", "sift", "pafi", "said"] if args.quick else []
@@ -110,7 +125,8 @@ def collect(out: Path, header: str, quick: bool, seconds: float | None) -> tuple
           + (f" This run took {seconds:.0f} s." if seconds is not None else "")
           + (" Quick run: not figures to quote." if quick else "")]
     if "CUDA" not in header:
-        md.append("\nNo GPU on this machine: the GPU throughput (TFLOP/s, model FLOPs utilisation) is not measured.")
+        md.append("\nNo GPU on this machine: model FLOPs utilisation against a GPU's datasheet is not measured "
+                  "(achieved TFLOP/s is, against this CPU's measured matrix-product peak).")
     for title, path, measured in sections:
         md.append(f"\n## {title}\n\nMeasured {_measured(measured)}.\n\n{path.read_text()}")
     text = "\n".join(md)

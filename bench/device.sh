@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU benchmarks (issue: throughput, TFLOP/s and MFU of MPNet-base and SmolLM2 on an
+# H100/H200), in one call on a lent GPU machine, which has PyTorch with CUDA but none of
+# the project's packages, models or data:
+#
+#   here, once:  python bench/device_pack.py pack      # .device/: configs, tokenizers, data, wheels (~21 MiB)
+#                echo /.device/ >> .git/info/exclude
+#   there:       device tool: run(command="bash bench/device.sh", carry=[".device"], timeout_s=540)
+#
+# Models train from random weights there (bench/device_pack.py says why); throughput and
+# FLOPs are those of the real architectures. Results land in $OUT (the device tool brings
+# them back): device.log, bench.md, bench.json, profile_<model>.txt. Each stage has its own
+# time limit so that one stuck stage still leaves the others' files.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-bench/out/device}
+BUDGET=${BENCH_SECONDS:-420}   # the throughput runs' limit; the rest takes about a minute
+mkdir -p "$OUT"
+exec > >(tee "$OUT/device.log") 2>&1
+started=$(date +%s)
+stamp() { echo "== $(( $(date +%s) - started )) s: $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+if [ ! -d .device/wheels ]; then
+  echo "no .device/ here: run 'python bench/device_pack.py pack' first and carry .device"; exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .device/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench
+python3 - <<'PY' || exit 1
+import torch, transformers, peft, peftlab.train  # noqa: F401  (every import the runs need, before any run)
+print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}, "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+      f"transformers {transformers.__version__}, peft {peft.__version__}")
+PY
+stamp "random-weight models"
+python3 bench/device_pack.py materialize .device/models /tmp/models || exit 1
+
+stamp "profile (our LoRA step, 40 steps)"
+for model in mpnet-base smollm2-135m; do
+  timeout 90 python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
+    --data ".device/data/$model/rotten_tomatoes" --batch-size 32 > "$OUT/profile_$model.txt" 2>&1 \
+    || echo "profile of $model failed: see profile_$model.txt"
+  head -8 "$OUT/profile_$model.txt"
+done
+
+stamp "throughput (ours vs Trainer + peft; TFLOP/s, MFU)"
+timeout "$BUDGET" python3 bench/run.py --only throughput --models mpnet-base smollm2-135m \
+  --model-root /tmp/models --data-root .device/data --seeds 0 --batch-size 32 --out /tmp/bench \
+  || echo "throughput stopped (exit $?): the models finished are in bench.md"
+python3 bench/run.py --collect --out /tmp/bench > /dev/null 2>&1 || true
+cp /tmp/bench/bench.md /tmp/bench/bench.json "$OUT"/ 2>/dev/null || true
+stamp "done"
