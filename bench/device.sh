@@ -14,7 +14,9 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/out/device}
-BUDGET=${BENCH_SECONDS:-420}   # the throughput runs' limit; the rest takes about a minute
+BUDGET=${BENCH_SECONDS:-360}   # the throughput runs' limit; the rest takes 1-3 minutes
+PROFILE_STEPS=${PROFILE_STEPS:-40} PROFILE_SECONDS=${PROFILE_SECONDS:-60}
+SKIP_WHEELS=${SKIP_WHEELS:-0}  # 1: a rehearsal where the packages are installed already
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device.log") 2>&1
 started=$(date +%s)
@@ -25,8 +27,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 if [ ! -d .device/wheels ]; then
   echo "no .device/ here: run 'python bench/device_pack.py pack' first and carry .device"; exit 2
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .device/wheels/*.whl || exit 1
+if [ "$SKIP_WHEELS" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .device/wheels/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/bench
 python3 - <<'PY' || exit 1
 import torch, transformers, peft, peftlab.train  # noqa: F401  (every import the runs need, before any run)
@@ -37,18 +41,19 @@ PY
 stamp "random-weight models"
 python3 bench/device_pack.py materialize .device/models /tmp/models || exit 1
 
-stamp "profile (our LoRA step, 40 steps)"
+stamp "profile (our LoRA step, $PROFILE_STEPS steps)"
 for model in mpnet-base smollm2-135m; do
-  timeout 90 python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
-    --data ".device/data/$model/rotten_tomatoes" --batch-size 32 > "$OUT/profile_$model.txt" 2>&1 \
-    || echo "profile of $model failed: see profile_$model.txt"
+  timeout "$PROFILE_SECONDS" python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
+    --data ".device/data/$model/rotten_tomatoes" --batch-size 32 --steps "$PROFILE_STEPS" \
+    > "$OUT/profile_$model.txt" 2> "/tmp/profile_$model.err" \
+    || { echo "profile of $model failed:"; tail -25 "/tmp/profile_$model.err"; }
   head -8 "$OUT/profile_$model.txt"
 done
 
 stamp "throughput (ours vs Trainer + peft; TFLOP/s, MFU)"
 timeout "$BUDGET" python3 bench/run.py --only throughput --models mpnet-base smollm2-135m \
   --model-root /tmp/models --data-root .device/data --seeds 0 --batch-size 32 --out /tmp/bench \
-  || echo "throughput stopped (exit $?): the models finished are in bench.md"
+  || { echo "throughput stopped (exit $?): the models finished are in bench.md"; pkill -f "in_process\(" || true; }
 python3 bench/run.py --collect --out /tmp/bench > /dev/null 2>&1 || true
 cp /tmp/bench/bench.md /tmp/bench/bench.json "$OUT"/ 2>/dev/null || true
 stamp "done"
