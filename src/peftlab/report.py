@@ -779,9 +779,11 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
     parts.append("<li>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in versions.items()
                                                           if k != "platform")) + "</li>")
     if versions.get("platform"):
+        precisions = sorted({str(r["precision"]) for r in records if r.get("precision")})
         parts.append(f"<li>platform: {html.escape(versions['platform'])}; device "
-                     f"{html.escape(str(any_record.get('device', '–')))}, {any_record.get('threads', '–')} "
-                     "thread(s) per job</li>")
+                     f"{html.escape(str(any_record.get('device', '–')))}"
+                     + (f" ({html.escape(', '.join(precisions))})" if precisions else "")
+                     + f", {any_record.get('threads', '–')} thread(s) per job</li>")
     if tracking:
         pending = tracking.get("pending", 0)
         parts.append(f"<li>tracking: MLflow store <code>{html.escape(tracking['uri'])}</code>, experiment "
