@@ -35,11 +35,17 @@ WHEELS = ("transformers==5.23.0", "peft==0.21.2", "regex==2026.11.19", "jsonsche
           "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1")
 
 
-def pack(out: Path, task: str, max_train: int, max_length: int) -> None:
+# what one call of the device tool may carry (its working tree, this folder included)
+CARRY_LIMIT_MIB = 64
+
+
+def pack(out: Path, task: str, max_train: int, max_length: int, models: tuple[str, ...] = MODELS,
+         wheels: bool = True) -> float:
+    """Gather ``out`` (see the module's docstring); returns its size in MiB."""
     from peftlab.data import TaskSpec, prepare_task
     from peftlab.models import ModelSpec, load_tokenizer, resolve_model_path
 
-    for name in MODELS:
+    for name in models:
         spec = ModelSpec.from_config(name, {})
         src = Path(resolve_model_path(spec))
         dest = out / "models" / name
@@ -57,28 +63,35 @@ def pack(out: Path, task: str, max_train: int, max_length: int) -> None:
                                                 "max_length": max_length})
             prepare_task(tspec, load_tokenizer(spec), data, model_name=name)
         print(f"{name}: {sorted(p.name for p in dest.iterdir())}", flush=True)
-    wheels = out / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                    "-d", str(wheels), *WHEELS], check=True)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"{out}: {size / 2**20:.1f} MiB", flush=True)
+    if wheels:
+        (out / "wheels").mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                        "-d", str(out / "wheels"), *WHEELS], check=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"{out}: {size:.1f} MiB", flush=True)
+    if size > CARRY_LIMIT_MIB - 8:  # the rest of the working tree travels too
+        raise SystemExit(f"{out} is {size:.0f} MiB: too much to carry ({CARRY_LIMIT_MIB} MiB per call with the "
+                         "repository); lower --max-train")
+    return size
 
 
-def materialize(src: Path, dest: Path, seed: int = 0) -> None:
+def materialize(src: Path, dest: Path, seed: int = 0) -> list[Path]:
     """Each model folder of ``src`` again under ``dest``, with random weights (safetensors)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
+    made = []
     for folder in sorted(p for p in src.iterdir() if (p / "config.json").exists()):
         target = dest / folder.name
+        made.append(target)
         shutil.copytree(folder, target, dirs_exist_ok=True)
         torch.manual_seed(seed)
         config = AutoConfig.from_pretrained(folder)
         AutoModel.from_config(config).save_pretrained(target)
         print(f"{folder.name}: random weights in {target}", flush=True)
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
