@@ -37,6 +37,9 @@ from peftlab.models import ModelSpec
 from peftlab.train import finetune
 
 a = json.loads(sys.argv[1])
+if a.get("defer"):  # a GPU's deferred loss read-back, on the CPU
+    import peftlab.train
+    peftlab.train.defer_loss_readback = lambda dev: True
 key = RunKey("minilm-l6", "rotten_tomatoes", "lora", "default", 0)
 exp = Experiment("lora", "default", TrainConfig(**a["training"]), a["lora"], ())
 run_step("finetune", None, lambda: finetune(key, ModelSpec.from_config("minilm-l6", {}), exp, a["data"],
@@ -53,12 +56,12 @@ def _finetune(spec, data_dir, out: Path, lr=TRAINING["learning_rate"]):
     return finetune(key, spec, _experiment(lr), data_dir, out / "w.safetensors", out / "result.json", threads=1)
 
 
-def _child(tmp_path, data_dir, out: Path, env: dict, until: str, sig: int):
+def _child(tmp_path, data_dir, out: Path, env: dict, until: str, sig: int, defer: bool = False):
     """Train in a subprocess; send ``sig`` once a log line matches ``until``. Returns (exit status,
     the log lines seen)."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    args = json.dumps({"training": TRAINING, "lora": LORA, "data": str(data_dir), "out": str(out)})
+    args = json.dumps({"training": TRAINING, "lora": LORA, "data": str(data_dir), "out": str(out), "defer": defer})
     proc = subprocess.Popen([sys.executable, str(script), args], stderr=subprocess.PIPE, text=True,
                             env=os.environ | env)
     lines, deadline = [], time.monotonic() + 300
@@ -132,6 +135,27 @@ def test_sigkill_after_a_periodic_checkpoint_resumes_from_it_bitwise(tmp_path, m
     assert other["resumed_from_steps"] == [] and other["steps"] == 12
     assert other["curves"]["train_loss"] != ref["curves"]["train_loss"]
     assert not checkpoint.checkpoint_path(stale / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_deferred_loss_readback_checkpoints_and_resumes_bitwise(tmp_path, minilm_spec, tiny_task_dir, reference,
+                                                                monkeypatch):
+    """A GPU's loop reads losses back only at logging / validation / checkpoint steps: a
+    checkpoint at step 5 (between two logging steps) must hold the loss of step 5, or the
+    resumed run's step-6 mean would differ. Forced on here: killed after step 6, resumed
+    from the step-5 checkpoint, the run ends bitwise equal to the uninterrupted one."""
+    import peftlab.train
+
+    out = tmp_path / "run"
+    every5 = {"PEFTLAB_CHECKPOINT_EVERY_STEPS": "5", "PEFTLAB_CHECKPOINT_EVERY_SECONDS": "0"}
+    status, lines = _child(tmp_path, tiny_task_dir, out, every5, r"step 6 validation", signal.SIGKILL, defer=True)
+    assert status == -signal.SIGKILL
+    assert any(re.search(r"checkpoint at step 5 saved", line) for line in lines), "\n".join(lines[-20:])
+    monkeypatch.setattr(peftlab.train, "defer_loss_readback", lambda dev: True)
+    resumed = _finetune(minilm_spec, tiny_task_dir, out)
+    assert resumed["resumed_from_steps"] == [5]
+    ref, ref_out = reference
+    _same_outcome(resumed, ref, out, ref_out)
 
 
 def test_checkpoint_file_round_trip_and_refusals(tmp_path, caplog):
