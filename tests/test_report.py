@@ -78,7 +78,7 @@ def _records(method: str, seed: int, acc: float, trainable: int, family: str = "
         "best_validation": {"step": 6, "accuracy": acc}, "train_time_s": 10.0 + seed,
         "peak_memory": {"host_rss_mb": 800.0}, "stored_size_bytes": 4 * trainable, "protocol": "fixed splits",
         "versions": {"torch": "2.13.0", "platform": "Linux-x86_64"}, "git_commit": "abc123", "device": "cpu",
-        "precision": "fp32", "threads": 1,
+        "precision": "fp32", "device_name": "AMD EPYC" if seed == 0 else "Intel Xeon", "threads": 1,
     }
     ev = {
         "rule": "evaluate", "status": "completed", "run": run, "main_metric": "accuracy", "split": "test",
@@ -194,6 +194,8 @@ def test_report_lists_failed_and_missing_and_keeps_their_numbers_out(mixed_resul
     assert "out of memory on the node" in problems and "bitfit/default/seed1" in problems
     assert "2 run(s) or analyses failed or are missing" in doc
     assert "platform: Linux-x86_64; device cpu (fp32), 1 thread(s) per job" in doc  # what ran, and how
+    # seeds 0 and 1 ran on different CPUs: said, since their times and memory do not compare
+    assert "the runs ran on 2 different devices</b> (AMD EPYC; Intel Xeon)" in doc
     row = re.search(r'<tr id="run-minilm-l6-rotten_tomatoes-lora-default-1" class="failed">(.*?)</tr>', doc).group(1)
     assert "failed" in row
     # no number of the failed run anywhere: tables, embedded data, glance

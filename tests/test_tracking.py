@@ -136,7 +136,7 @@ def test_rerun_replaces_its_run_and_failed_runs_are_marked(tmp_path):
     assert list(runs["run_id"]) == [second] and runs["metrics.trainable_params"].iloc[0] == 99
     client = MlflowClient(f"sqlite:///{cfg['default_store']}")
     assert client.get_run(first).info.lifecycle_stage == "deleted"  # replaced, restorable
-    failed = _record(1, status="failed")
+    failed = _record(1, status="failed") | {"device_name": "NVIDIA H200", "precision": "bf16 autocast"}
     fpath = _write(tmp_path, failed)
     run_id = log_record(failed, fpath, cfg)
     run = client.get_run(run_id)
@@ -145,6 +145,9 @@ def test_rerun_replaces_its_run_and_failed_runs_are_marked(tmp_path):
     assert {k: run.data.tags[k] for k in ("model", "task", "method", "variant", "seed", "rule", "config_hash")} == {
         "model": "minilm-l6", "task": "rotten_tomatoes", "method": "lora", "variant": "default", "seed": "1",
         "rule": "finetune", "config_hash": "cfg1"}
+    # what it ran on, to filter by in the UI (a cluster's jobs may land on different GPUs)
+    assert run.data.tags["device_name"] == "NVIDIA H200" and run.data.tags["precision"] == "bf16 autocast"
+    assert "device_name" not in client.get_run(second).data.tags  # a record without it: no tag
 
 
 def test_unreachable_sqlite_store_queues_then_the_sync_command_catches_up(tmp_path, monkeypatch):

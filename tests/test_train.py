@@ -40,6 +40,7 @@ def test_finetune_record_and_evaluate(tmp_path, minilm_spec, tiny_task_dir):
     assert on_disk["best_validation"]["step"] in (2, 4, 6)
     assert on_disk["best_validation"]["accuracy"] == max(p["accuracy"] for p in on_disk["curves"]["validation"])
     assert on_disk["peak_memory"]["host_rss_mb"] > 100
+    assert on_disk["device"] == "cpu" and on_disk["precision"] == "fp32" and on_disk["device_name"] not in ("", "cpu")
     assert on_disk["versions"]["torch"].startswith("2.13")
     assert on_disk["stored_size_bytes"] == (out / "w.safetensors").stat().st_size
     assert on_disk["config"]["training"]["max_steps"] == 6

@@ -15,7 +15,7 @@ from .io import read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
-from .provenance import device, git_commit, set_seed, versions
+from .provenance import device, device_name, git_commit, set_seed, versions
 from .train import Collator, autocast_dtype, make_eval_loader, make_loader, predict
 
 
@@ -118,6 +118,7 @@ def evaluate(
         "examples_per_s": len(test_df) / elapsed if elapsed > 0 else None,
         "inference": inference,
         "device": str(dev),
+        "device_name": device_name(dev),
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "git_commit": git_commit(),

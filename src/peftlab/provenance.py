@@ -8,7 +8,7 @@ import random
 import resource
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,22 @@ def git_commit() -> str:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@cache
+def device_name(dev: torch.device) -> str:
+    """What the run's numbers were measured on: the GPU's name, or the CPU's model name
+    (jobs of one cluster run can land on different hardware; the report flags a mix)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def peak_memory_mb(dev: torch.device) -> dict[str, float]:

@@ -780,10 +780,16 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
                                                           if k != "platform")) + "</li>")
     if versions.get("platform"):
         precisions = sorted({str(r["precision"]) for r in records if r.get("precision")})
+        names = sorted({str(r["device_name"]) for r in records if r.get("device_name")})
         parts.append(f"<li>platform: {html.escape(versions['platform'])}; device "
                      f"{html.escape(str(any_record.get('device', '–')))}"
                      + (f" ({html.escape(', '.join(precisions))})" if precisions else "")
+                     + (f", {html.escape(names[0])}" if len(names) == 1 else "")
                      + f", {any_record.get('threads', '–')} thread(s) per job</li>")
+        if len(names) > 1:  # e.g. a cluster's jobs on two GPU types: times and memory do not compare
+            parts.append(f"<li><b>the runs ran on {len(names)} different devices</b> "
+                         f"({html.escape('; '.join(names))}): training times, throughput and memory compare "
+                         "only between runs on the same one (each record's <code>device_name</code>)</li>")
     if tracking:
         pending = tracking.get("pending", 0)
         parts.append(f"<li>tracking: MLflow store <code>{html.escape(tracking['uri'])}</code>, experiment "

@@ -186,6 +186,9 @@ def run_tags(record: dict, record_sha: str, extra: dict | None = None) -> dict[s
         "record_sha256": record_sha,
         "mlflow.runName": "{model}/{task}/{method}/{variant}/seed{seed} [{rule}]".format(**ident),
     }
+    for key in ("device_name", "precision"):  # what the run's times and memory were measured on, and how
+        if record.get(key):
+            tags[key] = str(record[key])
     if failure:
         tags["failure_reason"] = str(failure.get("reason", ""))[:5000]
         if failure.get("step") is not None:

@@ -36,7 +36,7 @@ from .io import dir_size_bytes, files_fingerprint, fingerprint, read_json, write
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, count_parameters, load_model, load_tokenizer
-from .provenance import device, git_commit, peak_memory_mb, set_seed, versions
+from .provenance import device, device_name, git_commit, peak_memory_mb, set_seed, versions
 
 log = logging.getLogger(__name__)
 
@@ -572,6 +572,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "peak_memory": peak_memory_mb(dev),
         "stored_size_bytes": dir_size_bytes(weights_path),
         "device": str(dev),
+        "device_name": device_name(dev),
         "precision": "bf16 autocast" if amp == torch.bfloat16 else "fp32",
         "threads": torch.get_num_threads(),
         "protocol": PROTOCOL,
