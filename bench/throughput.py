@@ -114,7 +114,7 @@ def run_hf(method: str, seed: int, data_dir: Path, args: dict, out: Path) -> dic
     from peftlab.metrics import compute_metrics
     from peftlab.models import load_model, load_tokenizer
     from peftlab.provenance import set_seed
-    from peftlab.train import Collator, autocast_dtype, make_eval_loader, predict
+    from peftlab.train import Collator, autocast_dtype, make_eval_loader, precision_name, predict
 
     set_seed(seed, args["threads"])
     spec = model_spec(args)
@@ -172,7 +172,7 @@ def run_hf(method: str, seed: int, data_dir: Path, args: dict, out: Path) -> dic
             "steps": len(stamps), "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in net.parameters()),
             "test_main": metrics[stats["main_metric"]], "train_time_s": train_time,
-            "precision": "bf16 autocast" if training_args.bf16 else "fp32"}
+            "precision": precision_name(amp)}
 
 
 def flops_per_token(method: str, data_dir: Path, args: dict) -> float:

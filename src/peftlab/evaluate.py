@@ -16,7 +16,7 @@ from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, device_name, git_commit, set_seed, versions
-from .train import Collator, autocast_dtype, make_eval_loader, make_loader, predict
+from .train import Collator, autocast_dtype, make_eval_loader, make_loader, precision_name, predict
 
 
 def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
@@ -119,6 +119,7 @@ def evaluate(
         "inference": inference,
         "device": str(dev),
         "device_name": device_name(dev),
+        "precision": precision_name(amp),
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "git_commit": git_commit(),

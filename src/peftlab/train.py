@@ -92,6 +92,11 @@ def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a record names what ran (``autocast_dtype``'s result)."""
+    return "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
+
+
 def autocast(dev: torch.device, dtype: torch.dtype | None):
     """Mixed precision for the forward pass (weights and optimizer state stay fp32)."""
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -573,7 +578,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "stored_size_bytes": dir_size_bytes(weights_path),
         "device": str(dev),
         "device_name": device_name(dev),
-        "precision": "bf16 autocast" if amp == torch.bfloat16 else "fp32",
+        "precision": precision_name(amp),
         "threads": torch.get_num_threads(),
         "protocol": PROTOCOL,
         "versions": versions(),
