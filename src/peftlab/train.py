@@ -382,15 +382,15 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     epoch, batch_in_epoch = 0, 0
     epoch_rng = train_loader.generator.get_state()
     guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), steps_per_epoch)
-    # losses not read back yet, as (steps done before the batch, loss on the device): with
-    # ``skip`` every loss is read at once (the step depends on it), with ``stop`` on a GPU
-    # only at logging, validation and checkpoint steps (``settle``)
+    # each loss is read back at once (``skip`` needs it: the step depends on it; so does a
+    # CPU run), or with ``stop`` on a GPU kept here, as (steps done before the batch, loss on
+    # the device), until a logging, validation or checkpoint step reads them (``settle``)
     pending: list[tuple[int, torch.Tensor]] = []
     defer = cfg.on_nonfinite_loss == "stop" and defer_loss_readback(dev)
 
     def settle() -> None:
-        """Read the pending losses back in one go: the running mean takes the finite ones; the
-        first non-finite one ends the run (at the step it came from)."""
+        """Read the deferred losses back in one go: the running mean takes the finite ones;
+        the first non-finite one ends the run (at the step it came from)."""
         nonlocal running, n_running
         if not pending:
             return
@@ -485,13 +485,14 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
             attention_mask = batch["attention_mask"]
             with autocast(dev, amp):
                 loss = model(**to_device(batch, dev)).loss
-            if not defer and not guard.ok(loss.item(), step):
+            if defer:
+                pending.append((step, loss.detach()))
+            elif not guard.ok(value := loss.item(), step):
                 if guard.failure:
                     break
                 batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
                 speed.restart()
                 continue
-            pending.append((step, loss.detach()))
             loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -502,7 +503,8 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if not defer:
-                settle()
+                running += value
+                n_running += 1
             bar.update(1)
             if step % cfg.log_every_steps == 0 or step == total_steps:
                 settle()
