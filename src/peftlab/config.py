@@ -29,6 +29,8 @@ from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
+# files this module reads: the code of every rule that imports it includes them (codegraph.py)
+DATA_FILES = ("workflow/schemas/config.schema.yaml", "workflow/schemas/experiment.schema.yaml")
 
 
 # ---------------------------------------------------------------------------------------

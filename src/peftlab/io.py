@@ -90,16 +90,6 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def files_fingerprint(paths: list[str | os.PathLike]) -> str:
-    """Hash of the contents of files, in the order given (missing files hash as absent)."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        h.update(str(p.name).encode())
-        h.update(p.read_bytes() if p.exists() else b"<absent>")
-    return h.hexdigest()[:16]
-
-
 def dir_size_bytes(path: str | os.PathLike) -> int:
     path = Path(path)
     if path.is_file():

@@ -253,8 +253,9 @@ def sift_masks(model, accumulated: dict[str, torch.Tensor], params: dict, overri
     """The index sets a SIFT variant with these method params would train, from the
     accumulated scores (its targets, rate and ranking; ``accumulate: abs`` scoring)."""
     from .methods import build_method
+    from .methods.sift import Sift  # imported by name, so the rule's code includes SIFT's module
 
-    method = build_method("sift", params, overrides)
+    method = build_method(Sift.name, params, overrides)
     names = method.target_names(model)
     missing = [n for n in names if n not in accumulated]
     if missing:

@@ -12,7 +12,6 @@ same numbers, bitwise on CPU, as one that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import logging
 import math
@@ -29,10 +28,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .codegraph import default_graph
 from .config import Experiment, RunKey
 from .data import REGRESSION, load_split
 from .errors import TrainingError
-from .io import dir_size_bytes, files_fingerprint, fingerprint, read_json, write_json
+from .io import dir_size_bytes, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, count_parameters, load_model, load_tokenizer
@@ -302,11 +302,10 @@ def _run_fingerprint(key: RunKey, model_spec: ModelSpec, experiment: Experiment,
     """What a checkpoint must match to be resumed: the run, its resolved config, the data, and
     the code of the training loop and the method (whoever calls, with or without a workflow
     fingerprint)."""
-    code = [Path(__file__), Path(checkpoint.__file__), Path(inspect.getfile(load_model))]
-    code += [Path(inspect.getfile(c)) for c in type(method).__mro__ if c.__module__.startswith("peftlab.")]
+    modules = [__name__] + [c.__module__ for c in type(method).__mro__ if c.__module__.startswith("peftlab.")]
     return fingerprint(key.tags(), asdict(model_spec), experiment.resolved(), method.config.to_dict(),
                        stats["fingerprint"], total_steps, code_fingerprint,
-                       files_fingerprint(sorted(set(code))))
+                       default_graph().modules_fingerprint(modules))
 
 
 def finetune(

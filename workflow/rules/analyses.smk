@@ -26,7 +26,7 @@ rule gradient_sparsity:
         settings=config["analyses"]["gradient_sparsity"],
         sift_variants=SIFT_ANALYSIS,
         mlflow=MLFLOW,
-        code=files_fingerprint([SRC / "sparsity.py", SRC / "methods" / "_sparse.py"]),
+        code=code_of("gradient_sparsity"),
     script:
         "../scripts/gradient_sparsity.py"
 
@@ -56,7 +56,7 @@ rule intrinsic_dimension:
         settings=ID,
         training=ID_TRAINING,
         mlflow=MLFLOW,
-        code=INTRINSIC_CODE,
+        code=code_of("intrinsic_dimension"),
     script:
         "../scripts/intrinsic_dimension.py"
 
@@ -90,6 +90,6 @@ rule d90:
         settings=ID,
         training=ID_TRAINING,
         mlflow=MLFLOW,
-        code=INTRINSIC_CODE,
+        code=code_of("d90"),
     script:
         "../scripts/d90.py"

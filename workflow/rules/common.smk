@@ -41,14 +41,12 @@ from peftlab.config import (
     iter_runs,
     sift_analysis_variants,
 )
-from peftlab.io import files_fingerprint
-from peftlab.methods import method_source_files
+from peftlab.codegraph import METHOD_RULES, CodeGraph
 from peftlab.report import figures_dir_for
 from peftlab.tracking import default_store
 
 RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))
-SRC = Path(workflow.basedir) / "src" / "peftlab"
 # config.yaml's mlflow section plus the embedded default store (absolute: jobs may run
 # on other nodes of a shared filesystem), without log_weights: the jobs' params must not
 # change with it (finetune reads it from the config), so it never reruns training
@@ -105,25 +103,22 @@ EXPERIMENT_FILES = [
 ]
 
 
-def method_code(wildcards):
-    """Fingerprint of the code a method's results depend on: its module, the method base,
-    the training loop and model loading. Editing another method's module leaves it alone.
-    Hashed once per method: a 2,400-run grid asks 2,400 times."""
-    if wildcards.method not in _METHOD_CODE:
-        shared = [SRC / "train.py", SRC / "models.py", SRC / "metrics.py"]
-        _METHOD_CODE[wildcards.method] = files_fingerprint(
-            method_source_files(wildcards.method) + shared
-        )
-    return _METHOD_CODE[wildcards.method]
+# the code each rule runs: its script plus the closure of the script's imports inside
+# src/peftlab (and of the job's method module, for finetune and evaluate); each file is read
+# and hashed once per DAG build (src/peftlab/codegraph.py)
+try:
+    CODE = CodeGraph(workflow.basedir)
+except PeftlabError as exc:
+    sys.exit(f"peftlab: {exc}")
 
 
-_METHOD_CODE = {}
-
-
-# the code of the intrinsic-dimension runs (the grid's and d90's bisection points)
-INTRINSIC_CODE = files_fingerprint(
-    [SRC / "intrinsic.py", SRC / "train.py", SRC / "evaluate.py"]
-)
+def code_of(rule):
+    """A rule's `code` param: the fingerprint of the code its jobs run. Snakemake reruns a
+    job whose params changed, so an edit reruns exactly the jobs whose code includes it.
+    """
+    if rule in METHOD_RULES:
+        return lambda wildcards: CODE.fingerprint(rule, wildcards.method)
+    return CODE.fingerprint(rule)
 
 
 def all_finetune_records(wildcards):

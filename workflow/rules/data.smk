@@ -24,6 +24,6 @@ rule prepare_data:
         model=lambda w: config["models"][w.model],
         task=lambda w: config["tasks"][w.task],
         data=config["data"],
-        code=files_fingerprint([SRC / "data.py"]),
+        code=code_of("prepare_data"),
     script:
         "../scripts/prepare_data.py"

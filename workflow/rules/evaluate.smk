@@ -21,6 +21,6 @@ rule evaluate:
     params:
         model=lambda w: config["models"][w.model],
         mlflow=MLFLOW,
-        code=files_fingerprint([SRC / "evaluate.py", SRC / "metrics.py"]),
+        code=code_of("evaluate"),
     script:
         "../scripts/evaluate.py"

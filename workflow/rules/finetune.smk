@@ -23,6 +23,6 @@ rule finetune:
     params:
         model=lambda w: config["models"][w.model],
         mlflow=MLFLOW,
-        code=method_code,
+        code=code_of("finetune"),
     script:
         "../scripts/finetune.py"

@@ -17,7 +17,7 @@ rule gift_view:
         runtime=15,
     params:
         model=lambda w: config["models"][w.model],
-        code=files_fingerprint([SRC / "gift_view.py", SRC / "methods" / "gift.py"]),
+        code=code_of("gift_view"),
     script:
         "../scripts/gift_view.py"
 
@@ -41,6 +41,7 @@ rule aggregate:
         "../../envs/peftlab.yaml"
     params:
         mlflow=MLFLOW,
+        code=code_of("aggregate"),
     script:
         "../scripts/aggregate.py"
 
@@ -75,5 +76,6 @@ rule comparison_report:
     params:
         config=config,
         mlflow=MLFLOW,
+        code=code_of("comparison_report"),
     script:
         "../scripts/comparison_report.py"

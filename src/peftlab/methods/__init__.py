@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import ConfigError
 from .base import Method, MethodConfig
 
@@ -31,17 +29,6 @@ def get_method(name: str) -> type[Method]:
 def build_method(name: str, params: dict | None, target_overrides: dict | None = None) -> Method:
     cls = get_method(name)
     return cls(cls.config_cls.from_dict(name, params), target_overrides)
-
-
-def method_source_files(name: str) -> list[Path]:
-    """The source files a method's results depend on (for code-aware reruns)."""
-    import inspect
-
-    cls = get_method(name)
-    # the method's module plus every module of this package its classes inherit from
-    # (base.py; shared private modules such as _sparse.py)
-    classes = (*cls.__mro__, *cls.config_cls.__mro__)
-    return sorted({Path(inspect.getfile(c)) for c in classes if c.__module__.startswith(__name__ + ".")})
 
 
 def _discover() -> None:
