@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -238,9 +239,11 @@ def test_figures_draw_only_completed_runs(mixed_results):
     assert len(drawn) == 6 and all(r["status"] == "completed" for r in drawn)
 
 
-def test_partial_report_from_whatever_exists(mixed_results, monkeypatch):
+def test_partial_report_from_whatever_exists(mixed_results, monkeypatch, capsys):
     """What the Snakefile's onerror (and python -m peftlab report) writes when jobs failed:
-    the report of what finished beside the configured one, naming every missing record."""
+    the report of what finished beside the configured one, naming every missing record.
+    ``--configfile`` replaces config/config.yaml, as in the pipeline: runs only the default
+    config names are not listed as missing."""
     from peftlab.__main__ import main
 
     root, _, _ = mixed_results
@@ -266,8 +269,19 @@ def test_partial_report_from_whatever_exists(mixed_results, monkeypatch):
     sparsity_log = root / "logs" / "gradient_sparsity" / "minilm-l6" / "rotten_tomatoes.log"
     sparsity_log.parent.mkdir(parents=True)
     sparsity_log.write_text("Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: device lost\n")
-    assert main(["report", "--configfile", "cfg.yaml", "--replace"]) == 0
+    (root / "config").mkdir()  # a default config naming another task and method
+    (root / "config" / "config.yaml").write_text(
+        "models: {minilm-l6: {}}\ntasks: {bbc_news: {}}\nmethods: {hiwi: [default]}\nseeds: [7]\n")
+    assert main(["report", "--configfile", "cfg.yaml"]) == 0
     doc = (root / "reports" / "comparison.partial.html").read_text()
+    assert "bbc_news" not in doc and "hiwi" not in doc and "seed7" not in doc
+    assert capsys.readouterr().err.count("--replace") == 0
+    assert main(["report", "--configfile", "cfg.yaml", "--replace"]) == 0  # deprecated: a no-op
+    assert "--replace is no longer needed and does nothing" in capsys.readouterr().err
+    def undated(html: str) -> str:
+        return re.sub(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC", "Generated", html)
+
+    assert undated((root / "reports" / "comparison.partial.html").read_text()) == undated(doc)
     assert (root / "reports" / "comparison.html").read_text() == "the last complete report"
     assert "Partial report." in doc
     problems = doc[doc.index("id='problems'"):doc.index("id='runs'")]

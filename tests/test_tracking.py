@@ -169,7 +169,7 @@ def test_unreachable_sqlite_store_queues_then_the_sync_command_catches_up(tmp_pa
         (REPO / "tests" / "configs" / "tiny.yaml").read_text()
         + f"results_dir: {tmp_path / 'results'}\nmlflow: {{tracking_uri: 'sqlite:///{blocker}/mlflow.db'}}\n")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    res = subprocess.run([sys.executable, "-m", "peftlab", "sync-mlflow", "--configfile", str(conf), "--replace"],
+    res = subprocess.run([sys.executable, "-m", "peftlab", "sync-mlflow", "--configfile", str(conf)],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "synced 2" in res.stdout
