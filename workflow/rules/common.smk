@@ -103,8 +103,8 @@ EXPERIMENT_FILES = [
 ]
 
 
-# the code each rule runs: its script plus the closure of the script's imports inside
-# src/peftlab (and of the job's method module, for finetune and evaluate); each file is read
+# the code the jobs of each rule run (its script plus the closure of the script's imports inside
+# src/peftlab, and of the job's method module for finetune and evaluate); each file is read
 # and hashed once per DAG build (src/peftlab/codegraph.py)
 try:
     CODE = CodeGraph(workflow.basedir)
@@ -112,13 +112,13 @@ except PeftlabError as exc:
     sys.exit(f"peftlab: {exc}")
 
 
-def code_of(rule):
-    """A rule's `code` param: the fingerprint of the code its jobs run. Snakemake reruns a
-    job whose params changed, so an edit reruns exactly the jobs whose code includes it.
-    """
-    if rule in METHOD_RULES:
-        return lambda wildcards: CODE.fingerprint(rule, wildcards.method)
-    return CODE.fingerprint(rule)
+def code_of(name):
+    """The `code` param of the rule called `name`, the fingerprint of the code its jobs run.
+    Snakemake reruns a job whose params changed, so an edit reruns exactly the jobs whose
+    code includes it."""
+    if name in METHOD_RULES:
+        return lambda wildcards: CODE.fingerprint(name, wildcards.method)
+    return CODE.fingerprint(name)
 
 
 def all_finetune_records(wildcards):
