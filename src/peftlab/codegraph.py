@@ -153,8 +153,8 @@ class CodeGraph:
         return out
 
     def closure(self, roots: list[Module]) -> set[str]:
-        """Every module of the package that importing ``roots`` runs."""
-        seen: set[str] = set()
+        """Every module of the package that importing ``roots`` runs (the roots included)."""
+        seen = {r.name for r in roots if r.name in self.modules}
         todo = [n for r in roots for n in self._edges(r)]
         while todo:
             name = todo.pop()
@@ -169,17 +169,20 @@ class CodeGraph:
         except KeyError:
             raise KeyError(f"no module of {PACKAGE}.methods registers a method named '{method}'") from None
 
+    @staticmethod
+    def _key(rule: str, method: str | None) -> tuple[str, str | None]:
+        """A job's code depends on its method only in a per-method rule."""
+        return rule, method if rule in METHOD_RULES else None
+
     def rule_modules(self, rule: str, method: str | None = None) -> set[str]:
         """The package modules a job of ``rule`` (for ``method``, in a per-method rule) runs."""
-        roots = [self.script(rule)]
-        if method is not None and rule in METHOD_RULES:
-            roots.append(self.method_module(method))
-            return self.closure(roots) | {roots[-1].name}
+        rule, method = self._key(rule, method)
+        roots = [self.script(rule)] + ([self.method_module(method)] if method is not None else [])
         return self.closure(roots)
 
     def rule_files(self, rule: str, method: str | None = None) -> list[Path]:
         """The script, every module and every declared data file the job's result depends on."""
-        key = (rule, method if rule in METHOD_RULES else None)
+        key = self._key(rule, method)
         if key not in self._rule_files:
             modules = [self.modules[n] for n in sorted(self.rule_modules(*key))]
             data = {p for m in modules for p in m.data}
@@ -208,15 +211,14 @@ class CodeGraph:
 
     def fingerprint(self, rule: str, method: str | None = None) -> str:
         """Hash of the content of the code a job of ``rule`` runs (computed once per key)."""
-        key = (rule, method if rule in METHOD_RULES else None)
+        key = self._key(rule, method)
         if key not in self._fingerprints:
             self._fingerprints[key] = self.files_fingerprint(self.rule_files(*key))
         return self._fingerprints[key]
 
     def modules_fingerprint(self, names: list[str]) -> str:
         """Hash of the code importing the package modules ``names`` runs (outside a workflow)."""
-        roots = [self.modules[n] for n in names]
-        modules = sorted(self.closure(roots) | set(names))
+        modules = sorted(self.closure([self.modules[n] for n in names]))
         return self.files_fingerprint([self.modules[n].path for n in modules])
 
     # -- what reruns ------------------------------------------------------------------------
