@@ -343,23 +343,9 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
 
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    base_params = count_parameters(model)
-    if method is None:
-        method = build_method(key.method, experiment.method_params, model_spec.targets)
     collator = Collator(tokenizer.pad_token_id, regression)
-    if method.needs_calibration:
-        calib = make_loader(train_df, cfg.batch_size, collator, shuffle=True, seed=key.seed)
-        method.calibrate(model.to(dev), (to_device(b, dev) for b in calib))
-    expected = method.expected_trainable_parameters(model)
-    model = method.apply(model).to(dev)
-    trainable = count_parameters(model, trainable_only=True)
-    if trainable != expected:
-        raise TrainingError(
-            f"method '{key.method}' trains {trainable} parameters but its formula gives {expected}: "
-            "this is a bug in the method module"
-        )
-    log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
+    model, method, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats,
+                                                               train_df, collator, dev)
 
     pin = dev.type == "cuda"
     amp = autocast_dtype(cfg.precision, dev)
@@ -547,8 +533,46 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     if best_state is not None and guard.failure is None:
         model.load_state_dict(best_state, strict=False)
     method.save(model, weights_path)
+    record = _finetune_record(
+        key, model_spec, experiment, method, stats, code_fingerprint,
+        sizes={"trainable": trainable, "base": base_params, "steps_per_epoch": steps_per_epoch},
+        progress={"step": step, "resumed_from": resumed_from, "curves": curves, "best": best,
+                  "train_time": train_time, "speed": speed, "guard": guard},
+        dev=dev, amp=amp, weights_path=weights_path)
+    write_json(record_path, record)
+    checkpoint.remove(ckpt_path)
+    return record
 
-    record = {
+
+def _model_with_method(key, model_spec, experiment, method, stats, train_df, collator, dev):
+    """The pretrained model with the method (the registry's ``key.method`` unless given)
+    calibrated and applied, on the device; the trainable count must match the method's formula.
+    Returns (model, method, base parameter count, trainable count)."""
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    base_params = count_parameters(model)
+    if method is None:
+        method = build_method(key.method, experiment.method_params, model_spec.targets)
+    if method.needs_calibration:
+        calib = make_loader(train_df, experiment.training.batch_size, collator, shuffle=True, seed=key.seed)
+        method.calibrate(model.to(dev), (to_device(b, dev) for b in calib))
+    expected = method.expected_trainable_parameters(model)
+    model = method.apply(model).to(dev)
+    trainable = count_parameters(model, trainable_only=True)
+    if trainable != expected:
+        raise TrainingError(
+            f"method '{key.method}' trains {trainable} parameters but its formula gives {expected}: "
+            "this is a bug in the method module"
+        )
+    log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
+    return model, method, base_params, trainable
+
+
+def _finetune_record(key, model_spec, experiment, method, stats, code_fingerprint, sizes, progress, dev, amp,
+                     weights_path) -> dict[str, Any]:
+    """The result record of a finished (or failed) run."""
+    guard, curves, best, step = progress["guard"], progress["curves"], progress["best"], progress["step"]
+    trainable, base_params = sizes["trainable"], sizes["base"]
+    return {
         "schema_version": 1,
         "rule": "finetune",
         "status": "failed" if guard.failure else "completed",
@@ -559,7 +583,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "task": stats["task"],
         "data_fingerprint": stats["fingerprint"],
         "split_fingerprints": {k: v["fingerprint"] for k, v in stats["splits"].items()},
-        "main_metric": main_metric,
+        "main_metric": stats["main_metric"],
         "method": {"name": key.method, "family": method.family, "params": method.config.to_dict(),
                    "selection": getattr(method, "selection", None)},
         "config": experiment.resolved(),
@@ -568,13 +592,13 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "trainable_params": trainable,
         "trainable_percent": 100.0 * trainable / base_params,
         "steps": step,
-        "epochs": step / steps_per_epoch,
-        "resumed_from_steps": resumed_from,
+        "epochs": step / sizes["steps_per_epoch"],
+        "resumed_from_steps": progress["resumed_from"],
         "curves": curves,
         "best_validation": {"step": best["step"], **best["metrics"]},
         "final_validation": curves["validation"][-1] if curves["validation"] else {},
-        "train_time_s": train_time,
-        "train_throughput": speed.summary(),
+        "train_time_s": progress["train_time"],
+        "train_throughput": progress["speed"].summary(),
         "peak_memory": peak_memory_mb(dev),
         "stored_size_bytes": dir_size_bytes(weights_path),
         "device": str(dev),
@@ -585,6 +609,3 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         "versions": versions(),
         "git_commit": git_commit(),
     }
-    write_json(record_path, record)
-    checkpoint.remove(ckpt_path)
-    return record
