@@ -45,8 +45,8 @@ def test_the_cases_that_were_stale(graph):
     def reruns(rel):
         return dict(graph.reruns(REPO / rel))
 
-    assert reruns("src/peftlab/methods/_peft_common.py") == {"finetune": ("dora", "ia3", "vera"),
-                                                             "evaluate": ("dora", "ia3", "vera")}
+    peft_backed = ("dora", "ia3", "lora", "prompt_tuning", "vera")
+    assert reruns("src/peftlab/methods/_peft_common.py") == {"finetune": peft_backed, "evaluate": peft_backed}
     assert set(reruns("src/peftlab/report.py")) == {"aggregate", "comparison_report"}
     models = reruns("src/peftlab/models.py")
     assert models["gradient_sparsity"] is None and models["intrinsic_dimension"] is None
@@ -84,7 +84,7 @@ def test_fingerprints_follow_content_only(tmp_path):
     assert {k: CodeGraph(root).fingerprint(*k) for k in keys} == before  # a time stamp is not content
     helper.write_text(helper.read_text() + "\n# an edit\n")
     after = {k: CodeGraph(root).fingerprint(*k) for k in keys}
-    assert {k for k in keys if after[k] != before[k]} == {("finetune", "dora"), ("evaluate", "ia3")}
+    assert {k for k in keys if after[k] != before[k]} == {("finetune", "dora"), ("finetune", "lora"), ("evaluate", "ia3")}
     # a per-method rule ignores the method of a rule that runs none
     assert CodeGraph(root).fingerprint("aggregate", "lora") == CodeGraph(root).fingerprint("aggregate")
 
@@ -109,5 +109,5 @@ def test_reruns_command():
     res = subprocess.run([sys.executable, "-m", "peftlab", "reruns", "src/peftlab/methods/_peft_common.py",
                           "README.md"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == ["src/peftlab/methods/_peft_common.py: finetune and evaluate of dora, ia3, vera",
+    assert res.stdout.splitlines() == ["src/peftlab/methods/_peft_common.py: finetune and evaluate of dora, ia3, lora, prompt_tuning, vera",
                                        "README.md: nothing"]

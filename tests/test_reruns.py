@@ -156,7 +156,8 @@ def test_shared_helpers_rerun_the_methods_that_use_them(complete_run):
         return {(jobs[k]["rule"], jobs[k]["wildcards"].get("method")) for k in scheduled
                 if not jobs[k]["input"] & produced}
 
-    assert first("src/peftlab/methods/_peft_common.py") == {("finetune", m) for m in ("dora", "ia3", "vera")}
+    assert first("src/peftlab/methods/_peft_common.py") == {
+        ("finetune", m) for m in ("dora", "ia3", "lora", "prompt_tuning", "vera")}
     assert first("src/peftlab/report.py") == {("aggregate", None)}
     assert first("src/peftlab/methods/lora.py") == {("finetune", "lora"), ("finetune", "dora")}
     assert first("src/peftlab/methods/sift.py") == {("gradient_sparsity", None), ("finetune", "sift")}

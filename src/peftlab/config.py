@@ -273,7 +273,7 @@ def _first_error(validator, instance):
 # The workflow config
 # ---------------------------------------------------------------------------------------
 
-_FILE_KEYS = ("path", "format", "text_columns", "label_column", "problem_type", "encoding")
+_FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
 
 
@@ -288,6 +288,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
         _check_model(name, entry or {}, where)
     for name, entry in config["tasks"].items():
         _check_task(name, entry or {}, config["data"], where)
+    _check_generative_models(config, where)
     exp_dir = Path(config["experiments_dir"])
     if not exp_dir.is_dir():
         raise ConfigError(
@@ -353,6 +354,26 @@ def _check_model(name: str, entry: dict, where: str) -> None:
         )
 
 
+def _check_generative_models(config: dict, where: str) -> None:
+    """A generation / multiple-choice task needs a model that can generate (a causal LM)."""
+    from .data import KINDS, TaskSpec
+    from .gendata import GENERATIVE_KINDS
+    from .models import ModelSpec, is_decoder_spec
+
+    for task, t_entry in config["tasks"].items():
+        kind = TaskSpec.from_config(task, t_entry or {}, config["data"]).kind
+        assert kind in KINDS
+        if kind not in GENERATIVE_KINDS:
+            continue
+        for model, m_entry in config["models"].items():
+            if is_decoder_spec(ModelSpec.from_config(model, m_entry or {})) is False:
+                raise ConfigError(
+                    f"{where}: task '{task}' is a {kind} task, but model '{model}' is an encoder without a "
+                    "causal-LM head, so it cannot generate; use a decoder (e.g. smollm2-135m) or move the "
+                    "task to a config of its own"
+                )
+
+
 def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
     from .data import BUILTIN_TASKS, FILE_FORMATS, TaskSpec, file_format
     from .errors import PeftlabError
@@ -401,16 +422,20 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
                 f"{where}: '{key}.encoding' = {spec.encoding!r} is not a known text encoding; use e.g. "
                 "utf-8 or latin-1"
             ) from None
-        if len(set(spec.text_columns)) < len(spec.text_columns):
+        if spec.generative:
+            _check_generative_columns(spec, where, key)
+        elif len(set(spec.text_columns)) < len(spec.text_columns):
             raise ConfigError(
                 f"{where}: '{key}.text_columns' = {list(spec.text_columns)} names the same column twice; "
                 "give one column, or two different ones for sentence pairs"
             )
-        if spec.label_column in spec.text_columns:
+        elif spec.label_column in spec.text_columns:
             raise ConfigError(
                 f"{where}: '{key}.label_column' = {short(spec.label_column)} is also in text_columns, "
                 "so the model would read the answer; use a label column that is not a text column"
             )
+    elif spec.generative and "prompt_template" in entry:
+        _check_generative_columns(spec, where, key)
     if source == "glue":
         hub = os.path.expanduser(spec.hub_path)
         if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
@@ -418,6 +443,28 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
                 f"{where}: '{key}.hub_path' = {spec.hub_path!r}: no such folder; give a local "
                 "copy laid out like the hub's GLUE repository, or a dataset id such as nyu-mll/glue"
             )
+
+
+def _check_generative_columns(spec, where: str, key: str) -> None:
+    """The prompt template's fields and the target / answer / options columns exist in the
+    data (read from its first row only)."""
+    from .errors import PeftlabError
+    from .gendata import data_columns, template_fields
+
+    try:
+        fields = template_fields(spec.prompt_template)
+        columns, origin = data_columns(spec)
+    except PeftlabError as exc:
+        raise ConfigError(f"{where}: '{key}': {exc}") from None
+    if columns is None:
+        return
+    extra = {"options"} if spec.kind == "multiple_choice" else set()
+    for what, names in (("prompt_template field", fields), ("target_column", [spec.target_column]),
+                        ("answer_column", [spec.answer_column]), ("options_column", [spec.options_column])):
+        missing = [n for n in names if n and n not in columns | (extra if what.startswith("prompt") else set())]
+        if missing:
+            raise ConfigError(f"{where}: '{key}': {what} {missing[0]!r} is not a column of {origin} (columns: "
+                              f"{sorted(columns)}); fix it or the data")
 
 
 def analysis_training(config: dict, where: str = "config") -> TrainConfig:

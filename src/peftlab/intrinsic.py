@@ -224,6 +224,14 @@ class SubspaceModel(nn.Module):
         return functional_call(self.base, self.merged_parameters(), args=(), kwargs=batch)
 
     @torch.no_grad()
+    def generate(self, **kwargs):
+        """Greedy generation (generative tasks) with theta0 + delta, as ``forward`` computes."""
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(self.base, self.merged_parameters(), tie_weights=True):
+            return self.base.generate(**kwargs)
+
+    @torch.no_grad()
     def materialize(self) -> nn.Module:
         """The base model with theta0 + delta written into its weights (a plain model)."""
         deltas = self.deltas()

@@ -173,6 +173,7 @@ class BuiltinModel:
     description: str
     resolve: Callable[[], Path]
     notes: str = ""
+    decoder: bool = False  # a causal LM: can run generation / multiple-choice tasks
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -193,6 +194,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 134.5M params)",
             _smollm2_path,
             notes="weights dequantized to fp32 from a GGUF Q4_1 file",
+            decoder=True,
         ),
     ]
 }
@@ -394,36 +396,71 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
-def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | None = None):
-    """A ``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs.
+GENERATIVE_PROBLEMS = ("generation", "multiple_choice")
+# architectures without a causal-LM head: a generation task on them is refused at DAG build
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "electra", "deberta", "deberta-v2",
+                 "albert", "camembert", "modernbert")
 
-    ``problem_type`` is ``single_label_classification`` or ``regression``. The head is
-    initialised from ``seed`` so two runs with the same seed start identical. Weights load
-    from safetensors only unless the spec allows pickles; code shipped with a model runs
-    only with ``trust_remote_code``.
+
+def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | None = None):
+    """The pretrained model for a task: an ``AutoModelForSequenceClassification`` with a fresh
+    head of ``num_labels`` outputs (``problem_type`` ``single_label_classification`` or
+    ``regression``), or the ``AutoModelForCausalLM`` itself for ``generation`` and
+    ``multiple_choice`` (no new head; ``head_module_names`` is then empty).
+
+    A new head is initialised from ``seed`` so two runs with the same seed start identical.
+    Weights load from safetensors only unless the spec allows pickles; code shipped with a
+    model runs only with ``trust_remote_code``.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
     if seed is not None:
         torch.manual_seed(seed)
+    causal = problem_type in GENERATIVE_PROBLEMS
+    kwargs = {} if causal else {"num_labels": num_labels, "problem_type": problem_type}
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto.from_pretrained(
             path,
             revision=spec.revision,
-            num_labels=num_labels,
-            problem_type=problem_type,
             dtype=torch.float32,
             use_safetensors=None if spec.allow_pickle else True,
             trust_remote_code=spec.trust_remote_code,
+            **kwargs,
         )
     except (OSError, ValueError) as exc:
+        if causal and "Unrecognized configuration class" in str(exc):
+            raise ModelError(f"model '{spec.name}' has no causal-LM head, so it cannot generate: use a decoder "
+                             f"(e.g. smollm2-135m) for {problem_type} tasks") from None
         raise _load_error(spec, path, "the weights", exc) from exc
     if model.config.pad_token_id is None:
         tok = load_tokenizer(spec)
         model.config.pad_token_id = tok.pad_token_id
     model.peftlab_model_name = spec.name  # named in target-resolution errors
+    model.peftlab_causal_lm = causal  # no task head: methods train nothing of the output layer
     return model
+
+
+def is_decoder_spec(spec: ModelSpec) -> bool | None:
+    """Whether a model can generate, known without loading it: built-in models by name, local
+    folders by their config.json; None for a hub id (known once the job loads it)."""
+    if spec.pretrained is None:
+        return BUILTIN_MODELS[spec.name].decoder
+    folder = Path(spec.pretrained).expanduser()
+    config_json = folder / "config.json"
+    if not config_json.is_file():
+        return None
+    import json
+
+    try:
+        config = json.loads(config_json.read_text())
+    except ValueError:
+        return None
+    if config.get("model_type") in ENCODER_TYPES:
+        return False
+    archs = config.get("architectures") or []
+    return True if any(a.endswith("ForCausalLM") for a in archs) else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -532,7 +569,10 @@ def _linear_examples(model: nn.Module, limit: int = 6) -> str:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level children that form the task head (not the pretrained backbone)."""
+    """Top-level children that form the task head (not the pretrained backbone); none on a
+    causal LM (its output layer is pretrained, often tied to the input embeddings)."""
+    if getattr(model, "peftlab_causal_lm", False):
+        return []
     backbone = getattr(model, "base_model_prefix", None)
     return [
         name

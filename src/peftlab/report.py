@@ -136,6 +136,9 @@ def summary_row(ft: dict | None, ev: dict | None, run: dict | None = None,
         latency_ms_merged=inference.get("merged_ms_per_batch"),
         latency_ms_base=inference.get("base_ms_per_batch"),
         added_latency_ratio=inference.get("added_latency_ratio"),
+        gen_new_tokens_per_s=(ev.get("generation") or {}).get("new_tokens_per_s"),
+        generation_speed_ratio=inference.get("generation_speed_ratio"),
+        examples_json=json.dumps(ev["examples"]) if ev.get("examples") else None,
         n_test=ev["n_examples"],
         data_fingerprint=ft["data_fingerprint"],
     )
@@ -250,6 +253,8 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             "latency_ms_merged": _mean_or_none(g, "latency_ms_merged"),
             "latency_ms_base": _mean_or_none(g, "latency_ms_base"),
             "added_latency_ratio": _mean_or_none(g, "added_latency_ratio"),
+            "gen_new_tokens_per_s": _mean_or_none(g, "gen_new_tokens_per_s"),
+            "generation_speed_ratio": _mean_or_none(g, "generation_speed_ratio"),
         })
     return pd.DataFrame(rows)
 
@@ -730,7 +735,7 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
     for (model, task), s in sorted(stats.items()):
         t = s.get("task", {})
         task_rows.append({"model": model, "task": task, "source": t.get("source", "–"),
-                          "problem": s.get("problem_type"), "metric": s.get("main_metric"),
+                          "problem": _problem_text(s), "metric": s.get("main_metric"),
                           "labels": ", ".join(s.get("label_names") or []) or "–",
                           "max_length": t.get("max_length"), "raw": s.get("raw_examples"),
                           "fingerprint": s.get("fingerprint")})
@@ -801,6 +806,16 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
     return parts
 
 
+def _problem_text(stats: dict) -> str:
+    """A task's kind as the report states it; generative kinds with their scoring and loss."""
+    kind = stats.get("kind") or stats.get("problem_type")
+    t = stats.get("task", {})
+    if kind not in ("generation", "multiple_choice"):
+        return str(kind)
+    loss = "loss on prompt + target" if t.get("train_on_prompt") else "loss on target only"
+    return f"{kind} ({t.get('scoring')}; {loss}; greedy, max {t.get('max_new_tokens')} new tokens)"
+
+
 def _efficiency(task_cells: pd.DataFrame) -> str:
     cols = [("label", "method", -1), ("family", "family", -1), ("trainable_params", "trainable params", 0),
             ("trainable_percent", "trainable %", 4), ("train_time_s", "train time (s)", 1),
@@ -810,7 +825,30 @@ def _efficiency(task_cells: pd.DataFrame) -> str:
     cols += [("stored_size_bytes", "stored size", -1), ("latency_ms_unmerged", "latency unmerged (ms/batch)", 1),
              ("latency_ms_merged", "latency merged (ms/batch)", 1), ("latency_ms_base", "base model (ms/batch)", 1),
              ("added_latency_ratio", "deployed / base", 2)]
+    if task_cells["generation_speed_ratio"].notna().any():
+        cols += [("gen_new_tokens_per_s", "test generation (new tokens/s)", 1),
+                 ("generation_speed_ratio", "generation speed deployed / base", 2)]
     return _table(task_cells, cols, formatters={"stored_size_bytes": fmt_bytes})
+
+
+def _examples_section(done: pd.DataFrame, per_kind: int = 2) -> list[str]:
+    """A few right and wrong generations per method (its first completed seed's test examples)."""
+    if "examples_json" not in done or not done["examples_json"].notna().any():
+        return []
+    rows = []
+    for (method, variant), g in done.dropna(subset=["examples_json"]).sort_values("seed").groupby(
+            ["method", "variant"], sort=True):
+        ex = json.loads(g["examples_json"].iloc[0])
+        for verdict in ("right", "wrong", "unscored"):
+            for e in ex.get(verdict, [])[:per_kind]:
+                rows.append({"label": _label(method, variant), "verdict": verdict,
+                             "prompt": "…" + e["prompt"][-120:] if len(e["prompt"]) > 120 else e["prompt"],
+                             "output": e["output"][:200], "answer": str(e["answer"])[:200]})
+    return ["<h3>Example outputs</h3><p class='note'>Greedy generations on test examples (the first seed of "
+            "each method; prompts cut to their last 120 characters). Every example's output is in "
+            "<code>predictions.jsonl</code> beside the run's metrics.</p>",
+            _table(pd.DataFrame(rows), [("label", "method", -1), ("verdict", "scored", -1), ("prompt", "prompt", -1),
+                                        ("output", "output", -1), ("answer", "answer", -1)])]
 
 
 def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
@@ -968,6 +1006,7 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
                  "the base weights where the method allows it, and the plain pretrained model; the last column "
                  "is the deployed model's cost relative to the base model.</p>")
     parts.append(_efficiency(task_cells))
+    parts.extend(_examples_section(done))
     if gift_view is not None:
         parts.extend(_gift_section(gift_view, figures, f"{key}--gift_tokens"))
     return parts

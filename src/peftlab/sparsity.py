@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import REGRESSION, load_split
+from .data import load_split
 from .errors import ModelError, TrainingError
 from .io import atomic_path, read_json, write_json
 from .models import ROLES, ModelSpec, load_model, load_tokenizer, resolve_targets
@@ -281,7 +281,7 @@ def gradient_sparsity(
     from safetensors.torch import save_file
 
     from .methods._sparse import INDEX_SUFFIX
-    from .train import Collator, make_loader
+    from .train import collator_for, make_loader
 
     set_seed(seed, threads)
     out = Path(out_dir)
@@ -290,8 +290,7 @@ def gradient_sparsity(
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=seed)
     roles = target_roles(model, model_spec.targets)
-    loader = make_loader(train, batch_size, Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION),
-                         shuffle=True, seed=seed)
+    loader = make_loader(train, batch_size, collator_for(stats, tokenizer), shuffle=True, seed=seed)
     t0 = time.perf_counter()
     grads = collect_gradients(model, list(roles), iter(loader), batches)
     result = analyse(model, roles, grads, percents, jaccard_percent, overlap_rate)

@@ -32,6 +32,8 @@ from .codegraph import default_graph
 from .config import Experiment, RunKey
 from .data import REGRESSION, load_split
 from .errors import TrainingError
+from .gendata import GENERATIVE_KINDS
+from .generation import CausalCollator, evaluate_generative, model_inputs
 from .io import dir_size_bytes, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
@@ -72,8 +74,20 @@ class Collator:
 
 
 def _rows(frame: pd.DataFrame) -> list[dict]:
-    cols = [c for c in ("input_ids", "token_type_ids", "label") if c in frame]
+    cols = [c for c in ("input_ids", "token_type_ids", "label", "prompt_length") if c in frame]
     return frame[cols].to_dict("records")
+
+
+def is_generative(stats: dict) -> bool:
+    """A generation / multiple-choice task (a causal LM scored on what it generates)."""
+    return stats.get("kind", "classification") in GENERATIVE_KINDS
+
+
+def collator_for(stats: dict, tokenizer) -> Collator | CausalCollator:
+    """The batches of a prepared task: classifier rows, or prompt + target rows of a causal LM."""
+    if is_generative(stats):
+        return CausalCollator(tokenizer.pad_token_id, bool(stats["task"].get("train_on_prompt", False)))
+    return Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION)
 
 
 def make_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, shuffle: bool, seed: int = 0,
@@ -229,6 +243,16 @@ def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str =
     return outputs, labels
 
 
+def validation_metrics(model: nn.Module, tokenizer, loader: DataLoader, frame: pd.DataFrame, stats: dict,
+                       batch_size: int, dev: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+    """The task's metrics on a split: predictions of a classifier, or generations scored."""
+    if is_generative(stats):
+        return evaluate_generative(model, tokenizer, frame, stats["task"], batch_size, dev, autocast(dev, dtype),
+                                   desc="validation")[0]
+    outputs, labels = predict(model, loader, dev, desc="validation", dtype=dtype)
+    return compute_metrics(stats["problem_type"], outputs, labels)
+
+
 def _optimizer(model: nn.Module, cfg, dev: torch.device | None = None) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -338,12 +362,11 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
     set_seed(key.seed, threads)
     dev = device()
     stats = read_json(Path(data_dir) / "stats.json")
-    regression = stats["problem_type"] == REGRESSION
     main_metric = stats["main_metric"]
     train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
 
     tokenizer = load_tokenizer(model_spec)
-    collator = Collator(tokenizer.pad_token_id, regression)
+    collator = collator_for(stats, tokenizer)
     model, method, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats,
                                                                train_df, collator, dev)
 
@@ -447,9 +470,8 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         settle()
         if guard.failure:
             return
-        outputs, labels = predict(model, val_loader, dev, desc="validation", dtype=amp)
-        model.train()  # predict() left it in eval mode: dropout back on for the epoch's remaining steps
-        metrics = compute_metrics(stats["problem_type"], outputs, labels)
+        metrics = validation_metrics(model, tokenizer, val_loader, val_df, stats, cfg.eval_batch_size, dev, amp)
+        model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
         curves["validation"].append({"step": step, **metrics})
         log.info("step %d validation %s", step, {k: round(v, 4) for k, v in metrics.items()})
         if metrics[main_metric] > best["value"]:
@@ -469,7 +491,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         for batch in itertools.islice(train_loader, batch_in_epoch, None):
             attention_mask = batch["attention_mask"]
             with autocast(dev, amp):
-                loss = model(**to_device(batch, dev)).loss
+                loss = model(**model_inputs(model, to_device(batch, dev))).loss
             if defer:
                 pending.append((step, loss.detach()))
             elif not guard.ok(value := loss.item(), step):

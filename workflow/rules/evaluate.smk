@@ -7,6 +7,7 @@ rule evaluate:
         record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",
     output:
         metrics=f"{RESULTS}/evaluate/{RUN_DIR}/metrics.json",
+        predictions=f"{RESULTS}/evaluate/{RUN_DIR}/predictions.jsonl",
     log:
         f"logs/evaluate/{RUN_DIR}.log",
     benchmark:

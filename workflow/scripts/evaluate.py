@@ -21,6 +21,7 @@ def main():
         finetune_record_path=sm.input.record,
         weights_path=sm.input.weights,
         out_path=sm.output.metrics,
+        predictions_path=sm.output.predictions,
         threads=sm.threads,
     )
     # tagged with its finetune run's config hash, so the MLflow UI groups the two

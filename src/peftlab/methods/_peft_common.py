@@ -2,7 +2,7 @@
 
 Not a method itself (the leading underscore keeps the registry from importing it as one).
 
-* ``check_roles``: config validation of target roles;
+* ``peft_task_type``: ``CAUSAL_LM`` for generative tasks, ``SEQ_CLS`` for classifiers;
 * ``linear_layers``: the resolved target ``nn.Linear`` modules of an unmodified model, for the
   closed-form trainable counts;
 * ``merge_peft_model``: peft's ``merge_and_unload`` where it works, otherwise a merge by hand.
@@ -25,6 +25,14 @@ from ..models import resolve_targets
 
 # fold(tuner_layer, adapter_name) -> the merged state of the wrapped base layer ({"weight", "bias"})
 Fold = Callable[[nn.Module, str], dict[str, torch.Tensor | None]]
+
+
+def peft_task_type(model: nn.Module):
+    """peft's task type for the loaded model: a causal LM (generative tasks; no head to save)
+    or a sequence classifier."""
+    import peft
+
+    return peft.TaskType.CAUSAL_LM if getattr(model, "peftlab_causal_lm", False) else peft.TaskType.SEQ_CLS
 
 
 def linear_layers(model: nn.Module, roles, overrides: dict[str, str] | None) -> list[nn.Linear]:

@@ -96,7 +96,8 @@ def weight_gradients(model: nn.Module, names: list[str], batches, limit: int, ch
         for batch in batches:
             if used >= limit:
                 break
-            loss = model(**batch).loss
+            # a causal-LM batch's prompt lengths are for methods that read them (LoReFT)
+            loss = model(**{k: v for k, v in batch.items() if k != "prompt_length"}).loss
             if check_loss is not None:
                 check_loss(loss, used)
             yield torch.autograd.grad(loss, weights, allow_unused=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models import head_module_names, resolve_targets
 from . import register
-from ._peft_common import linear_layers, merge_peft_model
+from ._peft_common import linear_layers, merge_peft_model, peft_task_type
 from .base import Method, MethodConfig, check_roles
 
 
@@ -64,7 +64,7 @@ class IA3(Method):
         cfg = self.config
         ff = resolve_targets(model, cfg.feedforward, self.target_overrides) if cfg.feedforward else []
         peft_config = peft.IA3Config(
-            task_type=peft.TaskType.SEQ_CLS,
+            task_type=peft_task_type(model),
             target_modules=resolve_targets(model, cfg.targets, self.target_overrides),
             feedforward_modules=ff,
             modules_to_save=head_module_names(model),

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..models import head_module_names, resolve_targets
 from . import register
+from ._peft_common import peft_task_type
 from .base import Method, MethodConfig, check_positive_int, check_roles
 
 
@@ -45,7 +46,7 @@ class Lora(Method):
 
         cfg = self.config
         peft_config = peft.LoraConfig(
-            task_type=peft.TaskType.SEQ_CLS,
+            task_type=peft_task_type(model),
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,

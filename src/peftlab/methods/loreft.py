@@ -97,17 +97,22 @@ class LoreftConfig(MethodConfig):
 NONE, FIRST, LAST = -1, 0, 1
 
 
-def intervention_positions(attention_mask: torch.Tensor, first_n: int, last_n: int) -> torch.Tensor:
+def intervention_positions(attention_mask: torch.Tensor, first_n: int, last_n: int,
+                           prompt_length: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, seq) tensor: FIRST / LAST at the edited positions, NONE elsewhere (and at pads).
 
     Positions count non-pad tokens only, so padding on either side gives the same tokens.
+    ``prompt_length`` (batch,): only each sequence's first that many non-pad tokens (its
+    prompt, on a causal LM trained on prompt + target) count; the target is never edited.
     A sequence of n < first_n + last_n tokens is split so that no token is edited twice:
     the first group gets at most min(first_n, n // 2) tokens before the last group takes
     what it needs, then the first group takes the rest (n = 1: only the last token).
     """
     mask = attention_mask.bool()
-    n = mask.sum(dim=1, keepdim=True)  # non-pad tokens per sequence
     rank = mask.long().cumsum(dim=1) - 1  # index of each token among the non-pad ones
+    if prompt_length is not None:
+        mask = mask & (rank < prompt_length.to(rank.device).view(-1, 1))
+    n = mask.sum(dim=1, keepdim=True)  # edited-span tokens per sequence
     last_k = torch.clamp(n - torch.clamp(n // 2, max=first_n), max=last_n)
     first_k = torch.clamp(n - last_k, max=first_n)
     pos = torch.full_like(rank, NONE)
@@ -117,11 +122,22 @@ def intervention_positions(attention_mask: torch.Tensor, first_n: int, last_n: i
 
 
 class _PositionTracker:
-    """Forward pre-hook on the backbone: records the edited positions of the current call."""
+    """Forward pre-hook on the backbone: records the edited positions of the current call.
+
+    On a causal LM (generative tasks) the edits cover the prompt only, as pyreft does for
+    generation: in training the batch's ``prompt_length`` (taken from the model's call by
+    ``take_prompt_length``) bounds them; in generation the prefill call holds the prompt alone,
+    and the decoding calls (one new token over a cache) are never edited."""
 
     def __init__(self, first_n: int, last_n: int):
         self.first_n, self.last_n = first_n, last_n
         self.positions: torch.Tensor | None = None
+        self.prompt_length: torch.Tensor | None = None
+
+    def take_prompt_length(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook on the causal LM: keeps and removes the batch's ``prompt_length``."""
+        self.prompt_length = kwargs.pop("prompt_length", None)
+        return args, kwargs
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -134,7 +150,10 @@ class _PositionTracker:
             mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         if mask.dim() != 2:
             raise ValueError(f"loreft needs a 2-D (batch, seq) attention mask, got shape {tuple(mask.shape)}")
-        self.positions = intervention_positions(mask, self.first_n, self.last_n)
+        if mask.shape[1] != ref.shape[1]:  # a decoding step over the KV cache: generated tokens
+            self.positions = torch.full(ref.shape[:2], NONE, dtype=torch.long, device=ref.device)
+            return
+        self.positions = intervention_positions(mask, self.first_n, self.last_n, self.prompt_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,6 +285,9 @@ class Loreft(Method):
         self.freeze(model)
         tracker = _PositionTracker(cfg.first_n, cfg.last_n)
         model.base_model.register_forward_pre_hook(tracker, with_kwargs=True)
+        if getattr(model, "peftlab_causal_lm", False):
+            model.register_forward_pre_hook(tracker.take_prompt_length, with_kwargs=True)
+            model.peftlab_reads_prompt_length = True
         for i in self._layer_indices(model):
             block = blocks[i]
             ref = next(block.parameters())

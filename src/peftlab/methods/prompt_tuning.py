@@ -27,6 +27,7 @@ from torch import nn
 
 from ..models import head_module_names
 from . import register
+from ._peft_common import peft_task_type
 from .base import Method, MethodConfig, check_positive_int
 
 INITS = ("sample_vocab", "random", "text")
@@ -89,7 +90,7 @@ class PromptTuning(Method):
             extra = {"prompt_tuning_init_text": cfg.init_text,
                      "tokenizer_name_or_path": model.config.name_or_path}
         peft_config = peft.PromptTuningConfig(
-            task_type=peft.TaskType.SEQ_CLS,
+            task_type=peft_task_type(model),
             num_virtual_tokens=cfg.num_virtual_tokens,
             prompt_tuning_init=cfg.init.upper(),
             modules_to_save=head_module_names(model),

