@@ -269,3 +269,68 @@ def test_every_builtin_generative_task_prepares(smollm, tmp_path):
         if info["kind"] == "multiple_choice":
             assert all(a in list(o) for a, o in zip(test["answer"], test["options"], strict=True))
         assert np.all(test["input_ids"].map(len) <= TaskSpec.from_config(name, {}).max_length)
+
+
+# ---------------------------------------------------------------------------------------
+# Hub loaders (cluster users' real sets), on local copies laid out like the hub
+# ---------------------------------------------------------------------------------------
+
+
+def _hub_copy(root, configs: dict[str | None, dict[str, pd.DataFrame]]):
+    """A dataset repository folder: parquet files per config and split, README configs."""
+    lines = ["---", "configs:"]
+    for config, splits in configs.items():
+        name = config or "default"
+        lines.append(f"- config_name: {name}\n  data_files:")
+        for split, frame in splits.items():
+            folder = root / (config or "data")
+            folder.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(folder / f"{split}-00000-of-00001.parquet")
+            lines.append(f"  - split: {split}\n    path: {config or 'data'}/{split}-*")
+    (root / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def test_hub_generative_sets_on_local_copies(smollm, tmp_path):
+    _, tok = smollm
+    rows = [r for r in asdiv_rows()[:120] if number_in(r["answer"]) is not None]
+    gsm = pd.DataFrame({"question": [r["passage"] + " " + r["question"] for r in rows],
+                        "answer": [f"We work it out step by step, 1 + 2 = 3.\n#### {number_in(r['answer']):g}"
+                                   for r in rows]})
+    _hub_copy(tmp_path / "gsm8k", {"main": {"train": gsm.iloc[:90], "test": gsm.iloc[90:]}})
+    spec = TaskSpec.from_config("gsm8k", {"source": "hub", "hub_path": str(tmp_path / "gsm8k")})
+    assert (spec.kind, spec.scoring, spec.hub_config, spec.test_split) == ("generation", "numeric", "main", "test")
+    stats = prepare_task(spec, tok, tmp_path / "out-gsm8k", "smollm2-135m")
+    assert stats["splits"]["test"]["size"] == len(gsm) - 90  # the hub's test split is the test split
+    test = pd.read_parquet(tmp_path / "out-gsm8k" / "test.parquet")
+    assert test["text"].iloc[0].endswith("Think step by step.\nAnswer:")
+    # the gold number is the one after '####', not the last number of the reasoning
+    assert score({"kind": "generation", "scoring": "numeric"}, [f"so {number_in(a):g}" for a in test["answer"]],
+                 test)[0]["accuracy"] == 1.0
+    assert number_in("3 + 4 = 7 apples\n#### 12") == 12.0 and number_in("The answer is: 1,024") == 1024.0
+
+    wmt = pd.DataFrame({"translation": [{"en": f"the house number {i}", "ro": f"casa numarul {i}"}
+                                        for i in range(40)]})
+    _hub_copy(tmp_path / "wmt16", {"ro-en": {"train": wmt.iloc[:30], "test": wmt.iloc[30:]}})
+    spec = TaskSpec.from_config("wmt16_ro_en", {"source": "hub", "hub_path": str(tmp_path / "wmt16")})
+    stats = prepare_task(spec, tok, tmp_path / "out-wmt", "smollm2-135m")
+    assert stats["main_metric"] == "bleu" and stats["splits"]["test"]["size"] == 10
+    test = pd.read_parquet(tmp_path / "out-wmt" / "test.parquet")
+    assert test["text"].iloc[0].startswith("Translate English to Romanian:\nthe house number")
+    assert test["target"].iloc[0].startswith("casa numarul")
+
+    meta = pd.DataFrame({"query": [f"What is {i} + {i}?" for i in range(50)],
+                         "response": [f"{i} + {i} = {2 * i}. The answer is: {2 * i}" for i in range(50)]})
+    _hub_copy(tmp_path / "metamath", {None: {"train": meta}})
+    spec = TaskSpec.from_config("metamathqa", {"source": "hub", "hub_path": str(tmp_path / "metamath")})
+    stats = prepare_task(spec, tok, tmp_path / "out-meta", "smollm2-135m")
+    assert sum(v["size"] for v in stats["splits"].values()) == 50  # no test split: the pool is split
+
+
+def test_hub_task_errors_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="not a known hub task"):
+        TaskSpec.from_config("mystery", {"source": "hub", "kind": "generation", "prompt_template": "{q}"})
+    spec = TaskSpec.from_config("gsm8k", {"source": "hub", "hub_path": str(tmp_path / "nowhere")})
+    from peftlab.data import load_raw
+
+    with pytest.raises(DataError, match="set 'hub_path:' to a local copy"):
+        load_raw(spec)

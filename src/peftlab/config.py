@@ -275,6 +275,7 @@ def _first_error(validator, instance):
 
 _FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
+_HUB_KEYS = ("hub_config", "test_split")
 
 
 def validate_config(config: dict, where: str = "config") -> dict:
@@ -356,13 +357,12 @@ def _check_model(name: str, entry: dict, where: str) -> None:
 
 def _check_generative_models(config: dict, where: str) -> None:
     """A generation / multiple-choice task needs a model that can generate (a causal LM)."""
-    from .data import KINDS, TaskSpec
+    from .data import TaskSpec
     from .gendata import GENERATIVE_KINDS
     from .models import ModelSpec, is_decoder_spec
 
     for task, t_entry in config["tasks"].items():
         kind = TaskSpec.from_config(task, t_entry or {}, config["data"]).kind
-        assert kind in KINDS
         if kind not in GENERATIVE_KINDS:
             continue
         for model, m_entry in config["models"].items():
@@ -385,10 +385,11 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             f"{where}: '{key}': '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
             f"{did_you_mean(name, BUILTIN_TASKS)}; give it 'source: glue' or 'source: file' with a path"
         )
-    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS), "glue": _FILE_KEYS, "file": _GLUE_KEYS}[source]
+    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS), "glue": (*_FILE_KEYS, *_HUB_KEYS),
+               "file": (*_GLUE_KEYS, *_HUB_KEYS), "hub": (*_FILE_KEYS, "glue_name")}[source]
     for k in foreign:
         if k in entry:
-            needs = "source: file" if k in _FILE_KEYS else "source: glue"
+            needs = "source: file" if k in _FILE_KEYS else ("source: hub" if k in _HUB_KEYS else "source: glue")
             raise ConfigError(
                 f"{where}: '{key}.{k}' = {short(entry[k])}: only applies to tasks with '{needs}' and "
                 f"this task's source is {source}; set the source or remove '{k}'"
@@ -436,12 +437,12 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             )
     elif spec.generative and "prompt_template" in entry:
         _check_generative_columns(spec, where, key)
-    if source == "glue":
+    if source in ("glue", "hub"):
         hub = os.path.expanduser(spec.hub_path)
         if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
             raise ConfigError(
                 f"{where}: '{key}.hub_path' = {spec.hub_path!r}: no such folder; give a local "
-                "copy laid out like the hub's GLUE repository, or a dataset id such as nyu-mll/glue"
+                "copy laid out like the hub repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
             )
 
 

