@@ -307,6 +307,7 @@ def test_hub_generative_sets_on_local_copies(smollm, tmp_path):
     assert score({"kind": "generation", "scoring": "numeric"}, [f"so {number_in(a):g}" for a in test["answer"]],
                  test)[0]["accuracy"] == 1.0
     assert number_in("3 + 4 = 7 apples\n#### 12") == 12.0 and number_in("The answer is: 1,024") == 1024.0
+    assert number_in("5 - 5 = 0 left\n#### 0") == 0.0
 
     wmt = pd.DataFrame({"translation": [{"en": f"the house number {i}", "ro": f"casa numarul {i}"}
                                         for i in range(40)]})

@@ -215,17 +215,25 @@ def _answer_index(answer: Any, labels: list[str], texts: list[str]) -> int | Non
 ANSWER_MARKERS = re.compile(r"(?:####|The answer is:?)\s*(-?[\d,]*\.?\d+)")
 
 
-def number_in(text: str) -> float | None:
-    """The number of a gold answer, commas dropped: after GSM8K's "####" or MetaMathQA's "The
-    answer is:" when present, else the last number ("9 apples" -> 9.0)."""
-    marked = ANSWER_MARKERS.findall(str(text))
-    found = marked or NUMBER.findall(str(text))
+def _last_parsed(found: list[str]) -> float | None:
     for raw in reversed(found):
         try:
             return float(raw.replace(",", ""))
         except ValueError:
             continue
     return None
+
+
+def last_number(text: str) -> float | None:
+    """The last number in a model's output ("... so 12 apples. 14" -> 14.0), commas dropped."""
+    return _last_parsed(NUMBER.findall(str(text)))
+
+
+def number_in(text: str) -> float | None:
+    """The number of a gold answer: after GSM8K's "####" or MetaMathQA's "The answer is:" when
+    present, else the last number ("9 apples" -> 9.0)."""
+    marked = _last_parsed(ANSWER_MARKERS.findall(str(text)))
+    return marked if marked is not None else last_number(text)
 
 
 def render_examples(df: pd.DataFrame, spec, origin: str) -> pd.DataFrame:

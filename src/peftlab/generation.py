@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gendata import MULTIPLE_CHOICE, NUMBER, number_in, target_ids
+from .gendata import MULTIPLE_CHOICE, last_number, number_in, target_ids
 
 IGNORE = -100  # label of positions without loss
 
@@ -116,17 +116,6 @@ def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
-
-
-def last_number(text: str) -> float | None:
-    """The last number in a model's output ("... so 12 apples. 14" -> 14.0)."""
-    found = NUMBER.findall(str(text))
-    for raw in reversed(found):
-        try:
-            return float(raw.replace(",", ""))
-        except ValueError:
-            continue
-    return None
 
 
 def choice_in(text: str, labels: list[str]) -> int:
