@@ -144,7 +144,7 @@ def test_every_edit_reruns_exactly_the_jobs_whose_code_includes_it(complete_run)
 
 @pytest.mark.slow
 def test_shared_helpers_rerun_the_methods_that_use_them(complete_run):
-    """The cases that were stale: peft's merge helpers (DoRA, IA3, VeRA), the report, and
+    """The cases that were stale: the peft helpers (DoRA, IA3, LoRA, prompt tuning, VeRA), the report, and
     LoRA's module (DoRA subclasses LoRA). The first jobs a dry run schedules (those no other
     scheduled job feeds) are the ones whose own code changed; that each job further down
     carries its own code too is checked rule by rule in tests/test_codegraph.py."""
