@@ -29,6 +29,8 @@ from .train import (
     predict,
 )
 
+GENERATIVE_PROBE = 8  # prompts in a generative task's latency and generation-speed probe
+
 
 def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
     """Median wall time of one forward pass on ``batch`` (after one warm-up pass)."""
@@ -74,6 +76,8 @@ def inference_cost(method, model, base_model, batch: dict, gen_speed=None) -> di
     match; a method that cannot be merged pays ``added_latency_ratio`` at inference.
     ``gen_speed`` (``generation_speed``): generative tasks also time generation, and
     ``generation_speed_ratio`` is the deployed model's new tokens/s over the base model's."""
+    model.eval()  # the logits the merged model must match: no dropout
+    base_model.eval()
     with torch.no_grad():
         unmerged_logits = model(**batch).logits
     out: dict[str, Any] = {
@@ -148,9 +152,12 @@ def evaluate(
     inference = None
     if measure_inference:
         base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
-        gen_speed = (generation_speed(tokenizer, test_df.head(batch_size), stats["task"]["max_new_tokens"], dev)
+        # a causal LM's probe: at most GENERATIVE_PROBE prompts (each timed forward of a full eval
+        # batch costs seconds on a CPU, and the probe times twelve of them and three generations)
+        probe = min(batch_size, GENERATIVE_PROBE) if is_generative(stats) else batch_size
+        gen_speed = (generation_speed(tokenizer, test_df.head(probe), stats["task"]["max_new_tokens"], dev)
                      if is_generative(stats) else None)
-        inference = inference_cost(method, model, base_model, first_batch(test_df, batch_size, stats, tokenizer, dev),
+        inference = inference_cost(method, model, base_model, first_batch(test_df, probe, stats, tokenizer, dev),
                                    gen_speed)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
