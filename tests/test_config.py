@@ -125,3 +125,24 @@ def test_train_config_validates():
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
     assert TrainConfig().lr_scheduler == "linear"
+
+
+def test_method_settings_are_the_registrys_and_validation_imports_no_torch(repo):
+    """The DAG build checks every variant's method settings through ``method_configs`` (one
+    torch-free module per method): the same classes the methods train with, and validating a
+    config of every method (default config, SIFT's analysis variants) never imports torch."""
+    import subprocess
+    import sys
+
+    from peftlab.method_configs import config_class, method_names
+
+    assert method_names() == sorted(METHODS)
+    assert {m: config_class(m) for m in METHODS} == {m: cls.config_cls for m, cls in METHODS.items()}
+    with pytest.raises(ConfigError, match="unknown method 'loraa'"):
+        config_class("loraa")
+    code = ("import sys; from peftlab.config import load_yaml, validate_config, sift_analysis_variants; "
+            "cfg = validate_config(load_yaml('config/config.yaml')); sift_analysis_variants(cfg); "
+            "print(sorted(cfg['methods']), 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.split("]")[-1].split() == ["False", "False"], out.stdout
+    assert out.stdout.startswith(str(sorted(METHODS)))

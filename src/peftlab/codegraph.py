@@ -71,12 +71,25 @@ def _absolute(node: ast.ImportFrom, name: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _imported_names(tree: ast.AST, name: str, is_package: bool) -> set[str]:
+def _import_statements(body: list[ast.stmt]):
+    """Every import statement in ``body``, at any depth (functions, classes, ``if``/``try``
+    blocks): imports are statements, so expressions are never searched."""
+    todo = list(body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+            continue
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            todo.extend(getattr(node, field, None) or ())
+
+
+def _imported_names(tree: ast.Module, name: str, is_package: bool) -> set[str]:
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _import_statements(tree.body):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
+        else:
             module = _absolute(node, name, is_package)
             out.add(module)
             # `from pkg import x` imports the submodule pkg.x when there is one

@@ -16,6 +16,7 @@ import codecs
 import copy
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -44,8 +45,13 @@ class _DuplicateKey(yaml.YAMLError):
         self.key, self.mark, self.first_mark = key, mark, first_mark
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last silently)."""
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last silently).
+    Parses with libyaml where PyYAML has it (the DAG build reads every variant file)."""
+
+
+class _StrictPyLoader(yaml.SafeLoader):
+    """The same in pure Python, whose syntax errors name the offending character."""
 
 
 def _construct_mapping(loader: _StrictLoader, node, deep: bool = False):
@@ -60,10 +66,11 @@ def _construct_mapping(loader: _StrictLoader, node, deep: bool = False):
             seen[key] = key_node.start_mark
         except TypeError:  # unhashable key: SafeLoader reports it
             pass
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep)
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+for _loader in (_StrictLoader, _StrictPyLoader):
+    _loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -83,6 +90,13 @@ def load_yaml(path: str | Path) -> Any:
         ) from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:  # again in pure Python, for its precise message
+        return _load_strict_py(path, text)
+
+
+def _load_strict_py(path: Path, text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictPyLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
         raise ConfigError(
             f"{path} line {exc.mark.line + 1}: key {exc.key!r} is given twice (first on line "
@@ -138,6 +152,12 @@ def retype_overrides(config: dict, overrides: Any) -> None:
 
 def load_schema(name: str) -> dict:
     return load_yaml(SCHEMA_DIR / f"{name}.schema.yaml")
+
+
+@functools.cache
+def _schema_validator(name: str):
+    """The validator of a schema, built once per process (the DAG build checks every variant)."""
+    return _validator_with_defaults(load_schema(name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,7 +275,7 @@ def _format_error(err, where: str) -> str:
 
 def validate(instance: Any, schema_name: str, where: str) -> Any:
     """Validate (and fill defaults into) ``instance``; one-line ``ConfigError`` on failure."""
-    validator = _validator_with_defaults(load_schema(schema_name))
+    validator = _schema_validator(schema_name)
     error = _first_error(validator, instance)
     if error is not None:
         raise ConfigError(_format_error(error, where))
@@ -590,10 +610,10 @@ def _experiment_part(path: Path, data: Any) -> dict:
 def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> Experiment:
     """Merge defaults.yaml with ``<method>/<variant>.yaml`` and type-check the result; an
     error names the file that sets the bad key."""
-    from .methods import get_method
+    from .method_configs import config_class  # torch-free: the DAG build validates every variant
 
     defaults_path, variant_path = experiment_files(experiments_dir, method, variant)
-    cls = get_method(method)
+    config_cls = config_class(method)
     if not variant_path.exists():
         have = sorted(p.stem for p in variant_path.parent.glob("*.yaml"))
         raise ConfigError(
@@ -603,7 +623,7 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
     defaults = _experiment_part(defaults_path, load_yaml(defaults_path))
     override = _experiment_part(variant_path, load_yaml(variant_path))
     merged = deep_merge(defaults, override)
-    validator = _validator_with_defaults(load_schema("experiment"))
+    validator = _schema_validator("experiment")
     error = _first_error(validator, merged)
     if error is not None:
         path = list(error.absolute_path)
@@ -619,7 +639,7 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
     params = merged.get("method") or {}
     culprit = variant_path if "method" in override else defaults_path
     try:
-        cls.config_cls.from_dict(method, params)
+        config_cls.from_dict(method, params)
     except ConfigError as exc:
         raise ConfigError(f"{culprit}: {exc}") from None
     for k, v in params.items():

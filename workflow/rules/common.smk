@@ -175,3 +175,15 @@ def on_pipeline_error():
             "run: python -m peftlab report",
             file=sys.stderr,
         )
+
+
+# Building the DAG creates objects by the hundred thousand (jobs, their files and params),
+# nearly all kept to the end, and Python's cycle collector rescans them all again and again
+# as they pile up. What exists now (Snakemake, this workflow, the config) is moved out of its
+# reach, and it runs after 50,000 new objects instead of 700: the DAG of 2,400 runs builds
+# about 15% faster (bench/pipeline_scale.py) at the same peak memory. Jobs run in their own
+# processes, untouched by this.
+import gc
+
+gc.freeze()
+gc.set_threshold(50_000, 20, 20)

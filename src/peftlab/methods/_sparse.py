@@ -23,7 +23,6 @@ This module registers no method (its name starts with ``_``): ``sift.py`` and ``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import ROLES, resolve_targets
-from .base import Method, MethodConfig, set_submodule
+from ..method_configs._sparse import SparseConfig
+from ..models import resolve_targets
+from .base import Method, set_submodule
 
 INDEX_SUFFIX = ".sparse_index"
 DELTA_SUFFIX = ".sparse_delta"
-RANKINGS = ("per_matrix", "global")
 
 
 class SparseDeltaLinear(nn.Module):
@@ -143,26 +142,6 @@ def select_indices(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     above = index[values > threshold]
     tied = (s == threshold).nonzero().flatten()[: k - above.numel()]
     return torch.cat([above, tied]).sort().values
-
-
-@dataclass
-class SparseConfig(MethodConfig):
-    rate: float = 0.008  # share of each target matrix that trains (SIFT paper: 0.8%)
-    targets: list[str] = field(default_factory=lambda: ["query", "key", "value", "attn_output"])
-    ranking: str = "per_matrix"  # per_matrix: k per matrix; global: one ranking over all targets
-
-    def __post_init__(self):
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 < self.rate <= 1:
-            raise ValueError(f"rate must be a number in (0, 1], got {self.rate!r}")
-        self.rate = float(self.rate)
-        if not isinstance(self.targets, (list, tuple)):
-            raise ValueError(f"targets must be a list of roles from {list(ROLES)}, got {self.targets!r}")
-        bad = [t for t in self.targets if t not in ROLES]
-        if not self.targets or bad:
-            raise ValueError(f"targets {bad or self.targets} invalid; use roles from {list(ROLES)}")
-        self.targets = list(self.targets)
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {list(RANKINGS)}, got {self.ranking!r}")
 
 
 class SparseUpdateMethod(Method):

@@ -22,47 +22,18 @@ update input-dependent, so it cannot be folded into the weights (not mergeable).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..method_configs.adapter import NONLINEARITIES as NONLINEARITY_NAMES
+from ..method_configs.adapter import PLACEMENTS, AdapterConfig
 from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig
+from .base import Method
 
-PLACEMENTS = {"houlsby": ["attn_output", "ffn_out"], "pfeiffer": ["ffn_out"]}
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    placement: str = "houlsby"  # houlsby (after attention and FFN) | pfeiffer (after FFN only)
-    bottleneck: int | None = None  # m; null: m = d // reduction_factor
-    reduction_factor: int | None = None  # d / m when bottleneck is null (default 16)
-    nonlinearity: str = "relu"  # relu | gelu | tanh | silu (= swish)
-
-    def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
-        for key in ("bottleneck", "reduction_factor"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key} must be a positive integer or null, got {value!r}")
-        if self.bottleneck is not None and self.reduction_factor is not None:
-            raise ValueError(
-                f"give bottleneck ({self.bottleneck}) or reduction_factor ({self.reduction_factor}), not both"
-            )
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(
-                f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {self.nonlinearity!r}"
-            )
-
-    def bottleneck_size(self, d: int) -> int:
-        if self.bottleneck is not None:
-            return self.bottleneck
-        return max(1, d // (self.reduction_factor or 16))
+assert sorted(NONLINEARITIES) == list(NONLINEARITY_NAMES), "method_configs.adapter lists other activations"
 
 
 class BottleneckAdapter(nn.Module):

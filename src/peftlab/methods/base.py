@@ -2,66 +2,29 @@
 
 A method takes a freshly loaded pretrained classifier and its typed config, decides what
 trains (``apply``), and can save/restore exactly what it trained. Adding a method means:
-a new module here, a ``register`` call, a variant file under ``config/experiments/<name>/``
+a new module here, a ``register`` call, its settings class in ``method_configs/<name>.py``
+(torch-free: config validation reads it at DAG build), a variant file under ``config/experiments/<name>/``
 and a row in the parametrized tests.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import ROLES, count_parameters, head_module_names
+from ..method_configs import MethodConfig, check_positive_int, check_roles
+from ..models import count_parameters, head_module_names
 
-
-def check_roles(key: str, roles, allow_empty: bool = False) -> None:
-    """One-line ValueError unless ``roles`` is a list of known target roles."""
-    if not isinstance(roles, (list, tuple)) or (not roles and not allow_empty):
-        raise ValueError(f"{key} must be a list of roles from {list(ROLES)}, got {roles!r}")
-    bad = [r for r in roles if r not in ROLES]
-    if bad:
-        raise ValueError(f"{key} {bad} invalid; use roles from {list(ROLES)}")
-    twice = sorted({r for r in roles if list(roles).count(r) > 1})
-    if twice:
-        raise ValueError(f"{key} lists {twice} twice")
-
-
-def check_positive_int(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+__all__ = ["Method", "MethodConfig", "check_positive_int", "check_roles", "set_submodule"]
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (e.g. a target Linear by its wrapper)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-@dataclass
-class MethodConfig:
-    """Base class of the typed per-method configs (fields = the variant's ``method:`` keys)."""
-
-    @classmethod
-    def from_dict(cls, method: str, values: dict[str, Any] | None) -> MethodConfig:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"method '{method}': unknown parameter(s) {unknown}; allowed: {sorted(known) or 'none'}"
-            )
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"method '{method}': {exc}") from exc
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class Method:

@@ -11,27 +11,14 @@ still a plain model of its architecture."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..method_configs.bitfit import BitFitConfig
 from ..models import head_module_names
 from . import register
-from .base import Method, MethodConfig
-
-
-@dataclass
-class BitFitConfig(MethodConfig):
-    train_head: bool = True  # the task head is new, so it trains unless asked otherwise
-    missing_biases: str = "add"  # add: zero biases on linear layers that have none | none
-
-    def __post_init__(self):
-        if not isinstance(self.train_head, bool):
-            raise ValueError(f"train_head must be true or false, got {self.train_head!r}")
-        if self.missing_biases not in ("add", "none"):
-            raise ValueError(f"missing_biases must be 'add' or 'none', got {self.missing_biases!r}")
+from .base import Method
 
 
 def _bias_parameters(model: nn.Module):

@@ -8,18 +8,12 @@ peft keeps the norm out of the gradient graph as the paper's Sec. 4.3 recommends
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ..method_configs.dora import DoraConfig
 from . import register
 from ._peft_common import linear_layers, merge_peft_model
-from .lora import Lora, LoraConfig
-
-
-@dataclass
-class DoraConfig(LoraConfig):
-    """Same fields and checks as LoRA's: r, alpha, dropout, targets."""
+from .lora import Lora
 
 
 @register

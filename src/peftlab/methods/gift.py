@@ -28,33 +28,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..method_configs.gift import GiftConfig
 from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig, check_positive_int, check_roles, set_submodule
-
-
-@dataclass
-class GiftConfig(MethodConfig):
-    r: int = 32  # rank of phi psi (the paper's default on query/value)
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    share_across_targets: bool = False  # one (phi, psi) for every role instead of one per role
-    init_scale: float = 1.0  # phi ~ N(0, init_scale^2 / d_in): columns of norm ~init_scale
-
-    def __post_init__(self):
-        check_positive_int("r", self.r)
-        check_roles("targets", self.targets)
-        if not isinstance(self.share_across_targets, bool):
-            raise ValueError(f"share_across_targets must be true or false, got {self.share_across_targets!r}")
-        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, int | float) \
-                or not math.isfinite(self.init_scale) or self.init_scale <= 0:
-            raise ValueError(f"init_scale must be a positive number, got {self.init_scale!r}")
+from .base import Method, set_submodule
 
 
 class GiftPair(nn.Module):

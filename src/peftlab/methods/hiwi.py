@@ -41,42 +41,18 @@ d_out (biases); adapters = roles (shared) or (role, layer) pairs; plus the head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..method_configs.hiwi import ACTIVATIONS, HiwiConfig
 from ..models import resolve_targets
 from . import register
-from .base import Method, MethodConfig, check_positive_int, check_roles, set_submodule
+from .base import Method, set_submodule
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "identity": lambda t: t}
-
-
-@dataclass
-class HiwiConfig(MethodConfig):
-    r: int = 8  # adapter bottleneck width
-    targets: list[str] = field(default_factory=lambda: ["ffn_in", "ffn_out"])
-    # weights: W' = W + A(W) row-wise; biases: b' = b + A(b). (Not named "on": YAML 1.1 reads an
-    # unquoted ``on:`` key as the boolean true.)
-    adapt: str = "weights"
-    share_across_layers: bool = False  # one adapter per role for all layers (default: per layer)
-    activation: str = "relu"  # f in A(X) = f(X U + c) V + e
-    adapter_bias: bool = True  # the adapter's own biases c and e
-
-    def __post_init__(self):
-        check_positive_int("r", self.r)
-        check_roles("targets", self.targets)
-        if self.adapt not in ("weights", "biases"):
-            raise ValueError(f"adapt must be 'weights' or 'biases', got {self.adapt!r}")
-        if not isinstance(self.share_across_layers, bool):
-            raise ValueError(f"share_across_layers must be true or false, got {self.share_across_layers!r}")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
-        if not isinstance(self.adapter_bias, bool):
-            raise ValueError(f"adapter_bias must be true or false, got {self.adapter_bias!r}")
+assert sorted(_ACTIVATIONS) == list(ACTIVATIONS), "method_configs.hiwi lists other activations"
 
 
 class HiwiAdapter(nn.Module):

@@ -14,29 +14,14 @@ feedforward ones. peft's ``merge_and_unload`` cannot unwrap composite heads (MPN
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from ..method_configs.ia3 import IA3Config
 from ..models import head_module_names, resolve_targets
 from . import register
 from ._peft_common import linear_layers, merge_peft_model, peft_task_type
-from .base import Method, MethodConfig, check_roles
-
-
-@dataclass
-class IA3Config(MethodConfig):
-    targets: list[str] = field(default_factory=lambda: ["key", "value", "ffn_out"])
-    # subset of targets whose *input* is rescaled (the paper's l_ff before W2)
-    feedforward: list[str] = field(default_factory=lambda: ["ffn_out"])
-
-    def __post_init__(self):
-        check_roles("targets", self.targets)
-        check_roles("feedforward", self.feedforward, allow_empty=True)
-        extra = [r for r in self.feedforward if r not in self.targets]
-        if extra:
-            raise ValueError(f"feedforward roles {extra} must also be in targets {self.targets}")
+from .base import Method
 
 
 @torch.no_grad()

@@ -6,30 +6,13 @@ the same variant file works on BERT (``query``), MPNet (``q``) and Llama (``q_pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
+from ..method_configs.lora import LoraConfig
 from ..models import head_module_names, resolve_targets
 from . import register
 from ._peft_common import peft_task_type
-from .base import Method, MethodConfig, check_positive_int, check_roles
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-
-    def __post_init__(self):
-        check_positive_int("r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        check_roles("targets", self.targets)
+from .base import Method
 
 
 @register

@@ -14,18 +14,12 @@ The update mechanism is shared with SIFT (``_sparse.py``); only the mask differs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from ..method_configs.pafi import PafiConfig
 from . import register
-from ._sparse import SparseConfig, SparseUpdateMethod
-
-
-@dataclass
-class PafiConfig(SparseConfig):
-    """rate, targets and ranking (per_matrix | global): see ``SparseConfig``."""
+from ._sparse import SparseUpdateMethod
 
 
 @register

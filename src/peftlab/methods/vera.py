@@ -14,34 +14,14 @@ redraws the same A and B from ``projection_seed``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from ..method_configs.vera import VeraConfig
 from ..models import head_module_names, resolve_targets
 from . import register
 from ._peft_common import linear_layers, merge_peft_model, peft_task_type
-from .base import Method, MethodConfig, check_positive_int, check_roles
-
-
-@dataclass
-class VeraConfig(MethodConfig):
-    r: int = 256
-    d_initial: float = 0.1
-    dropout: float = 0.0
-    projection_seed: int = 0
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-
-    def __post_init__(self):
-        check_positive_int("r", self.r)
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or self.d_initial <= 0:
-            raise ValueError(f"d_initial must be positive, got {self.d_initial!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
-            raise ValueError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}")
-        check_roles("targets", self.targets)
+from .base import Method
 
 
 @torch.no_grad()
