@@ -275,7 +275,7 @@ def _first_error(validator, instance):
 
 _FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
-_HUB_KEYS = ("hub_config", "test_split")
+_HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "max_example_chars")
 
 
 def validate_config(config: dict, where: str = "config") -> dict:
@@ -438,12 +438,23 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
     elif spec.generative and "prompt_template" in entry:
         _check_generative_columns(spec, where, key)
     if source in ("glue", "hub"):
+        _check_hub_path(spec.hub_path, f"{key}.hub_path", where)
+        if (spec.test_source or {}).get("hub_path"):
+            _check_hub_path(spec.test_source["hub_path"], f"{key}.test_source.hub_path", where)
         hub = os.path.expanduser(spec.hub_path)
-        if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
-            raise ConfigError(
-                f"{where}: '{key}.hub_path' = {spec.hub_path!r}: no such folder; give a local "
-                "copy laid out like the hub repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
-            )
+        missing = [f for f in spec.data_files.values() if os.path.isdir(hub) and not os.path.isfile(Path(hub) / f)]
+        if missing:
+            raise ConfigError(f"{where}: '{key}.data_files': {missing[0]!r} is not a file under {spec.hub_path}; "
+                              "fix hub_path (the folder the data_files paths start from) or data_files")
+
+
+def _check_hub_path(hub_path: str, key: str, where: str) -> None:
+    hub = os.path.expanduser(hub_path)
+    if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
+        raise ConfigError(
+            f"{where}: '{key}' = {hub_path!r}: no such folder; give a local copy laid out like the hub "
+            "repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
+        )
 
 
 def _check_generative_columns(spec, where: str, key: str) -> None:
