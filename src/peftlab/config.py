@@ -290,6 +290,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
     for name, entry in config["tasks"].items():
         _check_task(name, entry or {}, config["data"], where)
     _check_generative_models(config, where)
+    _check_paper_results(config, where)
     exp_dir = Path(config["experiments_dir"])
     if not exp_dir.is_dir():
         raise ConfigError(
@@ -455,6 +456,30 @@ def _check_hub_path(hub_path: str, key: str, where: str) -> None:
             f"{where}: '{key}' = {hub_path!r}: no such folder; give a local copy laid out like the hub "
             "repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
         )
+
+
+def _check_paper_results(config: dict, where: str) -> None:
+    """Every published number names a task and model of this config, a metric that task reports,
+    and a value on the report's scale (fractions of 1)."""
+    from .data import TaskSpec, task_metrics
+
+    for task, methods in (config.get("paper_results") or {}).items():
+        if task not in config["tasks"]:
+            raise ConfigError(f"{where}: 'paper_results.{task}': '{task}' is not a task of this config"
+                              f"{did_you_mean(task, config['tasks'])}; use one of {list(config['tasks'])}")
+        spec = TaskSpec.from_config(task, config["tasks"][task] or {}, config["data"])
+        allowed = task_metrics(spec.kind, spec.scoring)
+        for method, entry in methods.items():
+            key, value = f"paper_results.{task}.{method}", entry["value"]
+            if entry.get("metric", spec.main_metric) not in allowed:
+                raise ConfigError(f"{where}: '{key}.metric' = {entry['metric']!r}: task '{task}' reports "
+                                  f"{', '.join(allowed)}; name one of them")
+            if entry.get("model") is not None and entry["model"] not in config["models"]:
+                raise ConfigError(f"{where}: '{key}.model' = {entry['model']!r} is not a model of this config; "
+                                  f"use one of {list(config['models'])} or remove 'model'")
+            if not -1 <= value <= 1:
+                raise ConfigError(f"{where}: '{key}.value' = {value}: the report's metrics are fractions of 1; "
+                                  f"write {value}% as {value / 100:g}")
 
 
 def _check_generative_columns(spec, where: str, key: str) -> None:
