@@ -413,23 +413,24 @@ def test_llm_adapters_arithmetic_scores_the_answer_field(smollm, tmp_path):
 
 def test_metamathqa_trains_on_one_set_and_tests_on_gsm8k(smollm, tmp_path):
     """peft's method comparison: MetaMathQA trains (long examples dropped as peft does), 50 GSM8K
-    training problems validate (here 5), GSM8K's test split tests, each with its own prompt columns."""
+    training problems validate (here 5; MetaMathQA copies of them leave training), GSM8K's test
+    split tests, each with its own prompt columns."""
     _, tok = smollm
-    meta = pd.DataFrame({"query": [f"What is {i} + {i}?" for i in range(30)] + ["x" * 1400],
-                         "response": [f"{i} + {i} = {2 * i}. The answer is: {2 * i}" for i in range(30)] + ["1"]})
-    _hub_copy(tmp_path / "metamath", {None: {"train": meta}})
     gsm = pd.DataFrame({"question": [f"Ann has {i} pens and gets {i}. How many?" for i in range(20)],
                         "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(20)]})
+    meta = pd.DataFrame({"query": [f"What is {i} + {i}?" for i in range(30)] + ["x" * 1400] + list(gsm["question"][:14]),
+                         "response": [f"{i} + {i} = {2 * i}. The answer is: {2 * i}" for i in range(30)] + ["1"]
+                         + [f"{2 * i}. The answer is: {2 * i}" for i in range(14)]})
+    _hub_copy(tmp_path / "metamath", {None: {"train": meta}})
     _hub_copy(tmp_path / "gsm8k", {"main": {"train": gsm.iloc[:14], "test": gsm.iloc[14:]}})
     spec = TaskSpec.from_config("metamathqa_gsm8k", {
         "source": "hub", "hub_path": str(tmp_path / "metamath"),
         "test_source": {"task": "gsm8k", "hub_path": str(tmp_path / "gsm8k"), "validation": 5}})
     stats = prepare_task(spec, tok, tmp_path / "out", "smollm2-135m")
-    assert {k: v["size"] for k, v in stats["splits"].items()} == {"train": 30, "validation": 5, "test": 6}
+    assert {k: v["size"] for k, v in stats["splits"].items()} == {"train": 30 + 14 - 5, "validation": 5, "test": 6}
     assert stats["source"]["dropped"] == {"longer_than_1300_chars": 1}
-    for split, field in (("train", "What is"), ("validation", "Ann has"), ("test", "Ann has")):
-        frame = pd.read_parquet(tmp_path / "out" / f"{split}.parquet")
-        assert frame["text"].map(lambda t, f=field: t.startswith(f"Question: {f}")).all(), split
+    train, val = (pd.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "validation"))
+    assert val["text"].str.startswith("Question: Ann has").all() and not set(val["text"]) & set(train["text"])
     test = pd.read_parquet(tmp_path / "out" / "test.parquet")
     assert set(test["text"]) == {f"Question: Ann has {i} pens and gets {i}. How many? Think step by step.\nAnswer:"
                                  for i in range(14, 20)}

@@ -617,13 +617,14 @@ def make_splits(raw: RawTask, spec: TaskSpec) -> dict[str, pd.DataFrame]:
     pool = frame[tags == "pool"].drop_duplicates(subset=key_cols, keep="first")
     rng = np.random.default_rng(spec.split_seed)
     stratify = spec.problem_type == CLASSIFICATION
-    if (tags == "test").any():
+    if "split" in frame:
         test = frame[tags == "test"]
     else:
         is_test = _stratified_take(pool["label"].to_numpy(), spec.test_fraction, rng, stratify)
         test, pool = pool[is_test], pool[~is_test]
-    if (tags == "validation").any():
-        splits = {"train": pool, "validation": frame[tags == "validation"], "test": test}
+    if (tags == "validation").any():  # model selection on texts training never saw
+        val = frame[tags == "validation"]
+        splits = {"train": pool[~pool["text_a"].isin(val["text_a"])], "validation": val, "test": test}
     else:
         val_share = spec.validation_fraction / max(1e-9, 1.0 - (0 if "split" in frame else spec.test_fraction))
         is_val = _stratified_take(pool["label"].to_numpy(), min(1.0, val_share), rng, stratify)
