@@ -65,6 +65,19 @@ def test_schema_method_enum_equals_registry():
          ["'analyses.intrinsic_dimension.reference' = 'nope'", "config/experiments/full/nope.yaml"]),
         (lambda c: c["analyses"]["gradient_sparsity"].update(batches=0), ["batches", "0", "minimum"]),
         (lambda c: c["analyses"].update(id={}), ["'id'", "allowed keys"]),
+        # published numbers for the report's paper column: a task, model and metric of this config, a fraction
+        (lambda c: c.update(paper_results={"rotten_tomato": {"lora": {"value": 0.8, "source": "T1"}}}),
+         ["'paper_results.rotten_tomato'", "did you mean 'rotten_tomatoes'"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": {"value": 68.9, "source": "T1"}}}),
+         ["'paper_results.rotten_tomatoes.lora.value' = 68.9", "write 68.9% as 0.689"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": {"value": 0.8, "source": "T1",
+                                                                        "metric": "bleu"}}}),
+         ["'paper_results.rotten_tomatoes.lora.metric' = 'bleu'", "accuracy, macro_f1"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": {"value": 0.8}}}),
+         ["'paper_results.rotten_tomatoes.lora'", "source"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": {"value": 0.8, "source": "T1",
+                                                                        "model": "llama"}}}),
+         ["'paper_results.rotten_tomatoes.lora.model' = 'llama'", "minilm-l6"]),
     ],
 )
 def test_bad_config_gives_one_line_error(config, mutate, expected):

@@ -335,3 +335,116 @@ def test_hub_task_errors_are_one_line(tmp_path):
 
     with pytest.raises(DataError, match="set 'hub_path:' to a local copy"):
         load_raw(spec)
+
+
+def _llm_adapters_copy(root, files: dict[str, list[dict]]):
+    """A folder laid out like the LLM-Adapters repository: JSON arrays of {instruction, input, output, answer}."""
+    for rel, records in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(records, indent=2))
+
+
+def _record(instruction: str, output: str, answer: str) -> dict:
+    return {"instruction": instruction, "input": "", "output": output, "answer": answer}
+
+
+def _commonsense(i: int) -> dict:
+    word = ["true", "false", "answer2", "option1", "ending3", "solution2"][i % 6]
+    return _record(f"Please answer the question number {i}.\n\nAnswer format: {word}/other", f"the correct answer is "
+                   f"{word}", word)
+
+
+def test_llm_adapters_commonsense_on_a_local_copy(smollm, tmp_path):
+    """LoReFT / GIFT's commonsense protocol: one training mixture, one test set per task, the prompt is
+    the instruction and a line break, and an output counts when it says exactly "the correct answer is
+    <word>" (pyreft's check)."""
+    _, tok = smollm
+    boolq = [_record(f"Is claim {i} true?\n\nAnswer format: true/false", f"the correct answer is {w}", w)
+             for i, w in enumerate(["true", "false", "false", "true", "true"])]
+    _llm_adapters_copy(tmp_path / "LLM-Adapters", {"ft-training_set/commonsense_170k.json":
+                                                   [_commonsense(i) for i in range(40)],
+                                                   "dataset/boolq/test.json": boolq})
+    spec = TaskSpec.from_config("commonsense_boolq", {"source": "hub", "hub_path": str(tmp_path / "LLM-Adapters"),
+                                                      "validation_fraction": 0.1})
+    assert (spec.kind, spec.scoring, spec.main_metric, spec.max_new_tokens) == ("generation", "exact_match",
+                                                                                "exact_match", 32)
+    stats = prepare_task(spec, tok, tmp_path / "out", "smollm2-135m")
+    assert {k: v["size"] for k, v in stats["splits"].items()} == {"train": 36, "validation": 4, "test": 5}
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet").sort_values("example_id")
+    assert test["text"].iloc[0] == "Is claim 0 true?\n\nAnswer format: true/false\n"
+    assert test["target"].iloc[0] == "the correct answer is true"
+    task = {"kind": "generation", "scoring": "exact_match"}
+    outputs = ["the correct answer is true", "The correct answer is false.", "the correct answer is true",
+               "the correct answer is true because", "true"]
+    assert score(task, outputs, test)[1] == [True, True, False, False, False]
+
+
+def test_llm_adapters_arithmetic_scores_the_answer_field(smollm, tmp_path):
+    """math_10k trains on worked solutions; each test record's 'answer' is the gold (a number, or
+    AQuA's option letter), and a test record without a solution (MAWPS) keeps its answer as target."""
+    _, tok = smollm
+    train = [_record(f"Tom has {i} apples and buys 2. How many?", f"{i} + 2 = {i + 2}. The answer is {i + 2}.",
+                     f"{i + 2}.0") for i in range(24)]
+    train += [_record(f"Pick {i}. Answer Choices: (A) 1 (B) 2", "It is 2. The answer is (B).", "B") for i in range(6)]
+    mawps = [_record(f"Split {i} cakes in 6. How much each?", "", str(i / 6)) for i in range(1, 5)]
+    aqua = [_record(f"Which is {i}? Answer Choices: (A) {i} (B) 0", "\nRationale: The answer is (A).", "A")
+            for i in range(1, 4)]
+    root = tmp_path / "LLM-Adapters"
+    _llm_adapters_copy(root, {"ft-training_set/math_10k.json": train, "dataset/mawps/test.json": mawps,
+                              "dataset/AQuA/test.json": aqua})
+    spec = TaskSpec.from_config("math10k_mawps", {"source": "hub", "hub_path": str(root)})
+    assert spec.prompt_template.startswith("Below is an instruction") and spec.max_new_tokens == 512
+    prepare_task(spec, tok, tmp_path / "mawps", "smollm2-135m")
+    test = pd.read_parquet(tmp_path / "mawps" / "test.parquet").sort_values("example_id")
+    assert list(test["target"]) == list(test["answer"]) == [str(i / 6) for i in range(1, 5)]
+    assert test["text"].iloc[0].endswith("### Instruction:\nSplit 1 cakes in 6. How much each?\n\n### Response:\n")
+    task = {"kind": "generation", "scoring": "numeric"}
+    # within 0.001 of 1/6 = 0.1667, as LLM-Adapters and pyreft compare
+    assert score(task, ["so 0.167", "0.1", "3/6 = 0.5", "it is 0.66"], test)[1] == [True, False, True, False]
+    prepare_task(TaskSpec.from_config("math10k_aqua", {"source": "hub", "hub_path": str(root)}), tok,
+                 tmp_path / "aqua", "smollm2-135m")
+    test = pd.read_parquet(tmp_path / "aqua" / "test.parquet")
+    assert set(test["answer"]) == {"A"}
+    # the first option letter standing alone: "Answer" is not option A
+    assert score(task, ["The answer is (A).", "Answer: (B)", "Both; A or B"], test.head(3))[1] == [True, False, True]
+    val = pd.read_parquet(tmp_path / "aqua" / "validation.parquet")
+    assert len(val) and set(val["answer"]) <= {f"{i + 2}.0" for i in range(24)} | {"B"}  # the records' answers
+
+
+def test_metamathqa_trains_on_one_set_and_tests_on_gsm8k(smollm, tmp_path):
+    """peft's method comparison: MetaMathQA trains (long examples dropped as peft does), 50 GSM8K
+    training problems validate (here 5; MetaMathQA copies of them leave training), GSM8K's test
+    split tests, each with its own prompt columns."""
+    _, tok = smollm
+    gsm = pd.DataFrame({"question": [f"Ann has {i} pens and gets {i}. How many?" for i in range(20)],
+                        "answer": [f"{i} + {i} = {2 * i}\n#### {2 * i}" for i in range(20)]})
+    meta = pd.DataFrame({"query": [f"What is {i} + {i}?" for i in range(30)] + ["x" * 1400] + list(gsm["question"][:14]),
+                         "response": [f"{i} + {i} = {2 * i}. The answer is: {2 * i}" for i in range(30)] + ["1"]
+                         + [f"{2 * i}. The answer is: {2 * i}" for i in range(14)]})
+    _hub_copy(tmp_path / "metamath", {None: {"train": meta}})
+    _hub_copy(tmp_path / "gsm8k", {"main": {"train": gsm.iloc[:14], "test": gsm.iloc[14:]}})
+    spec = TaskSpec.from_config("metamathqa_gsm8k", {
+        "source": "hub", "hub_path": str(tmp_path / "metamath"),
+        "test_source": {"task": "gsm8k", "hub_path": str(tmp_path / "gsm8k"), "validation": 5}})
+    stats = prepare_task(spec, tok, tmp_path / "out", "smollm2-135m")
+    assert {k: v["size"] for k, v in stats["splits"].items()} == {"train": 30 + 14 - 5, "validation": 5, "test": 6}
+    assert stats["source"]["dropped"] == {"longer_than_1300_chars": 1}
+    train, val = (pd.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "validation"))
+    assert val["text"].str.startswith("Question: Ann has").all() and not set(val["text"]) & set(train["text"])
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet")
+    assert set(test["text"]) == {f"Question: Ann has {i} pens and gets {i}. How many? Think step by step.\nAnswer:"
+                                 for i in range(14, 20)}
+
+
+def test_hub_sources_fail_at_dag_build(repo, tmp_path):
+    models = {"smollm2-135m": {}}
+    with pytest.raises(ConfigError, match="test_source.task 'nope' is not a known hub task"):
+        validate_config(_config(repo, models, {"metamathqa_gsm8k": {"source": "hub", "test_source": {"task": "nope"}}}))
+    with pytest.raises(ConfigError, match="test_source.task 'xsum' is generation scored by rouge"):
+        validate_config(_config(repo, models, {"metamathqa_gsm8k": {"source": "hub", "test_source": {"task": "xsum"}}}))
+    (tmp_path / "dataset").mkdir()
+    with pytest.raises(ConfigError, match=r"'ft-training_set/commonsense_170k.json' is not a file under"):
+        validate_config(_config(repo, models, {"commonsense_piqa": {"source": "hub", "hub_path": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match="'tasks.x.data_files.train' = 'a.txt' does not fit"):
+        validate_config(_config(repo, models, {"x": {"source": "hub", "hub_path": "o/x", "kind": "generation",
+                                                     "prompt_template": "{q}", "data_files": {"train": "a.txt"}}}))

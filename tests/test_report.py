@@ -213,6 +213,30 @@ def test_report_lists_failed_and_missing_and_keeps_their_numbers_out(mixed_resul
     assert doc.count("src='data:image/png;base64,") == 3
 
 
+def test_report_shows_the_papers_number_beside_ours(mixed_results):
+    """A config with paper_results: the task's metric table gets a 'paper' column holding each
+    method's published number (only for the model it names), and the sources under it."""
+    import re
+
+    from peftlab.report import aggregate, write_report
+
+    root, ft_paths, ev_paths = mixed_results
+    aggregate(ft_paths, ev_paths, str(root / "s.csv"), str(root / "s.parquet"), logs_dir=root / "logs")
+    paper = {"lora": {"value": 0.812, "source": "Hu et al. 2021, Table 2"},
+             "full": {"value": 0.9, "source": "elsewhere", "model": "another-model"}}
+    config = {"models": {"minilm-l6": {}}, "seeds": [0, 1], "paper_results": {"rotten_tomatoes": paper}}
+    doc = write_report(str(root / "s.parquet"), [_stats(root)], config, str(root / "r.html"), ft_paths)
+    section = doc[doc.index("<h3>Test accuracy per method</h3>"):doc.index("<h3>Efficiency</h3>")]
+    assert "<th class=\"\">paper</th>" in section
+    rows = dict(re.findall(r'data-col="label">([^<]*)<.*?data-col="paper">([^<]*)<', section))
+    assert rows == {"lora": "0.8120", "full": "–", "bitfit": "–", "sift": "–"}  # full's number is another model's
+    assert "lora: 0.8120 test accuracy, Hu et al. 2021, Table 2" in section and "elsewhere" not in section
+    # without paper_results the table has no paper column
+    doc = write_report(str(root / "s.parquet"), [_stats(root)], config | {"paper_results": {}}, str(root / "r.html"),
+                       ft_paths)
+    assert 'data-col="paper"' not in doc
+
+
 def test_figures_draw_only_completed_runs(mixed_results):
     """The training-curve figure gets the completed records only: the failed run's curve
     (the sentinel loss) is never drawn."""

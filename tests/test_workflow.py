@@ -289,7 +289,8 @@ def test_analyses_are_stages_of_the_dag(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config" / "presets").glob("*.yaml")))
 def test_paper_presets_build_a_dag(preset):
-    """The papers' GLUE settings validate and plan every job (they run on a cluster with hub access)."""
+    """Every preset validates and plans every job (the paper presets run on a cluster with hub
+    access), and holds the protocol it names."""
     from peftlab.config import iter_runs, load_yaml, validate_config
 
     res = snakemake("-n", "--quiet", "rules", "--configfile", f"config/presets/{preset}", "--replace-workflow-config")
@@ -297,6 +298,32 @@ def test_paper_presets_build_a_dag(preset):
     cfg = validate_config(load_yaml(REPO / "config" / "presets" / preset))
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout + res.stderr, flags=re.M))
     assert int(counts["finetune"]) == len(list(iter_runs(cfg)))
-    assert {"loreft", "sift", "gift", "lora"} <= set(cfg["methods"])
+    _holds_its_protocol(preset, cfg)
+
+
+def _holds_its_protocol(preset: str, cfg: dict) -> None:
+    from peftlab.config import load_experiment
+    from peftlab.data import TaskSpec
+    from peftlab.methods import METHODS
+
+    tasks, methods = cfg["tasks"], set(cfg["methods"])
+    specs = {name: TaskSpec.from_config(name, entry or {}, cfg["data"]) for name, entry in tasks.items()}
+    for task, by_method in (cfg.get("paper_results") or {}).items():  # published numbers sit beside runs
+        assert task in tasks and set(by_method) <= methods, (task, by_method)
     if preset.startswith("glue_"):  # the papers' protocol: five seeds, GLUE tasks
-        assert len(cfg["seeds"]) == 5 and all(t["source"] == "glue" for t in cfg["tasks"].values())
+        assert len(cfg["seeds"]) == 5 and all(t["source"] == "glue" for t in tasks.values())
+        assert {"loreft", "sift", "gift", "lora"} <= methods
+    elif preset in ("commonsense_llama.yaml", "math_llama.yaml"):  # LoReFT / GIFT on LLM-Adapters' sets
+        mixture, n_sets = ("commonsense_170k", 8) if preset.startswith("commonsense") else ("math_10k", 4)
+        assert cfg["seeds"] == [42, 43, 44] and {"loreft", "gift", "lora"} <= methods and len(specs) == n_sets
+        assert all(s.data_files["train"] == f"ft-training_set/{mixture}.json" and s.test_split == "test"
+                   for s in specs.values())
+        assert cfg["paper_results"]
+    elif preset == "metamathqa_gsm8k.yaml":  # peft's method comparison
+        (spec,) = specs.values()
+        assert spec.test_source == {"task": "gsm8k", "validation": 50} and spec.max_example_chars == 1300
+        lora = load_experiment(cfg["experiments_dir"], "lora", cfg["methods"]["lora"][0]).training
+        assert (lora.max_steps, lora.batch_size, lora.learning_rate, lora.lr_scheduler) == (5000, 4, 1e-4, "cosine")
+        assert set(cfg["paper_results"]["metamathqa_gsm8k"]) == methods
+    else:  # the CPU presets: every method
+        assert methods == set(METHODS), preset

@@ -295,7 +295,7 @@ def _first_error(validator, instance):
 
 _FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
-_HUB_KEYS = ("hub_config", "test_split")
+_HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "max_example_chars")
 
 
 def validate_config(config: dict, where: str = "config") -> dict:
@@ -310,6 +310,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
     for name, entry in config["tasks"].items():
         _check_task(name, entry or {}, config["data"], where)
     _check_generative_models(config, where)
+    _check_paper_results(config, where)
     exp_dir = Path(config["experiments_dir"])
     if not exp_dir.is_dir():
         raise ConfigError(
@@ -458,12 +459,47 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
     elif spec.generative and "prompt_template" in entry:
         _check_generative_columns(spec, where, key)
     if source in ("glue", "hub"):
+        _check_hub_path(spec.hub_path, f"{key}.hub_path", where)
+        if (spec.test_source or {}).get("hub_path"):
+            _check_hub_path(spec.test_source["hub_path"], f"{key}.test_source.hub_path", where)
         hub = os.path.expanduser(spec.hub_path)
-        if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
-            raise ConfigError(
-                f"{where}: '{key}.hub_path' = {spec.hub_path!r}: no such folder; give a local "
-                "copy laid out like the hub repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
-            )
+        missing = [f for f in spec.data_files.values() if os.path.isdir(hub) and not os.path.isfile(Path(hub) / f)]
+        if missing:
+            raise ConfigError(f"{where}: '{key}.data_files': {missing[0]!r} is not a file under {spec.hub_path}; "
+                              "fix hub_path (the folder the data_files paths start from) or data_files")
+
+
+def _check_hub_path(hub_path: str, key: str, where: str) -> None:
+    hub = os.path.expanduser(hub_path)
+    if hub.startswith((".", "/", "~")) and not os.path.isdir(hub):
+        raise ConfigError(
+            f"{where}: '{key}' = {hub_path!r}: no such folder; give a local copy laid out like the hub "
+            "repository, or a dataset id such as nyu-mll/glue or openai/gsm8k"
+        )
+
+
+def _check_paper_results(config: dict, where: str) -> None:
+    """Every published number names a task and model of this config, a metric that task reports,
+    and a value on the report's scale (fractions of 1)."""
+    from .data import TaskSpec, task_metrics
+
+    for task, methods in (config.get("paper_results") or {}).items():
+        if task not in config["tasks"]:
+            raise ConfigError(f"{where}: 'paper_results.{task}': '{task}' is not a task of this config"
+                              f"{did_you_mean(task, config['tasks'])}; use one of {list(config['tasks'])}")
+        spec = TaskSpec.from_config(task, config["tasks"][task] or {}, config["data"])
+        allowed = task_metrics(spec.kind, spec.scoring)
+        for method, entry in methods.items():
+            key, value = f"paper_results.{task}.{method}", entry["value"]
+            if entry.get("metric", spec.main_metric) not in allowed:
+                raise ConfigError(f"{where}: '{key}.metric' = {entry['metric']!r}: task '{task}' reports "
+                                  f"{', '.join(allowed)}; name one of them")
+            if entry.get("model") is not None and entry["model"] not in config["models"]:
+                raise ConfigError(f"{where}: '{key}.model' = {entry['model']!r} is not a model of this config; "
+                                  f"use one of {list(config['models'])} or remove 'model'")
+            if not -1 <= value <= 1:
+                raise ConfigError(f"{where}: '{key}.value' = {value}: the report's metrics are fractions of 1; "
+                                  f"write {value}% as {value / 100:g}")
 
 
 def _check_generative_columns(spec, where: str, key: str) -> None:

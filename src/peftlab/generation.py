@@ -5,8 +5,9 @@ Scoring (``TaskSpec.scoring``):
 
 * ``exact_match``: the output equals the target after normalisation (lower case, no
   punctuation, no articles, single spaces);
-* ``numeric``: the last number in the output equals the first number of the gold answer (the
-  LLM-Adapters / pyreft arithmetic evaluation), within 1e-4;
+* ``numeric``: the last number in the output equals the gold answer's number within 0.001; a
+  gold answer that is an option letter (AQuA's A-E) is matched by the first option letter in the
+  output (the LLM-Adapters / pyreft arithmetic evaluation);
 * ``rouge``: ROUGE-1/2/L F-measure (``rouge-score``, Porter stemming), ``bleu``: corpus BLEU
   (``sacrebleu``), both as fractions of 1;
 * multiple choice ``generate``: the first option label (``A``, ``B`` ... or the answer words)
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gendata import MULTIPLE_CHOICE, last_number, number_in, target_ids
+from .gendata import MULTIPLE_CHOICE, OPTION_LETTERS, last_number, number_in, target_ids
 
 IGNORE = -100  # label of positions without loss
 
@@ -154,7 +155,7 @@ def score(task: dict, outputs: list[str], frame: pd.DataFrame) -> tuple[dict[str
                  for out, opts, k in zip(outputs, frame["options"], frame["label"], strict=True)]
         return {"accuracy": float(np.mean(right))}, right
     if scoring == "numeric":
-        right = [_same_number(last_number(out), number_in(ans)) for out, ans in zip(outputs, answers, strict=True)]
+        right = [numeric_right(out, ans) for out, ans in zip(outputs, answers, strict=True)]
         exact = [normalize_answer(o) == normalize_answer(a) for o, a in zip(outputs, answers, strict=True)]
         return {"accuracy": float(np.mean(right)), "exact_match": float(np.mean(exact))}, right
     if scoring == "rouge":
@@ -165,8 +166,14 @@ def score(task: dict, outputs: list[str], frame: pd.DataFrame) -> tuple[dict[str
     return {"exact_match": float(np.mean(right))}, right
 
 
-def _same_number(pred: float | None, gold: float | None) -> bool:
-    return pred is not None and gold is not None and abs(pred - gold) < 1e-4
+def numeric_right(output: str, answer: str) -> bool:
+    """An arithmetic answer as LLM-Adapters and pyreft score it: the output's last number within
+    0.001 of the gold number, or, for an option-letter answer (AQuA), the output's first option letter."""
+    gold = str(answer).strip()
+    if gold in OPTION_LETTERS:
+        return choice_in(output, list(OPTION_LETTERS)) == OPTION_LETTERS.index(gold)
+    pred, value = last_number(output), number_in(gold)
+    return pred is not None and value is not None and abs(pred - value) <= 1e-3
 
 
 @torch.no_grad()

@@ -966,8 +966,33 @@ def _problems_section(runs: pd.DataFrame, other: list[dict]) -> list[str]:
         ("reason", "reason", -1)], row_class="status")]
 
 
+def paper_results_for(config: dict, model: str, task: str) -> dict[str, dict]:
+    """The config's published numbers for a task, by method, that apply to this model."""
+    entries = ((config or {}).get("paper_results") or {}).get(task) or {}
+    return {m: e for m, e in entries.items() if e.get("model") in (None, model)}
+
+
+def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict]) -> list[str]:
+    """The per-method table of a task; with published numbers, a 'paper' column beside ours and
+    their sources under it."""
+    table = task_cells.sort_values("test_mean", ascending=False)
+    columns = [("label", "method", -1), ("family", "family", -1), ("n_seeds", "seeds", 0),
+               ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
+               ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4)]
+    if not paper:
+        return [_table(table, columns)]
+    table = table.assign(paper=[paper[m]["value"] if m in paper else None for m in table["method"]])
+    columns.insert(5, ("paper", "paper", 4))
+    notes = "".join(f"<li>{html.escape(m)}: {e['value']:.4f} test {html.escape(e.get('metric', metric))}, "
+                    f"{html.escape(e['source'])}</li>" for m, e in sorted(paper.items()))
+    return [_table(table, columns),
+            "<p class='note'>paper: the method's published number on this task (from the config's "
+            "<code>paper_results</code>), beside ours from this pipeline's protocol; a gap may come from the "
+            f"protocol (prompt, splits, budget, seeds), not the method.</p><ul class='note'>{notes}</ul>"]
+
+
 def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.DataFrame, records: list[dict],
-                  style: Style, figures: Figures, gift_view: dict | None) -> list[str]:
+                  style: Style, figures: Figures, gift_view: dict | None, paper: dict | None = None) -> list[str]:
     title = f"{task} · {model}"
     anchor = f"task-{html.escape(model)}-{html.escape(task)}"
     parts = [f"<h2 id='{anchor}'>{html.escape(title)}</h2>"]
@@ -996,10 +1021,7 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
                                                              "curves"), f"{key}--training_curves"),
                           f"{task} training curves"))
     parts.append(f"<h3>Test {html.escape(metric)} per method</h3>")
-    parts.append(_table(task_cells.sort_values("test_mean", ascending=False), [
-        ("label", "method", -1), ("family", "family", -1), ("n_seeds", "seeds", 0),
-        ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
-        ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4)]))
+    parts.extend(_metric_table(task_cells, metric, paper or {}))
     parts.append("<h3>Efficiency</h3><p class='note'>Means over the completed seeds. Memory: peak resident "
                  "memory of the training process. Stored size: what the method saves (all weights for full "
                  "fine-tuning). Latency: one forward pass over a test batch, as stored (unmerged), merged into "
@@ -1059,7 +1081,8 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
     parts.append("<h2 id='glance'>At a glance</h2>" + _glance(runs, cells))
     parts.extend(_setup(config, runs, records, stats, tracking))
     for (model, task), task_runs in runs.groupby(["model", "task"], sort=False):
-        parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task))))
+        parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task)),
+                                   paper_results_for(config, model, task)))
     parts.extend(analyses_section(analyses, cells, style, figures))
     parts.extend(_problems_section(runs, other))
 
