@@ -183,6 +183,55 @@ def test_batched_greedy_generation_equals_one_at_a_time(asdiv_dir, smollm):
     assert speed["new_tokens"] > 0
 
 
+def test_loglik_scoring_sums_each_options_tokens_given_the_prompt(smollm, tmp_path):
+    """Multiple choice by log-likelihood: each option's score is log p(option + EOS | prompt),
+    summed over its tokens, batched and padded as for evaluation; it equals one unpadded
+    forward pass per (prompt, option), and the pick is the best-scoring option."""
+    from peftlab.gendata import target_ids
+    from peftlab.generation import evaluate_generative, option_logliks
+
+    spec, tok = smollm
+    prepare_task(TaskSpec.from_config("piqa", {"max_train_examples": 8, "max_eval_examples": 3}), tok, tmp_path,
+                 "smollm2-135m")
+    frame = pd.read_parquet(tmp_path / "test.parquet")
+    model = load_model(spec, 0, "multiple_choice", seed=0)
+    batched = option_logliks(model, tok, frame, 4, torch.device("cpu"))
+    for r, (prompt, opts, text) in enumerate(zip(prompts_of(frame), frame["options"], frame["text"], strict=True)):
+        for k, option in enumerate(opts):
+            target = target_ids(tok, text, str(option))
+            ids = torch.tensor(np.concatenate([prompt, target]))[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            by_hand = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(target))
+            assert batched[r, k] == pytest.approx(by_hand, abs=1e-3), (r, k)
+    task = {"kind": "multiple_choice", "scoring": "loglik", "max_new_tokens": 8}
+    metrics, rows, _ = evaluate_generative(model, tok, frame, task, 4, torch.device("cpu"))
+    picks = [str(opts[int(np.argmax(batched[r, :len(opts)]))]) for r, opts in enumerate(frame["options"])]
+    assert [row["output"] for row in rows] == picks
+    assert metrics["accuracy"] == pytest.approx(np.mean([p == a for p, a in zip(picks, frame["answer"], strict=True)]))
+
+
+def test_chat_template_wraps_the_prompt_and_leaves_the_target(smollm, tmp_path):
+    """chat_template: true renders the prompt through the tokenizer's chat template (SmolLM2's
+    <|im_start|> turns, ending with the assistant's turn), the target follows it unchanged."""
+    _, tok = smollm
+    frames = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        prepare_task(TaskSpec.from_config("asdiv", {"max_train_examples": 8, "max_eval_examples": 4,
+                                                    "chat_template": flag}), tok, out, "smollm2-135m")
+        frames[flag] = pd.read_parquet(out / "test.parquet")
+    plain, chat = frames[False], frames[True]
+    for p, c in zip(plain.itertuples(), chat.itertuples(), strict=True):
+        plain_prompt = tok.decode(p.input_ids[:p.prompt_length])
+        chat_prompt = tok.decode(c.input_ids[:c.prompt_length])
+        assert "<|im_start|>user" in chat_prompt and chat_prompt.rstrip().endswith("<|im_start|>assistant")
+        assert plain_prompt.strip() in chat_prompt and "<|im_start|>" not in plain_prompt
+        # the same target and EOS (a space before it only where the prompt does not end in one)
+        assert tok.decode(p.input_ids[p.prompt_length:]).strip() == tok.decode(c.input_ids[c.prompt_length:]).strip()
+        assert p.input_ids[-1] == c.input_ids[-1] == tok.eos_token_id
+
+
 def test_loreft_edits_prompt_positions_only(asdiv_dir, smollm):
     from peftlab.methods import build_method
     from peftlab.methods.loreft import NONE, LoreftLayer

@@ -40,7 +40,7 @@ def trained(minilm_spec, minilm_tokenizer, tiny_task_dir):
     [
         ({"r": 0}, "r must be a positive integer"),
         ({"r": True}, "r must be a positive integer"),
-        ({"alpha": 0}, "alpha must be positive"),
+        ({"alpha": 0}, "alpha must be a positive number"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"targets": []}, "targets must be a list"),
         ({"targets": ["query", "qkv"]}, "qkv"),

@@ -44,7 +44,7 @@ def trained(minilm_spec, minilm_tokenizer, tiny_task_dir):
     [
         ({"r": 0}, "r must be a positive integer"),
         ({"r": 8.0}, "r must be a positive integer"),
-        ({"d_initial": 0}, "d_initial must be positive"),
+        ({"d_initial": 0}, "d_initial must be a positive number"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
         ({"projection_seed": -1}, "projection_seed must be a non-negative integer"),
         ({"targets": ["query", "q"]}, r"targets \['q'\] invalid"),

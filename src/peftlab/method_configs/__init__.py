@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,20 @@ def check_roles(key: str, roles, allow_empty: bool = False) -> None:
 def check_positive_int(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_positive_number(key: str, value) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+
+
+def check_dropout(key: str, value) -> None:
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{key} must be in [0, 1), got {value!r}")
 
 
 @dataclass

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from . import MethodConfig, check_positive_int, check_roles
+from . import MethodConfig, check_positive_int, check_positive_number, check_roles
 
 
 @dataclass
@@ -20,10 +19,4 @@ class GiftConfig(MethodConfig):
         check_roles("targets", self.targets)
         if not isinstance(self.share_across_targets, bool):
             raise ValueError(f"share_across_targets must be true or false, got {self.share_across_targets!r}")
-        if (
-            isinstance(self.init_scale, bool)
-            or not isinstance(self.init_scale, int | float)
-            or not math.isfinite(self.init_scale)
-            or self.init_scale <= 0
-        ):
-            raise ValueError(f"init_scale must be a positive number, got {self.init_scale!r}")
+        check_positive_number("init_scale", self.init_scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import MethodConfig, check_positive_int, check_roles
+from . import MethodConfig, check_dropout, check_positive_int, check_positive_number, check_roles
 
 
 @dataclass
@@ -16,12 +16,6 @@ class LoraConfig(MethodConfig):
 
     def __post_init__(self):
         check_positive_int("r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, int | float)
-            or not 0 <= self.dropout < 1
-        ):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_number("alpha", self.alpha)
+        check_dropout("dropout", self.dropout)
         check_roles("targets", self.targets)

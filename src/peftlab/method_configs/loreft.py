@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import MethodConfig
+from . import MethodConfig, check_dropout
 
 
 @dataclass
@@ -40,12 +40,7 @@ class LoreftConfig(MethodConfig):
             raise ValueError("first_n and last_n are both 0: no position would be edited")
         if not isinstance(self.tied_positions, bool):
             raise ValueError(f"tied_positions must be true or false, got {self.tied_positions!r}")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, int | float)
-            or not 0 <= self.dropout < 1
-        ):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout("dropout", self.dropout)
 
     def edits_per_layer(self) -> list[str]:
         """Names of the separate edits each chosen block gets."""

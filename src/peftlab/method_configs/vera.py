@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import MethodConfig, check_positive_int, check_roles
+from . import MethodConfig, check_dropout, check_positive_int, check_positive_number, check_roles
 
 
 @dataclass
@@ -17,18 +17,8 @@ class VeraConfig(MethodConfig):
 
     def __post_init__(self):
         check_positive_int("r", self.r)
-        if (
-            isinstance(self.d_initial, bool)
-            or not isinstance(self.d_initial, (int, float))
-            or self.d_initial <= 0
-        ):
-            raise ValueError(f"d_initial must be positive, got {self.d_initial!r}")
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0 <= self.dropout < 1
-        ):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_positive_number("d_initial", self.d_initial)
+        check_dropout("dropout", self.dropout)
         if (
             isinstance(self.projection_seed, bool)
             or not isinstance(self.projection_seed, int)
