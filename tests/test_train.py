@@ -328,3 +328,29 @@ def test_every_method_trains_under_bf16_autocast(tmp_path, minilm_spec, tiny_tas
                        tmp_path / name / "r.json", threads=1)
         assert rec["status"] == "completed" and rec["precision"] == "bf16 autocast", name
         assert np.isfinite(rec["curves"]["train_loss"][-1][1]) and rec["curves"]["validation"], name
+
+
+def test_latency_probe_stops_repeating_a_slow_pass():
+    """One warm-up pass, then ``repeats`` timed passes, fewer once they add up to the budget
+    (a decoder's probe on a CPU takes seconds per pass): the passes made are counted."""
+    import time
+
+    from peftlab.evaluate import forward_latency_ms
+
+    class Counting(torch.nn.Module):
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds, self.calls = seconds, 0
+
+        def forward(self, input_ids):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return input_ids
+
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    fast, slow = Counting(0.001), Counting(0.02)
+    assert forward_latency_ms(fast, batch) >= 1.0 and fast.calls == 4  # warm-up + 3
+    assert forward_latency_ms(slow, batch, budget_s=0.03) >= 20.0 and slow.calls == 3  # warm-up + 2 (0.04 s)
+    slow.calls = 0
+    forward_latency_ms(slow, batch, budget_s=0.0)
+    assert slow.calls == 2  # warm-up + 1: always one timed pass

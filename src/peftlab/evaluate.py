@@ -32,10 +32,13 @@ from .train import (
 GENERATIVE_PROBE = 8  # prompts in a generative task's latency and generation-speed probe
 
 
-def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) -> float:
-    """Median wall time of one forward pass on ``batch`` (after one warm-up pass)."""
+def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3, budget_s: float = 1.0) -> float:
+    """Median wall time of one forward pass on ``batch`` after one warm-up pass: ``repeats``
+    timed passes, fewer once the timed ones add up to ``budget_s`` (at least one). A pass that
+    long varies little relative to its length, and a decoder's probe on a CPU takes seconds per
+    pass, three models over."""
     model.eval()
-    times = []
+    times: list[float] = []
     with torch.no_grad():
         for i in range(repeats + 1):
             if batch["input_ids"].is_cuda:
@@ -46,6 +49,8 @@ def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3) ->
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t0)
+                if sum(times) >= budget_s:
+                    break
     return 1000 * statistics.median(times)
 
 
