@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..generation import model_inputs
 from ..method_configs._sparse import SparseConfig
 from ..models import resolve_targets
 from .base import Method, set_submodule
@@ -95,8 +96,7 @@ def weight_gradients(model: nn.Module, names: list[str], batches, limit: int, ch
         for batch in batches:
             if used >= limit:
                 break
-            # a causal-LM batch's prompt lengths are for methods that read them (LoReFT)
-            loss = model(**{k: v for k, v in batch.items() if k != "prompt_length"}).loss
+            loss = model(**model_inputs(model, batch)).loss
             if check_loss is not None:
                 check_loss(loss, used)
             yield torch.autograd.grad(loss, weights, allow_unused=True)
