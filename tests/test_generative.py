@@ -150,6 +150,32 @@ def test_prompt_tokens_carry_no_loss(asdiv_dir, smollm):
     assert out.loss.item() == pytest.approx(nll.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "loreft"])
+def test_training_loss_computes_logits_from_the_first_target_token_only(asdiv_dir, smollm, method):
+    """``loss_of`` equals the model's own loss (target only, and with the prompt), while the
+    output layer sees only the positions from the batch's first labelled token on."""
+    from peftlab.generation import loss_of, model_inputs
+    from peftlab.methods import build_method
+
+    spec, tok = smollm
+    rows = pd.read_parquet(asdiv_dir / "train.parquet").head(4)[["input_ids", "prompt_length"]].to_dict("records")
+    torch.manual_seed(0)
+    model = build_method(method, {}, spec.targets).apply(load_model(spec, 0, "generation", seed=0)).eval()
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    for on_prompt in (False, True):
+        batch = CausalCollator(tok.pad_token_id, train_on_prompt=on_prompt)(rows)
+        with torch.no_grad():
+            ours = loss_of(model, batch)
+            theirs = model(**model_inputs(model, batch)).loss
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    first = min(int(r["prompt_length"]) for r in rows)
+    n = max(len(r["input_ids"]) for r in rows)
+    assert seen[0] == n - first + 1 < n  # target only: logits from position first-1 on
+    assert seen[2] >= n  # loss on the prompt too: every position
+
+
 def test_long_prompts_lose_their_left_and_targets_stay(smollm, tmp_path):
     _, tok = smollm
     rows = [{"q": " ".join(["word"] * 80) + f" question {i}", "a": f"answer {i}"} for i in range(30)]

@@ -64,6 +64,42 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     return batch
 
 
+def loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's training loss. A classifier's comes from its head; a causal LM's is the
+    mean cross-entropy over the labelled tokens, as the model computes it, with the output
+    layer applied only from the batch's first labelled position on (``target_logits``)."""
+    if "prompt_length" not in batch or (batch["labels"][:, 0] != IGNORE).any():  # a classifier, or the
+        return model(**model_inputs(model, batch)).loss  # loss on the prompt too: every position needed
+    logits, labels = target_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE)
+
+
+def target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a causal batch, aligned: ``logits[:, t]`` (fp32) predicts
+    ``labels[:, t]``, from the batch's first labelled position on. With the loss on the target
+    only, most positions are prompt, and a large vocabulary makes the output layer a large share
+    of a step (SmolLM2's 49k tokens: a fifth of the forward; Gemma-3's 262k: more than the whole
+    transformer), so the model computes logits there only (``logits_to_keep``) where it can."""
+    labels = batch["labels"]
+    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    first = max(int(labelled[0]) if len(labelled) else 1, 1)
+    inputs = model_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
+    if first > 1 and _keeps_logits(model):  # positions first-1 .. end: position t predicts token t+1
+        logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
+    else:  # every position (a prompt-tuning model's virtual tokens come first: the last n are the text's)
+        logits = model(**inputs).logits[:, -labels.shape[1]:][:, first - 1:-1]
+    return logits.float(), labels[:, first:]
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (a peft wrapper or not) takes ``logits_to_keep``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def left_padded(prompts: list[np.ndarray], pad: int) -> dict[str, torch.Tensor]:
     n = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), n), pad, dtype=torch.long)
@@ -196,9 +232,8 @@ def option_logliks(model: nn.Module, tokenizer, frame: pd.DataFrame, batch_size:
         rows = [{"input_ids": np.concatenate([p, t]), "prompt_length": len(p)} for p, t in chunk]
         batch = {k: v.to(dev) for k, v in CausalCollator(tokenizer.pad_token_id)(rows).items()}
         with autocast or contextlib.nullcontext():
-            logits = model(**model_inputs(model, {k: v for k, v in batch.items() if k != "labels"})).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        labels = batch["labels"][:, 1:]
+            logits, labels = target_logits(model, batch)
+        logp = torch.log_softmax(logits, dim=-1)
         keep = labels != IGNORE
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         totals = (picked * keep).sum(dim=1).cpu().numpy()

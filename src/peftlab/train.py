@@ -33,7 +33,7 @@ from .config import Experiment, RunKey
 from .data import REGRESSION, load_split
 from .errors import TrainingError
 from .gendata import GENERATIVE_KINDS
-from .generation import CausalCollator, evaluate_generative, model_inputs
+from .generation import CausalCollator, evaluate_generative, loss_of
 from .io import dir_size_bytes, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
@@ -491,7 +491,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         for batch in itertools.islice(train_loader, batch_in_epoch, None):
             attention_mask = batch["attention_mask"]
             with autocast(dev, amp):
-                loss = model(**model_inputs(model, to_device(batch, dev))).loss
+                loss = loss_of(model, to_device(batch, dev))
             if defer:
                 pending.append((step, loss.detach()))
             elif not guard.ok(value := loss.item(), step):

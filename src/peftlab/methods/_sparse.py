@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..generation import model_inputs
+from ..generation import loss_of
 from ..method_configs._sparse import SparseConfig
 from ..models import resolve_targets
 from .base import Method, set_submodule
@@ -96,7 +96,7 @@ def weight_gradients(model: nn.Module, names: list[str], batches, limit: int, ch
         for batch in batches:
             if used >= limit:
                 break
-            loss = model(**model_inputs(model, batch)).loss
+            loss = loss_of(model, batch)
             if check_loss is not None:
                 check_loss(loss, used)
             yield torch.autograd.grad(loss, weights, allow_unused=True)
