@@ -101,6 +101,25 @@ def test_experiment_layering_overrides_defaults(repo):
     assert exp.resolved()["training"] == exp.training.to_dict()
 
 
+def test_config_training_wins_over_every_variant(config):
+    """The config's ``training`` (a preset's budget) sits over defaults.yaml and each variant,
+    the intrinsic-dimension runs start from it, and a bad value names the config key."""
+    from peftlab.config import analysis_training
+
+    budget = {"max_steps": 5, "evals_per_epoch": 1}
+    exp = load_experiment("config/experiments", "lora", "default", budget)
+    plain = load_experiment("config/experiments", "lora", "default")
+    assert (exp.training.max_steps, exp.training.evals_per_epoch) == (5, 1)
+    assert exp.training.learning_rate == plain.training.learning_rate  # the variant's, untouched
+    cfg = validate_config({**config, "training": budget})
+    id_cfg = {**cfg, "analyses": {**cfg["analyses"], "intrinsic_dimension": {
+        **cfg["analyses"]["intrinsic_dimension"], "training": {"evals_per_epoch": 3}}}}
+    assert (analysis_training(id_cfg).max_steps, analysis_training(id_cfg).evals_per_epoch) == (5, 3)
+    with pytest.raises(ConfigError, match=r"^config: .*batch_size") as info:
+        validate_config({**config, "training": {"batch_size": 0}})
+    assert "\n" not in str(info.value)
+
+
 def _write_variant(tmp_path, repo, method, variant, body):
     (tmp_path / method).mkdir(parents=True, exist_ok=True)
     (tmp_path / "defaults.yaml").write_text((repo / "config/experiments/defaults.yaml").read_text())

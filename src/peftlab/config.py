@@ -332,7 +332,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
                     f"exist; create it or use one of the variants there: {have or 'none'}"
                     f"{did_you_mean(variant, have)}"
                 )
-            load_experiment(exp_dir, method, variant)
+            load_experiment(exp_dir, method, variant, config.get("training"))
     intrinsic = config["analyses"]["intrinsic_dimension"]
     if intrinsic["dims"]:
         analysis_training(config, where)
@@ -526,10 +526,11 @@ def _check_generative_columns(spec, where: str, key: str) -> None:
 
 def analysis_training(config: dict, where: str = "config") -> TrainConfig:
     """Training settings of the intrinsic-dimension runs: experiments_dir/defaults.yaml's
-    ``training`` with ``analyses.intrinsic_dimension.training`` over it."""
+    ``training``, the config's ``training`` over it, ``analyses.intrinsic_dimension.training``
+    over both."""
     defaults = load_yaml(Path(config["experiments_dir"]) / "defaults.yaml") or {}
     override = config["analyses"]["intrinsic_dimension"].get("training") or {}
-    merged = deep_merge(defaults.get("training") or {}, override)
+    merged = deep_merge(deep_merge(defaults.get("training") or {}, config.get("training") or {}), override)
     validate({"training": merged}, "experiment", f"{where}: analyses.intrinsic_dimension")
     try:
         return TrainConfig(**merged)
@@ -542,7 +543,7 @@ def sift_analysis_variants(config: dict) -> dict[str, dict]:
     (``mask_source: analysis``): variant -> its method params."""
     out = {}
     for variant in config["methods"].get("sift", []):
-        exp = load_experiment(config["experiments_dir"], "sift", variant)
+        exp = load_experiment(config["experiments_dir"], "sift", variant, config.get("training"))
         if exp.method_params.get("mask_source") == "analysis":
             out[variant] = dict(exp.method_params)
     return out
@@ -643,9 +644,11 @@ def _experiment_part(path: Path, data: Any) -> dict:
     return data
 
 
-def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> Experiment:
-    """Merge defaults.yaml with ``<method>/<variant>.yaml`` and type-check the result; an
-    error names the file that sets the bad key."""
+def load_experiment(experiments_dir: str | Path, method: str, variant: str,
+                    training: dict | None = None) -> Experiment:
+    """Merge defaults.yaml with ``<method>/<variant>.yaml`` and the config's ``training``
+    (settings over every variant's) and type-check the result; an error names the file (or
+    the config key) that sets the bad value."""
     from .method_configs import config_class  # torch-free: the DAG build validates every variant
 
     defaults_path, variant_path = experiment_files(experiments_dir, method, variant)
@@ -658,7 +661,8 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
         )
     defaults = _experiment_part(defaults_path, load_yaml(defaults_path))
     override = _experiment_part(variant_path, load_yaml(variant_path))
-    merged = deep_merge(defaults, override)
+    overall = {"training": training} if training else {}
+    merged = deep_merge(deep_merge(defaults, override), overall)
     validator = _schema_validator("experiment")
     error = _first_error(validator, merged)
     if error is not None:
@@ -666,12 +670,14 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             allowed = error.schema.get("properties", {})
             path += [k for k in error.instance if k not in allowed][:1]
-        culprit = variant_path if _has_path(override, path) or not path else defaults_path
+        culprit = ("config" if _has_path(overall, path) else variant_path if _has_path(override, path) or not path
+                   else defaults_path)
         raise ConfigError(_format_error(error, str(culprit)))
     try:
-        training = TrainConfig(**(merged.get("training") or {}))
+        train_config = TrainConfig(**(merged.get("training") or {}))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{variant_path}: training: {exc}") from None
+        where = "config: training" if training else f"{variant_path}: training"
+        raise ConfigError(f"{where}: {exc}") from None
     params = merged.get("method") or {}
     culprit = variant_path if "method" in override else defaults_path
     try:
@@ -684,7 +690,7 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str) -> E
                 f"{culprit}: 'method.{k}' = {v!r}: no such file (from {Path.cwd()}); give an "
                 "existing file"
             )
-    return Experiment(method, variant, training, params, tuple(str(p) for p in (defaults_path, variant_path)))
+    return Experiment(method, variant, train_config, params, tuple(str(p) for p in (defaults_path, variant_path)))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ rule finetune:
         gpu=1,
     params:
         model=lambda w: config["models"][w.model],
+        training=config["training"],
         mlflow=MLFLOW,
         code=code_of("finetune"),
     script:

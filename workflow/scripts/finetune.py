@@ -16,7 +16,7 @@ def main():
     key = RunKey(w.model, w.task, w.method, w.variant, int(w.seed))
     # input.experiment = [<experiments_dir>/defaults.yaml, <experiments_dir>/<method>/<variant>.yaml]
     experiments_dir = Path(sm.input.experiment[0]).parent
-    experiment = load_experiment(experiments_dir, w.method, w.variant)
+    experiment = load_experiment(experiments_dir, w.method, w.variant, sm.params.training)
     if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
         experiment.method_params["mask_path"] = sm.input.mask[0]
     spec = ModelSpec.from_config(w.model, sm.params.model)
