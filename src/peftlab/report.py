@@ -734,7 +734,7 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
     task_rows = []
     for (model, task), s in sorted(stats.items()):
         t = s.get("task", {})
-        task_rows.append({"model": model, "task": task, "source": t.get("source", "–"),
+        task_rows.append({"model": model, "task": task, "source": generated_note(s) or t.get("source", "–"),
                           "problem": _problem_text(s), "metric": s.get("main_metric"),
                           "labels": ", ".join(s.get("label_names") or []) or "–",
                           "max_length": t.get("max_length"), "raw": s.get("raw_examples"),
@@ -804,6 +804,11 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
                         "<code>python -m peftlab sync-mlflow</code>)" if pending else "") + "</li>")
     parts.append("</ul>")
     return parts
+
+
+def generated_note(stats: dict) -> str | None:
+    """What a generated task is (problems from a seeded generator, not a fixed benchmark), or None."""
+    return (stats.get("source") or {}).get("generated")
 
 
 def _problem_text(stats: dict) -> str:
@@ -992,10 +997,13 @@ def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict])
 
 
 def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.DataFrame, records: list[dict],
-                  style: Style, figures: Figures, gift_view: dict | None, paper: dict | None = None) -> list[str]:
+                  style: Style, figures: Figures, gift_view: dict | None, paper: dict | None = None,
+                  generated: str | None = None) -> list[str]:
     title = f"{task} · {model}"
     anchor = f"task-{html.escape(model)}-{html.escape(task)}"
     parts = [f"<h2 id='{anchor}'>{html.escape(title)}</h2>"]
+    if generated:
+        parts.append(f"<p class='note'><b>Generated task:</b> {html.escape(generated)}.</p>")
     done = completed_runs(task_runs)
     task_cells = cells[(cells["model"] == model) & (cells["task"] == task)] if len(cells) else cells
     if not len(task_cells):
@@ -1082,7 +1090,7 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
     parts.extend(_setup(config, runs, records, stats, tracking))
     for (model, task), task_runs in runs.groupby(["model", "task"], sort=False):
         parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task)),
-                                   paper_results_for(config, model, task)))
+                                   paper_results_for(config, model, task), generated_note(stats.get((model, task), {}))))
     parts.extend(analyses_section(analyses, cells, style, figures))
     parts.extend(_problems_section(runs, other))
 
