@@ -374,6 +374,37 @@ def test_every_builtin_generative_task_prepares(smollm, tmp_path):
         assert np.all(test["input_ids"].map(len) <= TaskSpec.from_config(name, {}).max_length)
 
 
+def test_bigbench_arithmetic_from_a_local_copy(smollm, tmp_path, repo, monkeypatch):
+    """source: bigbench reads task.json's examples from a folder laid out like BIG-bench's
+    benchmark_tasks, prompts them as BIG-bench does ("Q: ... A:") and scores numerically; a
+    missing package or task stops the DAG build with one line naming the fix."""
+    _, tok = smollm
+    root = tmp_path / "benchmark_tasks"
+    task_dir = root / "arithmetic" / "2_digit_addition"
+    task_dir.mkdir(parents=True)
+    examples = [{"input": f"What is {a} plus {b}?", "target": str(a + b), "target_scores": {str(a + b): 1.0, "5": 0.0}}
+                for a, b in zip(range(10, 70), range(30, 90), strict=True)]
+    (task_dir / "task.json").write_text(json.dumps({"name": "2_digit_addition", "examples": examples}))
+    entry = {"source": "bigbench", "bigbench_task": "arithmetic/2_digit_addition", "bigbench_root": str(root),
+             "max_train_examples": 20, "max_eval_examples": 8}
+    stats = prepare_task(TaskSpec.from_config("add2", entry), tok, tmp_path / "out", "smollm2-135m")
+    assert stats["kind"] == "generation" and stats["source"]["rows"] == 60
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet")
+    for text, answer in zip(test["text"], test["answer"], strict=True):
+        a, b = map(int, re.fullmatch(r"Q: What is (\d+) plus (\d+)\?\nA:", text).groups())
+        assert number_in(answer) == a + b
+    monkeypatch.chdir(repo)
+    base = {"models": {"smollm2-135m": {}}, "methods": {"lora": ["default"]}, "seeds": [0]}
+    validate_config({**base, "tasks": {"add2": entry}})
+    for bad, message in [({"bigbench_task": "arithmetic/9_digit_addition"}, r"9_digit_addition/task.json does not exist"),
+                         ({"bigbench_root": None}, r"BIG-bench is not installed; pip install bigbench==1.0.0"),
+                         ({"path": "x.csv"}, r"only applies to tasks with 'source: file'")]:
+        task = {k: v for k, v in (entry | bad).items() if v is not None}
+        with pytest.raises(ConfigError, match=message) as info:
+            validate_config({**base, "tasks": {"add2": task}})
+        assert "\n" not in str(info.value)
+
+
 def test_generated_arithmetic_is_seeded_disjoint_and_says_it_is_generated(smollm, tmp_path):
     """reasoning-gym's problems: the split seed fixes them, no test prompt is trained on, every
     answer is a number the scorer reads, the statistics say the task is generated, and

@@ -296,6 +296,7 @@ def _first_error(validator, instance):
 _FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
 _HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "max_example_chars")
+_BIGBENCH_KEYS = ("bigbench_task", "bigbench_root")
 
 
 def validate_config(config: dict, where: str = "config") -> dict:
@@ -406,11 +407,14 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             f"{where}: '{key}': '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
             f"{did_you_mean(name, BUILTIN_TASKS)}; give it 'source: glue' or 'source: file' with a path"
         )
-    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS), "glue": (*_FILE_KEYS, *_HUB_KEYS),
-               "file": (*_GLUE_KEYS, *_HUB_KEYS), "hub": (*_FILE_KEYS, "glue_name")}[source]
+    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS),
+               "glue": (*_FILE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS), "file": (*_GLUE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS),
+               "hub": (*_FILE_KEYS, "glue_name", *_BIGBENCH_KEYS),
+               "bigbench": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS)}[source]
     for k in foreign:
         if k in entry:
-            needs = "source: file" if k in _FILE_KEYS else ("source: hub" if k in _HUB_KEYS else "source: glue")
+            needs = ("source: file" if k in _FILE_KEYS else "source: hub" if k in _HUB_KEYS
+                     else "source: bigbench" if k in _BIGBENCH_KEYS else "source: glue")
             raise ConfigError(
                 f"{where}: '{key}.{k}' = {short(entry[k])}: only applies to tasks with '{needs}' and "
                 f"this task's source is {source}; set the source or remove '{k}'"
@@ -458,6 +462,13 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             )
     elif spec.generative and "prompt_template" in entry:
         _check_generative_columns(spec, where, key)
+    if source == "bigbench":
+        from .gendata import bigbench_file
+
+        try:
+            bigbench_file(spec)  # an optional package: its absence stops the DAG, not the job
+        except PeftlabError as exc:
+            raise ConfigError(f"{where}: '{key}': {exc}") from None
     if source in ("glue", "hub"):
         _check_hub_path(spec.hub_path, f"{key}.hub_path", where)
         if (spec.test_source or {}).get("hub_path"):

