@@ -540,6 +540,107 @@ def test_llm_adapters_commonsense_on_a_local_copy(smollm, tmp_path):
     assert score(task, outputs, test)[1] == [True, True, False, False, False]
 
 
+def _mixture_copy(root):
+    """LLM-Adapters laid out locally: commonsense_170k (40 records) and two of its eight test sets."""
+    boolq = [_record(f"Is claim {i} true?\n\nAnswer format: true/false", f"the correct answer is {w}", w)
+             for i, w in enumerate(["true", "false", "false", "true", "true"])]
+    piqa = [_record(f"Goal {i}: pick a solution.\n\nAnswer format: solution1/solution2",
+                    f"the correct answer is solution{1 + i % 2}", f"solution{1 + i % 2}") for i in range(4)]
+    _llm_adapters_copy(root, {"ft-training_set/commonsense_170k.json": [_commonsense(i) for i in range(40)],
+                              "dataset/boolq/test.json": boolq, "dataset/piqa/test.json": piqa})
+    return {"source": "hub", "hub_path": str(root), "test_sets": ["commonsense_boolq", "commonsense_piqa"]}
+
+
+def test_a_mixture_trains_once_and_tests_on_each_of_its_sets(smollm, tmp_path):
+    """commonsense_170k as the papers run it: all of the mixture trains (no test share carved out of
+    it), and the test split is the sets' test splits, each tagged by its set and following the task's
+    local copy; max_eval_examples caps each set on its own."""
+    _, tok = smollm
+    entry = _mixture_copy(tmp_path / "LLM-Adapters")
+    spec = TaskSpec.from_config("commonsense_170k", entry | {"validation_fraction": 0.1})
+    assert [s["task"] for s in spec.test_sets] == ["commonsense_boolq", "commonsense_piqa"]
+    stats = prepare_task(spec, tok, tmp_path / "out", "smollm2-135m")
+    assert {k: v["size"] for k, v in stats["splits"].items()} == {"train": 36, "validation": 4, "test": 9}
+    assert list(stats["splits"]["test"]["test_sets"].items()) == [("commonsense_boolq", 5), ("commonsense_piqa", 4)]
+    assert set(stats["source"]["test_sets"]) == {"commonsense_boolq", "commonsense_piqa"}
+    test = pd.read_parquet(tmp_path / "out" / "test.parquet")
+    piqa = test[test["test_set"] == "commonsense_piqa"].sort_values("example_id")
+    assert piqa["text"].iloc[0] == "Goal 0: pick a solution.\n\nAnswer format: solution1/solution2\n"
+    assert "test_set" not in pd.read_parquet(tmp_path / "out" / "train.parquet")
+    capped = TaskSpec.from_config("commonsense_170k", entry | {"max_eval_examples": 3})
+    stats = prepare_task(capped, tok, tmp_path / "capped", "smollm2-135m")
+    assert list(stats["splits"]["test"]["test_sets"].values()) == [3, 3]
+
+
+@pytest.mark.slow
+def test_a_run_on_a_mixture_is_evaluated_per_test_set(smollm, tmp_path, repo):
+    """Fine-tuned once, evaluated on every set: the record holds each set's metrics and their mean,
+    and each prediction names its set."""
+    import dataclasses
+
+    from peftlab.config import RunKey, load_experiment
+    from peftlab.evaluate import evaluate
+    from peftlab.train import finetune
+
+    spec, tok = smollm
+    entry = _mixture_copy(tmp_path / "LLM-Adapters") | {"max_eval_examples": 2, "max_train_examples": 8}
+    prepare_task(TaskSpec.from_config("commonsense_170k", entry), tok, tmp_path / "data", "smollm2-135m")
+    exp = load_experiment(repo / "config" / "experiments", "lora", "default")
+    exp = dataclasses.replace(exp, training=dataclasses.replace(exp.training, max_steps=2, batch_size=8,
+                                                                eval_batch_size=4, evals_per_epoch=1))
+    key = RunKey("smollm2-135m", "commonsense_170k", "lora", "default", 0)
+    finetune(key, spec, exp, tmp_path / "data", tmp_path / "w.safetensors", tmp_path / "r.json", threads=2)
+    ev = evaluate(key, spec, tmp_path / "data", tmp_path / "r.json", tmp_path / "w.safetensors", tmp_path / "m.json",
+                  threads=2, measure_inference=False, predictions_path=tmp_path / "p.jsonl")
+    assert list(ev["test_sets"]) == ["commonsense_boolq", "commonsense_piqa"]
+    assert [s["n_examples"] for s in ev["test_sets"].values()] == [2, 2] and ev["n_examples"] == 4
+    per_set = [s["metrics"]["exact_match"] for s in ev["test_sets"].values()]
+    assert ev["metrics"]["exact_match"] == pytest.approx(sum(per_set) / 2)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert sorted(r["test_set"] for r in rows) == ["commonsense_boolq"] * 2 + ["commonsense_piqa"] * 2
+
+
+def test_each_test_set_is_scored_on_its_own_and_the_headline_is_their_mean():
+    """The papers' 'Avg.': the unweighted mean of the sets' scores, not the pooled accuracy."""
+    from peftlab.evaluate import by_test_set
+
+    task = {"kind": "generation", "scoring": "exact_match",
+            "test_sets": [{"task": "commonsense_boolq"}, {"task": "commonsense_piqa"}]}
+    frame = pd.DataFrame({"test_set": ["commonsense_piqa", "commonsense_boolq", "commonsense_boolq",
+                                       "commonsense_boolq", "commonsense_boolq"],
+                          "answer": ["the correct answer is solution1"] + ["the correct answer is true"] * 4})
+    outputs = ["the correct answer is solution2"] + ["the correct answer is true"] * 3 + ["no"]
+    metrics, right = score(task, outputs, frame)
+    rows = [{"output": o, "correct": r} for o, r in zip(outputs, right, strict=True)]
+    mean, sets = by_test_set(task, frame, rows, metrics)
+    assert list(sets) == ["commonsense_boolq", "commonsense_piqa"]  # the config's order
+    assert sets["commonsense_boolq"] == {"n_examples": 4, "metrics": {"exact_match": 0.75}}
+    assert sets["commonsense_piqa"] == {"n_examples": 1, "metrics": {"exact_match": 0.0}}
+    assert mean == {"exact_match": 0.375} and metrics == {"exact_match": 0.6}
+    assert [r["test_set"] for r in rows] == list(frame["test_set"])
+
+
+def test_test_sets_fail_at_dag_build(repo, tmp_path):
+    models = {"smollm2-135m": {}}
+    with pytest.raises(ConfigError, match="test_sets 'nope' is not a known hub task"):
+        validate_config(_config(repo, models, {"commonsense_170k": {"source": "hub", "test_sets": ["nope"]}}))
+    with pytest.raises(ConfigError, match="test_sets 'math10k_gsm8k' is generation scored by numeric"):
+        validate_config(_config(repo, models, {"commonsense_170k": {"source": "hub", "test_sets": ["math10k_gsm8k"]}}))
+    with pytest.raises(ConfigError, match="test_split and test_sets both name a test split"):
+        validate_config(_config(repo, models, {"commonsense_170k": {"source": "hub", "test_split": "test"}}))
+    root = tmp_path / "LLM-Adapters"
+    entry = _mixture_copy(root)
+    (root / "dataset" / "piqa" / "test.json").unlink()
+    with pytest.raises(ConfigError, match=r"test_sets.commonsense_piqa.data_files': 'dataset/piqa/test.json' is not"):
+        validate_config(_config(repo, models, {"commonsense_170k": entry}))
+    cfg = _config(repo, models, {"commonsense_170k": entry | {"test_sets": ["commonsense_boolq"]}})
+    cfg["paper_results"] = {"commonsense_boolq": {"lora": {"value": 0.689, "source": "LLM-Adapters"}}}
+    validate_config(cfg)  # a test set's published number
+    cfg["paper_results"] = {"commonsense_piqa": {"lora": {"value": 0.807, "source": "LLM-Adapters"}}}
+    with pytest.raises(ConfigError, match="'commonsense_piqa' is not a task or test set of this config"):
+        validate_config(cfg)
+
+
 def test_llm_adapters_arithmetic_scores_the_answer_field(smollm, tmp_path):
     """math_10k trains on worked solutions; each test record's 'answer' is the gold (a number, or
     AQuA's option letter), and a test record without a solution (MAWPS) keeps its answer as target."""

@@ -237,6 +237,42 @@ def test_report_shows_the_papers_number_beside_ours(mixed_results):
     assert 'data-col="paper"' not in doc
 
 
+def test_a_task_tested_on_several_sets_gets_a_per_set_table(tmp_path):
+    """One fine-tuning tested on several sets: summary columns per set, the set metrics in MLflow,
+    and a table of each set's mean ± CI and their average, with the papers' per-set numbers and
+    their mean beside them."""
+    import re
+
+    from peftlab.report import aggregate, write_report
+    from peftlab.tracking import _metrics_of
+
+    scores = {("lora", 0): (0.70, 0.50), ("lora", 1): (0.72, 0.54), ("bitfit", 0): (0.60, 0.40),
+              ("bitfit", 1): (0.60, 0.44)}
+    pairs, keys = [], []
+    for (method, seed), (boolq, piqa) in scores.items():
+        ft, ev = _records(method, seed, (boolq + piqa) / 2, 1000)
+        ev["test_sets"] = {"boolq": {"n_examples": 40, "metrics": {"accuracy": boolq, "f1": boolq}},
+                           "piqa": {"n_examples": 24, "metrics": {"accuracy": piqa, "f1": piqa}}}
+        pairs.append((ft, ev))
+        keys.append(ft["run"])
+    ft_paths, ev_paths = _write_results(tmp_path, pairs, keys)
+    runs = aggregate(ft_paths, ev_paths, str(tmp_path / "s.csv"), str(tmp_path / "s.parquet"))
+    assert list(runs.loc[0, ["set_boolq", "set_piqa", "test_main"]]) == pytest.approx([0.70, 0.50, 0.60])
+    assert ("test_piqa_accuracy", 0.5, 0) in _metrics_of(pairs[0][1])
+    paper = {"boolq": {"lora": {"value": 0.689, "source": "LLM-Adapters"}},
+             "piqa": {"lora": {"value": 0.807, "source": "LLM-Adapters"}}}
+    config = {"models": {"minilm-l6": {}}, "seeds": [0, 1], "paper_results": paper}
+    doc = write_report(str(tmp_path / "s.parquet"), [_stats(tmp_path)], config, str(tmp_path / "r.html"), ft_paths)
+    section = doc[doc.index("<h3>Test accuracy per test set</h3>"):doc.index("<h3>Efficiency</h3>")]
+    lora = section[section.index('data-col="label">lora<'):section.index('data-col="label">bitfit<')]
+    cells = dict(re.findall(r'data-col="([\w]+)">([^<]*)<', lora))
+    # 0.71 ± t(0.975, 1) * 0.01 = 0.127; the paper's average is the mean of its two sets
+    assert cells["set_boolq"] == "0.710 ± 0.127" and cells["set_piqa"] == "0.520 ± 0.254"
+    assert cells["set_boolq__paper"] == "0.689" and cells["test_main__paper"] == "0.748"
+    assert cells["test_main"].startswith("0.615 ± ")
+    assert section.index('data-col="label">lora<') < section.index('data-col="label">bitfit<')
+
+
 def test_figures_draw_only_completed_runs(mixed_results):
     """The training-curve figure gets the completed records only: the failed run's curve
     (the sentinel loss) is never drawn."""

@@ -295,7 +295,7 @@ def _first_error(validator, instance):
 
 _FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
 _GLUE_KEYS = ("glue_name", "hub_path")
-_HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "max_example_chars")
+_HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "test_sets", "max_example_chars")
 _BIGBENCH_KEYS = ("bigbench_task", "bigbench_root")
 
 
@@ -396,8 +396,25 @@ def _check_generative_models(config: dict, where: str) -> None:
                 )
 
 
+# the keys only one source reads (hub_path is also glue's); any of them on a task of another source is an error
+_SOURCE_KEYS = {"file": _FILE_KEYS, "glue": _GLUE_KEYS, "hub": _HUB_KEYS, "bigbench": _BIGBENCH_KEYS}
+_SHARED_KEYS = {"hub": ("hub_path",)}
+
+
+def _check_foreign_keys(entry: dict, source: str, key: str, where: str) -> None:
+    """Keys of another source's tasks: one line naming the key and the source it needs."""
+    own = set(_SOURCE_KEYS.get(source, ())) | set(_SHARED_KEYS.get(source, ()))
+    for other, keys in _SOURCE_KEYS.items():
+        for k in keys:
+            if k in entry and k not in own:
+                raise ConfigError(
+                    f"{where}: '{key}.{k}' = {short(entry[k])}: only applies to tasks with 'source: {other}' and "
+                    f"this task's source is {source}; set the source or remove '{k}'"
+                )
+
+
 def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
-    from .data import BUILTIN_TASKS, FILE_FORMATS, TaskSpec, file_format
+    from .data import BUILTIN_TASKS, TaskSpec
     from .errors import PeftlabError
 
     key = f"tasks.{name}"
@@ -407,18 +424,7 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             f"{where}: '{key}': '{name}' is not a built-in task ({', '.join(BUILTIN_TASKS)})"
             f"{did_you_mean(name, BUILTIN_TASKS)}; give it 'source: glue' or 'source: file' with a path"
         )
-    foreign = {"builtin": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS),
-               "glue": (*_FILE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS), "file": (*_GLUE_KEYS, *_HUB_KEYS, *_BIGBENCH_KEYS),
-               "hub": (*_FILE_KEYS, "glue_name", *_BIGBENCH_KEYS),
-               "bigbench": (*_FILE_KEYS, *_GLUE_KEYS, *_HUB_KEYS)}[source]
-    for k in foreign:
-        if k in entry:
-            needs = ("source: file" if k in _FILE_KEYS else "source: hub" if k in _HUB_KEYS
-                     else "source: bigbench" if k in _BIGBENCH_KEYS else "source: glue")
-            raise ConfigError(
-                f"{where}: '{key}.{k}' = {short(entry[k])}: only applies to tasks with '{needs}' and "
-                f"this task's source is {source}; set the source or remove '{k}'"
-            )
+    _check_foreign_keys(entry, source, key, where)
     try:
         spec = TaskSpec.from_config(name, entry, data)
     except PeftlabError as exc:
@@ -429,37 +435,7 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
             f"{spec.test_fraction} leaves no training examples; the two must sum to less than 1"
         )
     if source == "file":
-        path = Path(spec.path).expanduser()
-        if not path.is_file():
-            what = "a folder, not a file" if path.is_dir() else f"no such file (from {Path.cwd()})"
-            raise ConfigError(
-                f"{where}: '{key}.path' = {spec.path!r}: {what}; give an existing CSV, TSV, "
-                "JSONL or parquet file"
-            )
-        if file_format(spec) is None:
-            raise ConfigError(
-                f"{where}: '{key}.path' = {spec.path!r}: cannot tell the format from the suffix; "
-                f"set 'format:' to one of {list(FILE_FORMATS)}"
-            )
-        try:
-            codecs.lookup(spec.encoding)
-        except LookupError:
-            raise ConfigError(
-                f"{where}: '{key}.encoding' = {spec.encoding!r} is not a known text encoding; use e.g. "
-                "utf-8 or latin-1"
-            ) from None
-        if spec.generative:
-            _check_generative_columns(spec, where, key)
-        elif len(set(spec.text_columns)) < len(spec.text_columns):
-            raise ConfigError(
-                f"{where}: '{key}.text_columns' = {list(spec.text_columns)} names the same column twice; "
-                "give one column, or two different ones for sentence pairs"
-            )
-        elif spec.label_column in spec.text_columns:
-            raise ConfigError(
-                f"{where}: '{key}.label_column' = {short(spec.label_column)} is also in text_columns, "
-                "so the model would read the answer; use a label column that is not a text column"
-            )
+        _check_file_task(spec, key, where)
     elif spec.generative and "prompt_template" in entry:
         _check_generative_columns(spec, where, key)
     if source == "bigbench":
@@ -470,14 +446,60 @@ def _check_task(name: str, entry: dict, data: dict, where: str) -> None:
         except PeftlabError as exc:
             raise ConfigError(f"{where}: '{key}': {exc}") from None
     if source in ("glue", "hub"):
-        _check_hub_path(spec.hub_path, f"{key}.hub_path", where)
+        from .data import test_set_specs
+
+        _check_hub_files(spec, key, where)
         if (spec.test_source or {}).get("hub_path"):
             _check_hub_path(spec.test_source["hub_path"], f"{key}.test_source.hub_path", where)
-        hub = os.path.expanduser(spec.hub_path)
-        missing = [f for f in spec.data_files.values() if os.path.isdir(hub) and not os.path.isfile(Path(hub) / f)]
-        if missing:
-            raise ConfigError(f"{where}: '{key}.data_files': {missing[0]!r} is not a file under {spec.hub_path}; "
-                              "fix hub_path (the folder the data_files paths start from) or data_files")
+        for set_name, other in test_set_specs(spec).items():
+            _check_hub_files(other, f"{key}.test_sets.{set_name}", where)
+
+
+def _check_file_task(spec, key: str, where: str) -> None:
+    """A ``source: file`` task's file, format, encoding and columns."""
+    from .data import FILE_FORMATS, file_format
+
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else f"no such file (from {Path.cwd()})"
+        raise ConfigError(
+            f"{where}: '{key}.path' = {spec.path!r}: {what}; give an existing CSV, TSV, "
+            "JSONL or parquet file"
+        )
+    if file_format(spec) is None:
+        raise ConfigError(
+            f"{where}: '{key}.path' = {spec.path!r}: cannot tell the format from the suffix; "
+            f"set 'format:' to one of {list(FILE_FORMATS)}"
+        )
+    try:
+        codecs.lookup(spec.encoding)
+    except LookupError:
+        raise ConfigError(
+            f"{where}: '{key}.encoding' = {spec.encoding!r} is not a known text encoding; use e.g. "
+            "utf-8 or latin-1"
+        ) from None
+    if spec.generative:
+        _check_generative_columns(spec, where, key)
+    elif len(set(spec.text_columns)) < len(spec.text_columns):
+        raise ConfigError(
+            f"{where}: '{key}.text_columns' = {list(spec.text_columns)} names the same column twice; "
+            "give one column, or two different ones for sentence pairs"
+        )
+    elif spec.label_column in spec.text_columns:
+        raise ConfigError(
+            f"{where}: '{key}.label_column' = {short(spec.label_column)} is also in text_columns, "
+            "so the model would read the answer; use a label column that is not a text column"
+        )
+
+
+def _check_hub_files(spec, key: str, where: str) -> None:
+    """A hub task's dataset id or local copy, and, in a local copy, its data files."""
+    _check_hub_path(spec.hub_path, f"{key}.hub_path", where)
+    hub = os.path.expanduser(spec.hub_path)
+    missing = [f for f in spec.data_files.values() if os.path.isdir(hub) and not os.path.isfile(Path(hub) / f)]
+    if missing:
+        raise ConfigError(f"{where}: '{key}.data_files': {missing[0]!r} is not a file under {spec.hub_path}; "
+                          "fix hub_path (the folder the data_files paths start from) or data_files")
 
 
 def _check_hub_path(hub_path: str, key: str, where: str) -> None:
@@ -492,13 +514,15 @@ def _check_hub_path(hub_path: str, key: str, where: str) -> None:
 def _check_paper_results(config: dict, where: str) -> None:
     """Every published number names a task and model of this config, a metric that task reports,
     and a value on the report's scale (fractions of 1)."""
-    from .data import TaskSpec, task_metrics
+    from .data import TaskSpec, task_metrics, test_set_specs
 
+    specs = {name: TaskSpec.from_config(name, entry or {}, config["data"]) for name, entry in config["tasks"].items()}
+    specs |= {name: s for spec in list(specs.values()) for name, s in test_set_specs(spec).items()}
     for task, methods in (config.get("paper_results") or {}).items():
-        if task not in config["tasks"]:
-            raise ConfigError(f"{where}: 'paper_results.{task}': '{task}' is not a task of this config"
-                              f"{did_you_mean(task, config['tasks'])}; use one of {list(config['tasks'])}")
-        spec = TaskSpec.from_config(task, config["tasks"][task] or {}, config["data"])
+        if task not in specs:
+            raise ConfigError(f"{where}: 'paper_results.{task}': '{task}' is not a task or test set of this config"
+                              f"{did_you_mean(task, specs)}; use one of {list(specs)}")
+        spec = specs[task]
         allowed = task_metrics(spec.kind, spec.scoring)
         for method, entry in methods.items():
             key, value = f"paper_results.{task}.{method}", entry["value"]

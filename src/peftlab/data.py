@@ -101,6 +101,8 @@ class TaskSpec:
     test_split: str | None = None  # source hub: the split that is the held-out test (None: split train)
     data_files: dict = field(default_factory=dict)  # source hub: split -> file under hub_path (URL root or folder)
     test_source: dict | None = None  # source hub: {task, hub_path?, validation?}: test (+ validation) from another
+    test_sets: tuple = ()  # source hub: ({task, hub_path?}, ...): known hub tasks whose test splits, each scored
+    # on its own and averaged, are this task's test split (one fine-tuning, several test sets)
     max_example_chars: int | None = None  # source hub: training rows longer than this (characters) are dropped
     path: str | None = None
     format: str | None = None
@@ -210,7 +212,8 @@ class TaskSpec:
             kw["generator"] = dict(entry["generator"])
         spec = cls(**kw)
         if spec.test_source:
-            test_source_spec(spec)  # a bad test_source stops the DAG, not the job
+            test_source_spec(spec)  # a bad test_source or test set stops the DAG, not the job
+        test_set_specs(spec)
         return spec
 
     def to_dict(self) -> dict:
@@ -237,29 +240,54 @@ def _hub_settings(name: str, entry: dict, known: dict) -> dict[str, Any]:
                         "dataset id or a local copy laid out like the hub repository)")
     out = {k: entry.get(k, known.get(k)) for k in ("hub_config", "test_split", "data_files", "test_source",
                                                      "max_example_chars")}
-    out.update(hub_path=hub_path, data_files=dict(out["data_files"] or {}))
-    if out["test_source"] and out["test_split"]:
-        raise DataError(f"task '{name}': test_split '{out['test_split']}' and test_source both name a test split; "
-                        "keep one (test_split: null to take the test split from test_source)")
+    out.update(hub_path=hub_path, data_files=dict(out["data_files"] or {}),
+               test_sets=_test_set_items(name, entry.get("test_sets", known.get("test_sets")) or ()))
+    held_out = [k for k in ("test_split", "test_source", "test_sets") if out[k]]
+    if len(held_out) > 1:
+        raise DataError(f"task '{name}': {' and '.join(held_out)} both name a test split; keep one (e.g. "
+                        f"{held_out[0]}: null)")
     return out
+
+
+def _test_set_items(name: str, items) -> tuple[dict, ...]:
+    """``test_sets`` as ({task, hub_path?}, ...): each item a known hub task's name or a mapping."""
+    out = tuple({"task": i} if isinstance(i, str) else dict(i) for i in items)
+    names = [i.get("task") for i in out]
+    if len(set(names)) < len(names) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"task '{name}': test_sets {names} must name distinct hub tasks, each once")
+    return out
+
+
+def _held_out_spec(spec: TaskSpec, item: dict, key: str) -> TaskSpec:
+    """The known hub task named by ``item`` (``test_source`` or one of ``test_sets``), whose test
+    split ``spec`` is tested on, rendered with that task's own prompt template and columns. A set
+    from the same repository as ``spec``'s known defaults follows ``spec``'s ``hub_path`` (a local
+    clone), unless the item gives its own."""
+    if item["task"] not in HUB_TASKS:
+        raise DataError(f"task '{spec.name}': {key} '{item['task']}' is not a known hub task; use one of "
+                        f"{', '.join(HUB_TASKS)}")
+    hub_path = item.get("hub_path")
+    if not hub_path and HUB_TASKS[item["task"]]["hub_path"] == HUB_TASKS.get(spec.name, {}).get("hub_path"):
+        hub_path = spec.hub_path
+    other = TaskSpec.from_config(item["task"], {"source": "hub", **({"hub_path": hub_path} if hub_path else {})})
+    if not other.test_split or other.test_source or other.test_sets:
+        raise DataError(f"task '{spec.name}': {key} '{other.name}' has no test split of its own; name "
+                        "a hub task with a test split (e.g. gsm8k)")
+    if (other.kind, other.scoring) != (spec.kind, spec.scoring):
+        raise DataError(f"task '{spec.name}': {key} '{other.name}' is {other.kind} scored by "
+                        f"{other.scoring}, this task {spec.kind} scored by {spec.scoring}; they must match")
+    return other
 
 
 def test_source_spec(spec: TaskSpec) -> TaskSpec:
     """The known hub task that gives ``spec`` its test split (and, with ``validation: n``, n examples
-    of its training split as validation), rendered with its own prompt template and columns."""
-    src = spec.test_source
-    if src["task"] not in HUB_TASKS:
-        raise DataError(f"task '{spec.name}': test_source.task '{src['task']}' is not a known hub task; use one of "
-                        f"{', '.join(HUB_TASKS)}")
-    other = TaskSpec.from_config(src["task"], {"source": "hub", **({"hub_path": src["hub_path"]}
-                                                                  if src.get("hub_path") else {})})
-    if not other.test_split or other.test_source:
-        raise DataError(f"task '{spec.name}': test_source.task '{other.name}' has no test split of its own; name "
-                        "a hub task with a test split (e.g. gsm8k)")
-    if (other.kind, other.scoring) != (spec.kind, spec.scoring):
-        raise DataError(f"task '{spec.name}': test_source.task '{other.name}' is {other.kind} scored by "
-                        f"{other.scoring}, this task {spec.kind} scored by {spec.scoring}; they must match")
-    return other
+    of its training split as validation)."""
+    return _held_out_spec(spec, spec.test_source, "test_source.task")
+
+
+def test_set_specs(spec: TaskSpec) -> dict[str, TaskSpec]:
+    """The known hub tasks whose test splits, by name, make up ``spec``'s test split (``test_sets``)."""
+    return {item["task"]: _held_out_spec(spec, item, "test_sets") for item in spec.test_sets}
 
 
 def _generative_settings(name: str, entry: dict, builtin: dict, kind: str) -> dict[str, Any]:
@@ -405,6 +433,8 @@ def _load_hub(spec: TaskSpec) -> RawTask:
     """A hub task's rows; with ``test_source``, the test split (and validation, when asked) come
     from that task's own data, tagged ``test`` / ``validation`` beside this task's ``pool``."""
     frame, info, origin = load_hub_task(spec)
+    if spec.test_sets:
+        return _with_test_sets(spec, frame, info, origin)
     if not spec.test_source:
         return RawTask(frame, [], info, origin=origin)
     other, n_val = test_source_spec(spec), spec.test_source.get("validation")
@@ -414,6 +444,16 @@ def _load_hub(spec: TaskSpec) -> RawTask:
         pool = rows[rows["split"] == "pool"]
         parts.append(pool.sample(n=min(n_val, len(pool)), random_state=spec.split_seed).assign(split="validation"))
     return RawTask(pd.concat(parts, ignore_index=True), [], info, origin=f"{origin} + {other.hub_path}")
+
+
+def _with_test_sets(spec: TaskSpec, frame: pd.DataFrame, info: dict, origin: str) -> RawTask:
+    """A task's training rows (``pool``) and, as its test split, each of its test sets' test
+    split, tagged by set (``test_set``)."""
+    parts, info["test_sets"] = [frame.assign(split="pool")], {}
+    for name, other in test_set_specs(spec).items():
+        rows, info["test_sets"][name], _ = load_hub_task(other, test_only=True)
+        parts.append(rows.assign(split="test", test_set=name))
+    return RawTask(pd.concat(parts, ignore_index=True), [], info, origin=f"{origin} + {len(parts) - 1} test sets")
 
 
 FILE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -641,9 +681,12 @@ def make_splits(raw: RawTask, spec: TaskSpec) -> dict[str, pd.DataFrame]:
     for name, part in splits.items():
         part = part.sample(frac=1.0, random_state=int(rng.integers(2**31)))
         cap = caps[name]
-        if cap is not None and len(part) > cap:
+        if cap is not None and "test_set" in part and name == "test":  # each test set capped on its own
+            part = part.groupby("test_set", sort=False).head(cap)
+        elif cap is not None and len(part) > cap:
             part = part.iloc[:cap]
-        out[name] = part.drop(columns=[c for c in ("split",) if c in part]).reset_index(drop=True)
+        internal = ("split",) if name == "test" else ("split", "test_set")
+        out[name] = part.drop(columns=[c for c in internal if c in part]).reset_index(drop=True)
     where = f"task '{spec.name}': {raw.origin}" if raw.origin else f"task '{spec.name}'"
     for name in SPLITS:
         if len(out[name]) == 0:
@@ -766,6 +809,9 @@ def _tokenized_split(part: pd.DataFrame, tokenizer, spec: TaskSpec, raw: RawTask
     elif spec.problem_type == REGRESSION:
         s["label_mean"] = float(tok["label"].mean())
         s["label_std"] = float(tok["label"].std())
+    if "test_set" in part:  # each test set's size, in the config's order
+        counts = part["test_set"].value_counts()
+        s["test_sets"] = {t["task"]: int(counts.get(t["task"], 0)) for t in spec.test_sets}
     return tok, s
 
 

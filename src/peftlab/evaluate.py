@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import RunKey
 from .data import REGRESSION, load_split
-from .generation import evaluate_generative, generate, left_padded, prompts_of
+from .generation import evaluate_generative, generate, left_padded, prompts_of, rescore
 from .io import read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
@@ -148,11 +149,12 @@ def evaluate(
     if is_generative(stats):
         metrics, rows, speed = evaluate_generative(model, tokenizer, test_df, stats["task"], batch_size, dev,
                                                    autocast(dev, amp), desc="test")
+        metrics, sets = by_test_set(stats["task"], test_df, rows, metrics)
     else:
         loader = make_eval_loader(test_df, batch_size, collator_for(stats, tokenizer), pin_memory=dev.type == "cuda")
         outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
         metrics = compute_metrics(stats["problem_type"], outputs, labels)
-        rows, speed = classifier_rows(test_df, outputs, labels, stats), None
+        rows, speed, sets = classifier_rows(test_df, outputs, labels, stats), None, None
     elapsed = time.perf_counter() - t0
     inference = None
     if measure_inference:
@@ -177,6 +179,7 @@ def evaluate(
         "data_fingerprint": stats["fingerprint"],
         "main_metric": stats["main_metric"],
         "metrics": metrics,
+        "test_sets": sets,
         "eval_time_s": elapsed,
         "examples_per_s": len(test_df) / elapsed if elapsed > 0 else None,
         "generation": speed,
@@ -191,6 +194,23 @@ def evaluate(
     }
     write_json(out_path, record)
     return record
+
+
+def by_test_set(task: dict, frame, rows: list[dict], metrics: dict) -> tuple[dict, dict | None]:
+    """A task tested on several sets (``test_sets``): each set's metrics, in the config's order,
+    and as headline metrics their unweighted mean over sets (the papers' "Avg."); each row is
+    tagged with its set. Other tasks: their metrics as they are, and None."""
+    if "test_set" not in frame:
+        return metrics, None
+    for row, name in zip(rows, frame["test_set"], strict=True):
+        row["test_set"] = name
+    groups = frame.groupby("test_set", sort=False).indices
+    order = [s["task"] for s in task.get("test_sets") or () if s["task"] in groups] or list(groups)
+    sets = {name: {"n_examples": len(groups[name]),
+                   "metrics": rescore(task, frame.iloc[groups[name]], [rows[i] for i in groups[name]])}
+            for name in order}
+    mean = {k: float(np.mean([s["metrics"][k] for s in sets.values()])) for k in metrics}
+    return mean, sets
 
 
 def first_batch(frame, batch_size: int, stats: dict, tokenizer, dev: torch.device) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from its left; the target is never cut; both counts go into the data statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import re
@@ -153,21 +154,27 @@ COMMONSENSE_SETS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "he
 MATH_SETS = {"gsm8k": "gsm8k", "aqua": "AQuA", "mawps": "mawps", "svamp": "SVAMP"}
 
 
-def _llm_adapters(mixture: str, test_set: str, **settings: Any) -> dict[str, Any]:
-    files = {"train": f"ft-training_set/{mixture}.json", "test": f"dataset/{test_set}/test.json"}
-    return {"hub_path": LLM_ADAPTERS, "data_files": files, "test_split": "test", "kind": GENERATION,
-            "target_column": "output", "max_length": 512, **settings}
+def _llm_adapters(mixture: str, test_set: str | None, **settings: Any) -> dict[str, Any]:
+    files = {"train": f"ft-training_set/{mixture}.json"} | ({"test": f"dataset/{test_set}/test.json"} if test_set
+                                                             else {})
+    return {"hub_path": LLM_ADAPTERS, "data_files": files, "test_split": "test" if test_set else None,
+            "kind": GENERATION, "target_column": "output", "max_length": 512, **settings}
 
 
 # commonsense: the target is "the correct answer is <answer word>" and a prediction counts when the whole
 # output says exactly that (pyreft's check); arithmetic: the alpaca prompt, the worked solution as target,
-# the last number (an option letter for AQuA) against the record's answer; generation caps as pyreft's
+# the last number (an option letter for AQuA) against the record's answer; generation caps as pyreft's.
+# Each mixture is also a task of its own that trains once and is tested on all its sets (``test_sets``),
+# as the papers ran it; ``<mixture>_<set>`` trains on the mixture and tests on that one set.
+_COMMONSENSE = {"scoring": "exact_match", "prompt_template": "{instruction}\n", "max_new_tokens": 32}
+_MATH = {"scoring": "numeric", "answer_column": "answer", "prompt_template": ALPACA_NO_INPUT, "max_new_tokens": 512}
 for _short, _set in COMMONSENSE_SETS.items():
-    HUB_TASKS[f"commonsense_{_short}"] = _llm_adapters("commonsense_170k", _set, scoring="exact_match",
-                                                       prompt_template="{instruction}\n", max_new_tokens=32)
+    HUB_TASKS[f"commonsense_{_short}"] = _llm_adapters("commonsense_170k", _set, **_COMMONSENSE)
 for _short, _set in MATH_SETS.items():
-    HUB_TASKS[f"math10k_{_short}"] = _llm_adapters("math_10k", _set, scoring="numeric", answer_column="answer",
-                                                   prompt_template=ALPACA_NO_INPUT, max_new_tokens=512)
+    HUB_TASKS[f"math10k_{_short}"] = _llm_adapters("math_10k", _set, **_MATH)
+HUB_TASKS["commonsense_170k"] = _llm_adapters("commonsense_170k", None, **_COMMONSENSE,
+                                              test_sets=[f"commonsense_{s}" for s in COMMONSENSE_SETS])
+HUB_TASKS["math_10k"] = _llm_adapters("math_10k", None, **_MATH, test_sets=[f"math10k_{s}" for s in MATH_SETS])
 
 
 def template_fields(template: str) -> list[str]:
@@ -546,18 +553,21 @@ def _drop_long(df: pd.DataFrame, spec) -> tuple[pd.DataFrame, int]:
     return df[keep].reset_index(drop=True), int((~keep).sum())
 
 
-def load_hub_task(spec) -> tuple[pd.DataFrame, dict, str]:
+def load_hub_task(spec, test_only: bool = False) -> tuple[pd.DataFrame, dict, str]:
     """A generative task through ``datasets.load_dataset`` (hub id, a local copy laid out like
     the hub repository, or ``data_files``): the train split is the pool, ``test_split`` (when set)
-    the test split. ``max_example_chars`` drops long training rows (never test rows)."""
+    the test split. ``max_example_chars`` drops long training rows (never test rows).
+    ``test_only``: the test split alone (a task's test set elsewhere; its training file unread)."""
+    if test_only and spec.data_files:
+        spec = dataclasses.replace(spec, data_files={spec.test_split: spec.data_files[spec.test_split]})
     ds = _open_hub(spec)
-    wanted = ["train"] + ([spec.test_split] if spec.test_split else [])
+    wanted = ([] if test_only else ["train"]) + ([spec.test_split] if spec.test_split else [])
     for split in wanted:
         if split not in ds:
             raise DataError(f"task '{spec.name}': '{spec.hub_path}' has no '{split}' split (it has {list(ds)}); "
                             "set test_split (or test_split: null to split the training set)")
     parts, dropped = [], 0
-    for split, tag in zip(wanted, ("pool", "test"), strict=False):
+    for split, tag in zip(wanted, ("test",) if test_only else ("pool", "test"), strict=False):
         rows = _flatten(ds[split].to_pandas())
         if tag == "pool" and spec.max_example_chars:
             rows, dropped = _drop_long(rows, spec)
@@ -624,8 +634,9 @@ def tokenize_generative(part: pd.DataFrame, tokenizer, spec) -> tuple[pd.DataFra
     out = pd.DataFrame({"example_id": part["example_id"].to_numpy(), "input_ids": ids, "prompt_length": plen,
                         "prompt_truncated": cut, "label": part["label"].to_numpy(), "text": texts,
                         "target": part["target"].to_numpy(), "answer": part["answer"].to_numpy()})
-    if "options" in part:
-        out["options"] = part["options"].to_numpy()
+    for col in ("options", "test_set"):
+        if col in part:
+            out[col] = part[col].to_numpy()
     cut_arr, tl = np.asarray(cut), np.asarray(tlens)
     stats = {"prompts_truncated": int((cut_arr > 0).sum()), "prompt_tokens_truncated": int(cut_arr.sum()),
              "target_tokens": {"p50": float(np.percentile(tl, 50)), "max": int(tl.max()), "mean": float(tl.mean())}}

@@ -250,6 +250,14 @@ def option_logliks(model: nn.Module, tokenizer, frame: pd.DataFrame, batch_size:
     return out
 
 
+def rescore(task: dict, frame: pd.DataFrame, rows: list[dict]) -> dict[str, float]:
+    """The task's metrics over some of a split's scored ``rows`` (``evaluate_generative``'s) and
+    their ``frame`` rows: a test set of several, scored on its own."""
+    if task["kind"] == MULTIPLE_CHOICE and task["scoring"] in LIKELIHOOD_SCORINGS:
+        return {"accuracy": float(np.mean([r["correct"] for r in rows]))}
+    return score(task, [r["output"] for r in rows], frame)[0]
+
+
 def evaluate_generative(model: nn.Module, tokenizer, frame: pd.DataFrame, task: dict, batch_size: int,
                         dev: torch.device, autocast=None, desc: str = "generate"
                         ) -> tuple[dict[str, float], list[dict], dict[str, Any]]:

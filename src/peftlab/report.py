@@ -34,6 +34,7 @@ RUN_COLUMNS = ["model", "task", "method", "variant", "seed"]
 COMPLETED = "completed"
 FAILED = "failed"
 MISSING = "missing"
+SET_PREFIX = "set_"  # summary columns: a task tested on several sets, each set's main test metric
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,6 +145,8 @@ def summary_row(ft: dict | None, ev: dict | None, run: dict | None = None,
     )
     for k, v in ev["metrics"].items():
         row[f"test_{k}"] = v
+    for name, part in (ev.get("test_sets") or {}).items():  # a task tested on several sets: each one's
+        row[f"{SET_PREFIX}{name}"] = part["metrics"].get(main)  # main metric (test_main is their mean)
     return row
 
 
@@ -678,8 +681,8 @@ def _img(uri: str, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='{uri}'>"
 
 
-def _ci_text(mean: float, ci: float | None) -> str:
-    return f"{mean:.4f}" + (f" ± {ci:.4f}" if ci is not None and ci == ci else "")
+def _ci_text(mean: float, ci: float | None, digits: int = 4) -> str:
+    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None and ci == ci else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -996,8 +999,52 @@ def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict])
             f"protocol (prompt, splits, budget, seeds), not the method.</p><ul class='note'>{notes}</ul>"]
 
 
+def _set_cells(done: pd.DataFrame, set_cols: list[str]) -> pd.DataFrame:
+    """Per method and variant: each test set's mean main metric and 95% CI over seeds, and
+    their average (the task's headline, ``test_main``)."""
+    rows = []
+    for (method, variant), g in done.groupby(["method", "variant"], sort=False):
+        row = {"method": method, "label": _label(method, variant)}
+        for col in [*set_cols, "test_main"]:
+            mean, ci = mean_ci95(g[col].to_numpy(dtype=float))
+            row[col], row[f"{col}__ci"] = mean, ci
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("test_main", ascending=False)
+
+
+def test_sets_table(done: pd.DataFrame, metric: str, config: dict, model: str, task: str) -> list[str]:
+    """A task tested on several sets: our mean ± CI on each set and on average, with the papers'
+    numbers beside them where the config has them (``paper_results.<set>``; the papers' average is
+    ``paper_results.<task>``, else the mean of their per-set numbers when every set has one)."""
+    set_cols = [c for c in done.columns if c.startswith(SET_PREFIX) and done[c].notna().any()]
+    if not set_cols or not len(done):
+        return []
+    table, columns = _set_cells(done, set_cols), [("label", "method", -1)]
+    papers = {c: paper_results_for(config, model, c[len(SET_PREFIX):]) for c in set_cols}
+    average = paper_results_for(config, model, task)
+    for m in {m for p in papers.values() for m in p} - set(average):
+        if all(m in p for p in papers.values()):
+            average[m] = {"value": float(np.mean([p[m]["value"] for p in papers.values()]))}
+    papers["test_main"] = average
+    for col in [*set_cols, "test_main"]:
+        name = "average" if col == "test_main" else col[len(SET_PREFIX):]
+        columns.append((col, name, 3))
+        if papers[col]:
+            table[f"{col}__paper"] = [papers[col].get(m, {}).get("value") for m in table["method"]]
+            columns.append((f"{col}__paper", "paper", 3))
+    ours = [*set_cols, "test_main"]
+    table = table.assign(**{c: [_ci_text(m, ci, 3) for m, ci in zip(table[c], table[f"{c}__ci"], strict=True)]
+                            for c in ours})
+    return [f"<h3>Test {html.escape(metric)} per test set</h3>",
+            f"<p class='note'>One fine-tuning per run, tested on each of {len(set_cols)} sets: means over seeds "
+            "with 95% Student-t intervals; <b>average</b> is the unweighted mean over the sets (the headline "
+            "metric above, as the papers report it). paper: published numbers from the config's "
+            "<code>paper_results</code> (an average without a source is the mean of the per-set numbers).</p>",
+            _table(table, columns, formatters={c: html.escape for c in ours})]
+
+
 def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.DataFrame, records: list[dict],
-                  style: Style, figures: Figures, gift_view: dict | None, paper: dict | None = None,
+                  style: Style, figures: Figures, gift_view: dict | None, config: dict | None = None,
                   generated: str | None = None) -> list[str]:
     title = f"{task} · {model}"
     anchor = f"task-{html.escape(model)}-{html.escape(task)}"
@@ -1029,7 +1076,8 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
                                                              "curves"), f"{key}--training_curves"),
                           f"{task} training curves"))
     parts.append(f"<h3>Test {html.escape(metric)} per method</h3>")
-    parts.extend(_metric_table(task_cells, metric, paper or {}))
+    parts.extend(_metric_table(task_cells, metric, paper_results_for(config, model, task)))
+    parts.extend(test_sets_table(done, metric, config or {}, model, task))
     parts.append("<h3>Efficiency</h3><p class='note'>Means over the completed seeds. Memory: peak resident "
                  "memory of the training process. Stored size: what the method saves (all weights for full "
                  "fine-tuning). Latency: one forward pass over a test batch, as stored (unmerged), merged into "
@@ -1090,7 +1138,7 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
     parts.extend(_setup(config, runs, records, stats, tracking))
     for (model, task), task_runs in runs.groupby(["model", "task"], sort=False):
         parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task)),
-                                   paper_results_for(config, model, task), generated_note(stats.get((model, task), {}))))
+                                   config, generated_note(stats.get((model, task), {}))))
     parts.extend(analyses_section(analyses, cells, style, figures))
     parts.extend(_problems_section(runs, other))
 

@@ -142,6 +142,9 @@ def _metrics_of(record: dict) -> list[tuple[str, float, int]]:
     else:
         for k, v in (record.get("metrics") or {}).items():
             rows.append((f"test_{k}", v, 0))
+        for name, part in (record.get("test_sets") or {}).items():  # each test set's own metrics
+            for k, v in part["metrics"].items():
+                rows.append((f"test_{name}_{k}", v, 0))
         for k in ("eval_time_s", "examples_per_s"):
             rows.append((k, record.get(k), 0))
         for k, v in (record.get("inference") or {}).items():
