@@ -78,12 +78,16 @@ def sweep_config(out: Path, base_config: Path, task: str, methods: dict, seeds: 
     base = yaml.safe_load(base_config.read_text())
     if task not in base["tasks"]:
         sys.exit(f"lr_sweep: task '{task}' is not in {base_config}; pick one of {sorted(base['tasks'])}")
+    if "learning_rate" in (base.get("training") or {}):
+        sys.exit(f"lr_sweep: {base_config} sets training.learning_rate for every method, which would "
+                 "override the swept rates; remove it there")
     cfg = {
         "models": base["models"],
         "tasks": {task: base["tasks"][task]},
         "methods": methods,
         "seeds": seeds,
         "data": base.get("data", {}),
+        "training": base.get("training") or {},  # the config's budget (a preset's), over every variant's
         "experiments_dir": str(out / "experiments"),
         "results_dir": str(out / "results"),
         "report_path": str(out / "report.html"),
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intrinsic-d", type=int, default=None,
                     help="sweep the intrinsic-dimension stage's learning rate at this d instead")
     ap.add_argument("--rates", nargs="*", type=float, default=None,
-                    help=f"learning rates for --intrinsic-d (default {INTRINSIC_GRID})")
+                    help=f"learning rates instead of each method's grid (with --intrinsic-d: default {INTRINSIC_GRID})")
     args = ap.parse_args(argv)
     if args.intrinsic_d:
         out = args.out.resolve()
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.methods) - set(GRID))
     if unknown:
         sys.exit(f"lr_sweep: no grid for {unknown}; known: {sorted(GRID)}")
-    grid = {m: GRID[m] for m in args.methods}
+    grid = {m: args.rates or GRID[m] for m in args.methods}
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

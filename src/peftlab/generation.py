@@ -20,6 +20,7 @@ Scoring (``TaskSpec.scoring``):
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import time
@@ -97,10 +98,16 @@ def target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the causal LM under ``model`` (a peft wrapper or not) takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_keeps_logits(type(base))
+
+
+@functools.cache
+def _forward_keeps_logits(cls: type) -> bool:
+    """Once per model class (a signature is read on every training batch otherwise)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def left_padded(prompts: list[np.ndarray], pad: int) -> dict[str, torch.Tensor]:

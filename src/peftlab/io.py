@@ -95,3 +95,16 @@ def dir_size_bytes(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def distribution_file(dist_name: str, rel: str | os.PathLike) -> Path | None:
+    """A file an installed distribution ships, located through its metadata, without importing
+    it (that could pull in code and dependencies not installed with --no-deps); None when the
+    distribution is not installed. Whether the file exists is the caller's to check."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(str(dist.locate_file(str(rel))))

