@@ -78,6 +78,11 @@ def test_schema_method_enum_equals_registry():
         (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": {"value": 0.8, "source": "T1",
                                                                         "model": "llama"}}}),
          ["'paper_results.rotten_tomatoes.lora.model' = 'llama'", "minilm-l6"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": [{"value": 0.8, "source": "T1"},
+                                                                         {"value": 0.7, "source": "T2"}]}}),
+         ["'paper_results.rotten_tomatoes.lora' gives two numbers for model None", "one per model"]),
+        (lambda c: c.update(paper_results={"rotten_tomatoes": {"lora": [{"value": 80, "source": "T1"}]}}),
+         ["'paper_results.rotten_tomatoes.lora[0].value' = 80"]),
     ],
 )
 def test_bad_config_gives_one_line_error(config, mutate, expected):

@@ -273,6 +273,22 @@ def test_a_task_tested_on_several_sets_gets_a_per_set_table(tmp_path):
     assert section.index('data-col="label">lora<') < section.index('data-col="label">bitfit<')
 
 
+def test_published_numbers_per_model():
+    """A list of published numbers, one per model: each model's runs get theirs, and one naming the
+    model wins over one for every model."""
+    from peftlab.report import paper_results_for
+
+    config = {"paper_results": {"piqa": {
+        "lora": [{"value": 0.807, "source": "A", "model": "llama-7b"}, {"value": 0.852, "source": "B", "model": "llama-3-8b"}],
+        "dora": [{"value": 0.5, "source": "C"}, {"value": 0.893, "source": "D", "model": "llama-3-8b"}],
+        "gift": {"value": 0.6, "source": "E", "model": "llama-7b"}}}}
+    assert {m: e["value"] for m, e in paper_results_for(config, "llama-3-8b", "piqa").items()} == {"lora": 0.852,
+                                                                                                  "dora": 0.893}
+    assert {m: e["value"] for m, e in paper_results_for(config, "llama-7b", "piqa").items()} == {
+        "lora": 0.807, "dora": 0.5, "gift": 0.6}
+    assert paper_results_for(config, "llama-7b", "siqa") == {}
+
+
 def test_figures_draw_only_completed_runs(mixed_results):
     """The training-curve figure gets the completed records only: the failed run's curve
     (the sentinel loss) is never drawn."""

@@ -524,17 +524,32 @@ def _check_paper_results(config: dict, where: str) -> None:
                               f"{did_you_mean(task, specs)}; use one of {list(specs)}")
         spec = specs[task]
         allowed = task_metrics(spec.kind, spec.scoring)
-        for method, entry in methods.items():
-            key, value = f"paper_results.{task}.{method}", entry["value"]
-            if entry.get("metric", spec.main_metric) not in allowed:
-                raise ConfigError(f"{where}: '{key}.metric' = {entry['metric']!r}: task '{task}' reports "
-                                  f"{', '.join(allowed)}; name one of them")
-            if entry.get("model") is not None and entry["model"] not in config["models"]:
-                raise ConfigError(f"{where}: '{key}.model' = {entry['model']!r} is not a model of this config; "
-                                  f"use one of {list(config['models'])} or remove 'model'")
-            if not -1 <= value <= 1:
-                raise ConfigError(f"{where}: '{key}.value' = {value}: the report's metrics are fractions of 1; "
-                                  f"write {value}% as {value / 100:g}")
+        for method, entries in methods.items():
+            key, models = f"paper_results.{task}.{method}", [e.get("model") for e in paper_entries(entries)]
+            if len(set(models)) < len(models):
+                raise ConfigError(f"{where}: '{key}' gives two numbers for model "
+                                  f"{next(m for m in models if models.count(m) > 1)!r}; keep one per model")
+            for i, entry in enumerate(paper_entries(entries)):
+                _check_paper_entry(entry, f"{key}[{i}]" if isinstance(entries, list) else key, spec, allowed,
+                                   config, where)
+
+
+def paper_entries(entries: dict | list) -> list[dict]:
+    """A method's published numbers for a task: one entry, or a list of them (one per model)."""
+    return list(entries) if isinstance(entries, list) else [entries]
+
+
+def _check_paper_entry(entry: dict, key: str, spec, allowed, config: dict, where: str) -> None:
+    task, value = spec.name, entry["value"]
+    if entry.get("metric", spec.main_metric) not in allowed:
+        raise ConfigError(f"{where}: '{key}.metric' = {entry['metric']!r}: task '{task}' reports "
+                          f"{', '.join(allowed)}; name one of them")
+    if entry.get("model") is not None and entry["model"] not in config["models"]:
+        raise ConfigError(f"{where}: '{key}.model' = {entry['model']!r} is not a model of this config; "
+                          f"use one of {list(config['models'])} or remove 'model'")
+    if not -1 <= value <= 1:
+        raise ConfigError(f"{where}: '{key}.value' = {value}: the report's metrics are fractions of 1; "
+                          f"write {value}% as {value / 100:g}")
 
 
 def _check_generative_columns(spec, where: str, key: str) -> None:

@@ -205,7 +205,8 @@ def by_test_set(task: dict, frame, rows: list[dict], metrics: dict) -> tuple[dic
     for row, name in zip(rows, frame["test_set"], strict=True):
         row["test_set"] = name
     groups = frame.groupby("test_set", sort=False).indices
-    order = [s["task"] for s in task.get("test_sets") or () if s["task"] in groups] or list(groups)
+    order = [s["task"] for s in task.get("test_sets") or () if s["task"] in groups]
+    order += [name for name in groups if name not in order]
     sets = {name: {"n_examples": len(groups[name]),
                    "metrics": rescore(task, frame.iloc[groups[name]], [rows[i] for i in groups[name]])}
             for name in order}

@@ -975,9 +975,17 @@ def _problems_section(runs: pd.DataFrame, other: list[dict]) -> list[str]:
 
 
 def paper_results_for(config: dict, model: str, task: str) -> dict[str, dict]:
-    """The config's published numbers for a task, by method, that apply to this model."""
-    entries = ((config or {}).get("paper_results") or {}).get(task) or {}
-    return {m: e for m, e in entries.items() if e.get("model") in (None, model)}
+    """The config's published numbers for a task, by method, that apply to this model (one
+    naming the model wins over one for every model)."""
+    from .config import paper_entries
+
+    out = {}
+    for method, entries in (((config or {}).get("paper_results") or {}).get(task) or {}).items():
+        fits = sorted((e for e in paper_entries(entries) if e.get("model") in (None, model)),
+                      key=lambda e: e.get("model") is None)
+        if fits:
+            out[method] = fits[0]
+    return out
 
 
 def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict]) -> list[str]:
