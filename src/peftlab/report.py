@@ -721,9 +721,11 @@ def _glance(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
 
 def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, tracking: dict | None) -> list[str]:
     any_record = next((r for r in records if r.get("status") == COMPLETED), records[0] if records else {})
-    versions = any_record.get("versions", {})
-    commits = sorted(set(runs["git_commit"].dropna())) if "git_commit" in runs else []
-    parts = ["<h2 id='setup'>Setup</h2>"]
+    return (["<h2 id='setup'>Setup</h2>", _setup_models(config, runs, records)] + _setup_data(stats)
+            + _setup_methods(records) + _setup_provenance(config, runs, records, any_record, tracking))
+
+
+def _setup_models(config: dict, runs: pd.DataFrame, records: list[dict]) -> str:
     model_rows = []
     for name, entry in config["models"].items():
         total = runs.loc[runs["model"] == name, "total_params"].dropna() if "total_params" in runs else []
@@ -732,9 +734,13 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
         model_rows.append({"model": name, "source": (entry or {}).get("pretrained") or "built-in"
                            + (f" ({notes})" if notes else ""),
                            "params": int(total.iloc[0]) if len(total) else None})
-    parts.append("<h3>Models</h3>" + _table(pd.DataFrame(model_rows), [
-        ("model", "model", -1), ("source", "weights from", -1), ("params", "parameters", 0)]))
-    task_rows = []
+    return "<h3>Models</h3>" + _table(pd.DataFrame(model_rows), [
+        ("model", "model", -1), ("source", "weights from", -1), ("params", "parameters", 0)])
+
+
+def _setup_data(stats: dict) -> list[str]:
+    """The tasks and their splits, as prepared (a task tested on several sets: each set's size)."""
+    parts, task_rows, split_rows = [], [], []
     for (model, task), s in sorted(stats.items()):
         t = s.get("task", {})
         task_rows.append({"model": model, "task": task, "source": generated_note(s) or t.get("source", "–"),
@@ -742,24 +748,27 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
                           "labels": ", ".join(s.get("label_names") or []) or "–",
                           "max_length": t.get("max_length"), "raw": s.get("raw_examples"),
                           "fingerprint": s.get("fingerprint")})
+        for split, v in s["splits"].items():
+            balance = v.get("label_balance") or v.get("test_sets") or {}
+            split_rows.append({"model": model, "task": task, "split": split, "size": v["size"],
+                               "labels": ", ".join(f"{k}: {n}" for k, n in balance.items()),
+                               "p50": v["length_tokens"]["p50"], "p95": v["length_tokens"]["p95"],
+                               "truncated": v["truncated_share"], "fingerprint": v["fingerprint"]})
     if task_rows:
         parts.append("<h3>Tasks</h3>" + _table(pd.DataFrame(task_rows), [
             ("task", "task", -1), ("model", "tokenized for", -1), ("source", "source", -1),
             ("problem", "problem", -1), ("metric", "main metric", -1), ("labels", "labels", -1),
             ("max_length", "max tokens", 0), ("raw", "raw examples", 0), ("fingerprint", "data fingerprint", -1)]))
-    split_rows = []
-    for (model, task), s in sorted(stats.items()):
-        for split, v in s["splits"].items():
-            split_rows.append({"model": model, "task": task, "split": split, "size": v["size"],
-                               "labels": ", ".join(f"{k}: {n}" for k, n in v.get("label_balance", {}).items()),
-                               "p50": v["length_tokens"]["p50"], "p95": v["length_tokens"]["p95"],
-                               "truncated": v["truncated_share"], "fingerprint": v["fingerprint"]})
     if split_rows:
         parts.append("<h3>Data splits</h3>" + _table(pd.DataFrame(split_rows), [
             ("model", "model", -1), ("task", "task", -1), ("split", "split", -1), ("size", "examples", 0),
-            ("labels", "label balance", -1), ("p50", "tokens p50", 0), ("p95", "tokens p95", 0),
+            ("labels", "label balance / test sets", -1), ("p50", "tokens p50", 0), ("p95", "tokens p95", 0),
             ("truncated", "share truncated", 3), ("fingerprint", "split fingerprint", -1)]))
-    # methods and their training settings, from the records (what actually ran)
+    return parts
+
+
+def _setup_methods(records: list[dict]) -> list[str]:
+    """The methods and their training settings, from the records (what actually ran)."""
     method_rows, seen = [], set()
     for r in records:
         if not isinstance(r.get("config"), dict):
@@ -774,18 +783,25 @@ def _setup(config: dict, runs: pd.DataFrame, records: list[dict], stats: dict, t
                             "lr": tr.get("learning_rate"), "batch": tr.get("batch_size"),
                             "budget": f"{tr['max_steps']} steps" if tr.get("max_steps") else f"{tr.get('epochs')} epochs",
                             "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "–"})
-    if method_rows:
-        parts.append("<h3>Methods</h3>" + _table(pd.DataFrame(method_rows), [
-            ("label", "method", -1), ("family", "family", -1), ("lr", "learning rate", -1),
-            ("batch", "batch size", 0), ("budget", "budget", -1), ("params", "method settings", -1)],
-            formatters={"lr": lambda v: "–" if v is None else f"{v:g}"}))
-    parts.append("<h3>Protocol and provenance</h3><ul>")
-    parts.append(f"<li>evaluation protocol: {html.escape(any_record.get('protocol', '–'))}</li>")
-    parts.append(f"<li>seeds: {', '.join(map(str, config['seeds']))} (every cell: mean and 95% Student-t "
-                 "interval over its completed seeds)</li>")
-    parts.append(f"<li>git commit: <code>{html.escape(', '.join(commits) or 'unknown')}</code></li>")
-    parts.append("<li>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in versions.items()
-                                                          if k != "platform")) + "</li>")
+    if not method_rows:
+        return []
+    return ["<h3>Methods</h3>" + _table(pd.DataFrame(method_rows), [
+        ("label", "method", -1), ("family", "family", -1), ("lr", "learning rate", -1),
+        ("batch", "batch size", 0), ("budget", "budget", -1), ("params", "method settings", -1)],
+        formatters={"lr": lambda v: "–" if v is None else f"{v:g}"})]
+
+
+def _setup_provenance(config: dict, runs: pd.DataFrame, records: list[dict], any_record: dict,
+                      tracking: dict | None) -> list[str]:
+    versions = any_record.get("versions", {})
+    commits = sorted(set(runs["git_commit"].dropna())) if "git_commit" in runs else []
+    parts = ["<h3>Protocol and provenance</h3><ul>",
+             f"<li>evaluation protocol: {html.escape(any_record.get('protocol', '–'))}</li>",
+             f"<li>seeds: {', '.join(map(str, config['seeds']))} (every cell: mean and 95% Student-t "
+             "interval over its completed seeds)</li>",
+             f"<li>git commit: <code>{html.escape(', '.join(commits) or 'unknown')}</code></li>",
+             "<li>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in versions.items()
+                                                      if k != "platform")) + "</li>"]
     if versions.get("platform"):
         precisions = sorted({str(r["precision"]) for r in records if r.get("precision")})
         names = sorted({str(r["device_name"]) for r in records if r.get("device_name")})

@@ -358,212 +358,246 @@ def finetune(
 
 def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads, code_fingerprint,
               method, stop: checkpoint.StopSignal) -> dict[str, Any]:
-    cfg = experiment.training
     set_seed(key.seed, threads)
     dev = device()
     stats = read_json(Path(data_dir) / "stats.json")
-    main_metric = stats["main_metric"]
     train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
-
     tokenizer = load_tokenizer(model_spec)
     collator = collator_for(stats, tokenizer)
     model, method, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats,
                                                                train_df, collator, dev)
-
-    pin = dev.type == "cuda"
-    amp = autocast_dtype(cfg.precision, dev)
-    train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length, pin)
-    val_loader = make_eval_loader(val_df, cfg.eval_batch_size, collator, pin)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
-    evaluate_at = eval_steps(steps_per_epoch, cfg.evals_per_epoch, total_steps)
-    optimizer = _optimizer(model, cfg, dev)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, cfg))
-
-    curves: dict[str, list] = {"train_loss": [], "validation": [], "learning_rate": []}
-    best: dict[str, Any] = {"step": 0, "value": -math.inf, "metrics": {}}
-    best_state = None
-    params = [p for p in model.parameters() if p.requires_grad]
-    step, running, n_running = 0, 0.0, 0
-    # position in the data order: the loader's generator state when this epoch's shuffle was
-    # drawn, and how many of the epoch's batches have been trained
-    epoch, batch_in_epoch = 0, 0
-    epoch_rng = train_loader.generator.get_state()
-    guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), steps_per_epoch)
-    # each loss is read back at once (``skip`` needs it: the step depends on it; so does a
-    # CPU run), or with ``stop`` on a GPU kept here, as (steps done before the batch, loss on
-    # the device), until a logging, validation or checkpoint step reads them (``settle``)
-    pending: list[tuple[int, torch.Tensor]] = []
-    defer = cfg.on_nonfinite_loss == "stop" and defer_loss_readback(dev)
-
-    def settle() -> None:
-        """Read the deferred losses back in one go: the running mean takes the finite ones;
-        the first non-finite one ends the run (at the step it came from)."""
-        nonlocal running, n_running
-        if not pending:
-            return
-        values = torch.stack([loss for _, loss in pending]).tolist()
-        for (at, _), value in zip(pending, values, strict=True):
-            if not guard.ok(value, at):
-                break
-            running += value
-            n_running += 1
-        pending.clear()
-    policy = checkpoint.CheckpointPolicy.from_env()
+    loop = _Loop(key, experiment, model, method, stats, (train_df, val_df), (tokenizer, collator), dev)
     ckpt_path = checkpoint.checkpoint_path(record_path)
-    run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, total_steps, code_fingerprint)
-    trained_before, resumed_from = 0.0, []
-
-    def save_checkpoint() -> bool:
-        """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
-        settle()
-        if guard.failure:  # the pending losses ended the run: nothing to resume
-            return False
-        t = time.perf_counter()
-        tensors = {f"trainable.{k}": v for k, v in method.trainable_state(model).items()}
-        tensors |= {f"best.{k}": v for k, v in (best_state or {}).items()}
-        optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
-        rng_tensors, rng_meta = checkpoint.rng_state()
-        tensors |= optim_tensors | rng_tensors | {"loader.epoch_rng": epoch_rng}
-        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "training": model.training,
-                "running": running, "n_running": n_running, "curves": curves, "best": best,
-                "has_best_state": best_state is not None, "optimizer": optim_meta,
-                "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                "train_time_s": trained_before + time.perf_counter() - t0, "resumed_from": resumed_from,
-                "skipped_batches": guard.skipped, "nonfinite_in_a_row": guard.in_a_row}
-        try:
-            checkpoint.save(ckpt_path, run_fp, tensors, meta)
-        except OSError as exc:
-            log.warning("checkpoint at step %d not saved to %s: %s", step, ckpt_path, exc)
-            return False
-        log.info("checkpoint at step %d saved to %s (%.1f s)", step, ckpt_path, time.perf_counter() - t)
-        return True
-
-    saved = checkpoint.load(ckpt_path, run_fp)
-    if saved is not None:
-        tensors, meta = saved
-        restored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
-        if set(restored) != set(method.trainable_state(model)):
-            raise TrainingError(f"checkpoint {ckpt_path} does not hold this run's trainable tensors: "
-                                "delete it to train from step 0")
-        model.load_state_dict(restored, strict=False)
-        if meta["has_best_state"]:
-            best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-        checkpoint.load_optimizer_state(optimizer, tensors, meta["optimizer"])
-        scheduler.load_state_dict(meta["scheduler"])
-        step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
-        running, n_running = meta["running"], meta["n_running"]
-        curves = {k: [tuple(p) if isinstance(p, list) else p for p in v] for k, v in meta["curves"].items()}
-        best.update(meta["best"])
-        epoch_rng = tensors["loader.epoch_rng"]
-        model.train(meta["training"])
-        trained_before, resumed_from = meta["train_time_s"], meta["resumed_from"] + [step]
-        guard.skipped, guard.in_a_row = meta["skipped_batches"], meta["nonfinite_in_a_row"]
-        checkpoint.set_rng_state(tensors, meta["rng"])
-        log.info("resuming %s from its checkpoint at step %d of %d", key.path(), step, total_steps)
-    deadline = checkpoint.SlurmDeadline() if policy.margin_seconds else None
-    last_save = time.monotonic()
-    t0 = time.perf_counter()
-
-    def validate_now() -> None:
-        nonlocal best_state
-        settle()
-        if guard.failure:
-            return
-        metrics = validation_metrics(model, tokenizer, val_loader, val_df, stats, cfg.eval_batch_size, dev, amp)
-        model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
-        curves["validation"].append({"step": step, **metrics})
-        log.info("step %d validation %s", step, {k: round(v, 4) for k, v in metrics.items()})
-        if metrics[main_metric] > best["value"]:
-            best.update(step=step, value=metrics[main_metric], metrics=metrics)
-            best_state = method.trainable_state(model)
-
-    bar = tqdm(total=total_steps, initial=step, desc=f"finetune {key.method}/{key.variant} seed{key.seed}",
-               mininterval=2)
-    speed = Throughput()
-    while step < total_steps and guard.failure is None:
-        speed.restart()
-        if batch_in_epoch == 0:
-            model.train()
-            epoch_rng = train_loader.generator.get_state()
-        else:  # resumed mid-epoch: the epoch's shuffle again, its trained batches skipped
-            train_loader.generator.set_state(epoch_rng)
-        for batch in itertools.islice(train_loader, batch_in_epoch, None):
-            attention_mask = batch["attention_mask"]
-            with autocast(dev, amp):
-                loss = loss_of(model, to_device(batch, dev))
-            if defer:
-                pending.append((step, loss.detach()))
-            elif not guard.ok(value := loss.item(), step):
-                if guard.failure:
-                    break
-                batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
-                speed.restart()
-                continue
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if step % cfg.log_every_steps == 0:
-                curves["learning_rate"].append((step, scheduler.get_last_lr()[0]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if not defer:
-                running += value
-                n_running += 1
-            bar.update(1)
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                settle()
-                if guard.failure:
-                    break
-                curves["train_loss"].append((step, running / n_running))
-                bar.set_postfix(loss=f"{running / n_running:.4f}")
-                running, n_running = 0.0, 0
-            batch_in_epoch += 1
-            speed.step(attention_mask)
-            if step in evaluate_at:
-                validate_now()
-                speed.restart()
-            if guard.failure:
-                break
-            if step >= total_steps:
-                break  # the outputs follow at once: no checkpoint, no stop
-            left = deadline.seconds_left() if deadline else None
-            if stop.received or (left is not None and left < policy.margin_seconds):
-                why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
-                outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume" if save_checkpoint()
-                           else "the checkpoint could not be saved (see the log)")
-                if guard.failure:
-                    break
-                raise checkpoint.TrainingInterrupted(f"{key.path()}: stopped at step {step} of {total_steps} "
-                                                     f"({why}); {outcome}")
-            if (policy.every_steps and step % policy.every_steps == 0) or (
-                    policy.every_seconds and time.monotonic() - last_save >= policy.every_seconds):
-                save_checkpoint()
-                if guard.failure:
-                    break
-                last_save = time.monotonic()
-                speed.restart()
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    train_time = trained_before + time.perf_counter() - t0
+    run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, loop.total_steps, code_fingerprint)
+    loop.resume(ckpt_path, run_fp)
+    loop.run(stop, ckpt_path, run_fp)
 
     # keep the best validation step (model selection on validation only); a failed run
     # stores its state at the failure (a valid file of the method's tensors, not a trained model)
-    if best_state is not None and guard.failure is None:
-        model.load_state_dict(best_state, strict=False)
+    if loop.best_state is not None and loop.guard.failure is None:
+        model.load_state_dict(loop.best_state, strict=False)
     method.save(model, weights_path)
     record = _finetune_record(
         key, model_spec, experiment, method, stats, code_fingerprint,
-        sizes={"trainable": trainable, "base": base_params, "steps_per_epoch": steps_per_epoch},
-        progress={"step": step, "resumed_from": resumed_from, "curves": curves, "best": best,
-                  "train_time": train_time, "speed": speed, "guard": guard},
-        dev=dev, amp=amp, weights_path=weights_path)
+        sizes={"trainable": trainable, "base": base_params, "steps_per_epoch": loop.steps_per_epoch},
+        progress={"step": loop.step, "resumed_from": loop.resumed_from, "curves": loop.curves, "best": loop.best,
+                  "train_time": loop.train_time_s, "speed": loop.speed, "guard": loop.guard},
+        dev=dev, amp=loop.amp, weights_path=weights_path)
     write_json(record_path, record)
     checkpoint.remove(ckpt_path)
     return record
+
+
+class _Loop:
+    """One run's training loop and its state: the position in the data, the optimizer and
+    schedule, the running loss, the curves and the best validation step so far, all of which
+    a checkpoint saves and a resumed run restores."""
+
+    def __init__(self, key: RunKey, experiment: Experiment, model: nn.Module, method, stats: dict,
+                 frames: tuple[pd.DataFrame, pd.DataFrame], text: tuple, dev: torch.device):
+        cfg = self.cfg = experiment.training
+        self.key, self.model, self.method, self.stats, self.dev = key, model, method, stats, dev
+        (train_df, self.val_df), (self.tokenizer, collator) = frames, text
+        pin = dev.type == "cuda"
+        self.amp = autocast_dtype(cfg.precision, dev)
+        self.train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length, pin)
+        self.val_loader = make_eval_loader(self.val_df, cfg.eval_batch_size, collator, pin)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
+        self.evaluate_at = eval_steps(self.steps_per_epoch, cfg.evals_per_epoch, self.total_steps)
+        self.optimizer = _optimizer(model, cfg, dev)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.curves: dict[str, list] = {"train_loss": [], "validation": [], "learning_rate": []}
+        self.best: dict[str, Any] = {"step": 0, "value": -math.inf, "metrics": {}}
+        self.best_state = None
+        self.step, self.running, self.n_running = 0, 0.0, 0
+        # position in the data order: the loader's generator state when this epoch's shuffle was
+        # drawn, and how many of the epoch's batches have been trained
+        self.epoch, self.batch_in_epoch = 0, 0
+        self.epoch_rng = self.train_loader.generator.get_state()
+        self.guard = LossGuard(cfg.on_nonfinite_loss, nonfinite_fix(experiment), self.steps_per_epoch)
+        # each loss is read back at once (``skip`` needs it: the step depends on it; so does a
+        # CPU run), or with ``stop`` on a GPU kept here, as (steps done before the batch, loss on
+        # the device), until a logging, validation or checkpoint step reads them (``settle``)
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.defer = cfg.on_nonfinite_loss == "stop" and defer_loss_readback(dev)
+        self.trained_before, self.resumed_from = 0.0, []
+        self.t0, self.train_time_s = time.perf_counter(), 0.0
+        self.speed = Throughput()
+
+    def elapsed(self) -> float:
+        """Training time so far, over every resumed start."""
+        return self.trained_before + time.perf_counter() - self.t0
+
+    def settle(self) -> None:
+        """Read the deferred losses back in one go: the running mean takes the finite ones;
+        the first non-finite one ends the run (at the step it came from)."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (at, _), value in zip(self.pending, values, strict=True):
+            if not self.guard.ok(value, at):
+                break
+            self.running += value
+            self.n_running += 1
+        self.pending.clear()
+
+    def save_checkpoint(self, path: Path, run_fp: str) -> bool:
+        """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
+        self.settle()
+        if self.guard.failure:  # the pending losses ended the run: nothing to resume
+            return False
+        t = time.perf_counter()
+        tensors = {f"trainable.{k}": v for k, v in self.method.trainable_state(self.model).items()}
+        tensors |= {f"best.{k}": v for k, v in (self.best_state or {}).items()}
+        optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
+        rng_tensors, rng_meta = checkpoint.rng_state()
+        tensors |= optim_tensors | rng_tensors | {"loader.epoch_rng": self.epoch_rng}
+        meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "training": self.model.training, "running": self.running, "n_running": self.n_running,
+                "curves": self.curves, "best": self.best, "has_best_state": self.best_state is not None,
+                "optimizer": optim_meta, "scheduler": self.scheduler.state_dict(), "rng": rng_meta,
+                "train_time_s": self.elapsed(), "resumed_from": self.resumed_from,
+                "skipped_batches": self.guard.skipped, "nonfinite_in_a_row": self.guard.in_a_row}
+        try:
+            checkpoint.save(path, run_fp, tensors, meta)
+        except OSError as exc:
+            log.warning("checkpoint at step %d not saved to %s: %s", self.step, path, exc)
+            return False
+        log.info("checkpoint at step %d saved to %s (%.1f s)", self.step, path, time.perf_counter() - t)
+        return True
+
+    def resume(self, path: Path, run_fp: str) -> None:
+        """Restore the state a checkpoint of this very run saved (none: start at step 0)."""
+        saved = checkpoint.load(path, run_fp)
+        if saved is None:
+            return
+        tensors, meta = saved
+        restored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+        if set(restored) != set(self.method.trainable_state(self.model)):
+            raise TrainingError(f"checkpoint {path} does not hold this run's trainable tensors: "
+                                "delete it to train from step 0")
+        self.model.load_state_dict(restored, strict=False)
+        if meta["has_best_state"]:
+            self.best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+        checkpoint.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+        self.running, self.n_running = meta["running"], meta["n_running"]
+        self.curves = {k: [tuple(p) if isinstance(p, list) else p for p in v] for k, v in meta["curves"].items()}
+        self.best.update(meta["best"])
+        self.epoch_rng = tensors["loader.epoch_rng"]
+        self.model.train(meta["training"])
+        self.trained_before, self.resumed_from = meta["train_time_s"], meta["resumed_from"] + [self.step]
+        self.guard.skipped, self.guard.in_a_row = meta["skipped_batches"], meta["nonfinite_in_a_row"]
+        checkpoint.set_rng_state(tensors, meta["rng"])
+        log.info("resuming %s from its checkpoint at step %d of %d", self.key.path(), self.step, self.total_steps)
+
+    def validate_now(self) -> None:
+        self.settle()
+        if self.guard.failure:
+            return
+        metrics = validation_metrics(self.model, self.tokenizer, self.val_loader, self.val_df, self.stats,
+                                     self.cfg.eval_batch_size, self.dev, self.amp)
+        self.model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
+        self.curves["validation"].append({"step": self.step, **metrics})
+        log.info("step %d validation %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+        main = self.stats["main_metric"]
+        if metrics[main] > self.best["value"]:
+            self.best.update(step=self.step, value=metrics[main], metrics=metrics)
+            self.best_state = self.method.trainable_state(self.model)
+
+    def run(self, stop: checkpoint.StopSignal, ckpt_path: Path, run_fp: str) -> None:
+        """Train up to ``total_steps`` (or a failure); a stop signal or the SLURM deadline saves a
+        checkpoint and raises ``checkpoint.TrainingInterrupted``."""
+        policy = checkpoint.CheckpointPolicy.from_env()
+        deadline = checkpoint.SlurmDeadline() if policy.margin_seconds else None
+        self.last_save, self.t0 = time.monotonic(), time.perf_counter()
+        key = self.key
+        self.bar = tqdm(total=self.total_steps, initial=self.step, mininterval=2,
+                        desc=f"finetune {key.method}/{key.variant} seed{key.seed}")
+        while self.step < self.total_steps and self.guard.failure is None:
+            self.speed.restart()
+            if self.batch_in_epoch == 0:
+                self.model.train()
+                self.epoch_rng = self.train_loader.generator.get_state()
+            else:  # resumed mid-epoch: the epoch's shuffle again, its trained batches skipped
+                self.train_loader.generator.set_state(self.epoch_rng)
+            for batch in itertools.islice(self.train_loader, self.batch_in_epoch, None):
+                outcome = self._train_batch(batch)
+                if outcome == "skipped":
+                    continue
+                if outcome == "stop" or self._after_step(stop, policy, deadline, ckpt_path, run_fp):
+                    break
+            else:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.bar.close()
+        self.train_time_s = self.elapsed()
+
+    def _train_batch(self, batch: dict) -> str:
+        """One optimizer step on ``batch``: "trained", "skipped" (a non-finite loss under
+        ``skip``) or "stop" (the run failed)."""
+        cfg, guard = self.cfg, self.guard
+        self.attention_mask = batch["attention_mask"]
+        with autocast(self.dev, self.amp):
+            loss = loss_of(self.model, to_device(batch, self.dev))
+        if self.defer:
+            self.pending.append((self.step, loss.detach()))
+        elif not guard.ok(value := loss.item(), self.step):
+            if guard.failure:
+                return "stop"
+            self.batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
+            self.speed.restart()
+            return "skipped"
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if self.step % cfg.log_every_steps == 0:
+            self.curves["learning_rate"].append((self.step, self.scheduler.get_last_lr()[0]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if not self.defer:
+            self.running += value
+            self.n_running += 1
+        self.bar.update(1)
+        return "trained"
+
+    def _after_step(self, stop, policy, deadline, ckpt_path: Path, run_fp: str) -> bool:
+        """Logging, validation and checkpoints after a step; True when the epoch loop ends."""
+        if self.step % self.cfg.log_every_steps == 0 or self.step == self.total_steps:
+            self.settle()
+            if self.guard.failure:
+                return True
+            self.curves["train_loss"].append((self.step, self.running / self.n_running))
+            self.bar.set_postfix(loss=f"{self.running / self.n_running:.4f}")
+            self.running, self.n_running = 0.0, 0
+        self.batch_in_epoch += 1
+        self.speed.step(self.attention_mask)
+        if self.step in self.evaluate_at:
+            self.validate_now()
+            self.speed.restart()
+        if self.guard.failure or self.step >= self.total_steps:
+            return True  # at the last step the outputs follow at once: no checkpoint, no stop
+        left = deadline.seconds_left() if deadline else None
+        if stop.received or (left is not None and left < policy.margin_seconds):
+            why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
+            outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume"
+                       if self.save_checkpoint(ckpt_path, run_fp) else "the checkpoint could not be saved (see the log)")
+            if self.guard.failure:
+                return True
+            raise checkpoint.TrainingInterrupted(f"{self.key.path()}: stopped at step {self.step} of "
+                                                 f"{self.total_steps} ({why}); {outcome}")
+        if (policy.every_steps and self.step % policy.every_steps == 0) or (
+                policy.every_seconds and time.monotonic() - self.last_save >= policy.every_seconds):
+            self.save_checkpoint(ckpt_path, run_fp)
+            if self.guard.failure:
+                return True
+            self.last_save = time.monotonic()
+            self.speed.restart()
+        return False
 
 
 def _model_with_method(key, model_spec, experiment, method, stats, train_df, collator, dev):
