@@ -156,16 +156,8 @@ def evaluate(
         metrics = compute_metrics(stats["problem_type"], outputs, labels)
         rows, speed, sets = classifier_rows(test_df, outputs, labels, stats), None, None
     elapsed = time.perf_counter() - t0
-    inference = None
-    if measure_inference:
-        base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
-        # a causal LM's probe: at most GENERATIVE_PROBE prompts (each timed forward of a full eval
-        # batch costs seconds on a CPU, and the probe times twelve of them and three generations)
-        probe = min(batch_size, GENERATIVE_PROBE) if is_generative(stats) else batch_size
-        gen_speed = (generation_speed(tokenizer, test_df.head(probe), stats["task"]["max_new_tokens"], dev)
-                     if is_generative(stats) else None)
-        inference = inference_cost(method, model, base_model, first_batch(test_df, probe, stats, tokenizer, dev),
-                                   gen_speed)
+    inference = (_inference_probe(key, model_spec, method, model, tokenizer, test_df, stats, batch_size, dev)
+                 if measure_inference else None)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
     record = {
@@ -194,6 +186,18 @@ def evaluate(
     }
     write_json(out_path, record)
     return record
+
+
+def _inference_probe(key: RunKey, model_spec: ModelSpec, method, model, tokenizer, test_df, stats: dict,
+                     batch_size: int, dev: torch.device) -> dict[str, Any]:
+    """``inference_cost`` of the trained model against a fresh pretrained one on the first test rows."""
+    base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
+    # a causal LM's probe: at most GENERATIVE_PROBE prompts (each timed forward of a full eval
+    # batch costs seconds on a CPU, and the probe times twelve of them and three generations)
+    probe = min(batch_size, GENERATIVE_PROBE) if is_generative(stats) else batch_size
+    gen_speed = (generation_speed(tokenizer, test_df.head(probe), stats["task"]["max_new_tokens"], dev)
+                 if is_generative(stats) else None)
+    return inference_cost(method, model, base_model, first_batch(test_df, probe, stats, tokenizer, dev), gen_speed)
 
 
 def by_test_set(task: dict, frame, rows: list[dict], metrics: dict) -> tuple[dict, dict | None]:

@@ -1023,27 +1023,29 @@ def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict])
             f"protocol (prompt, splits, budget, seeds), not the method.</p><ul class='note'>{notes}</ul>"]
 
 
-def _set_cells(done: pd.DataFrame, set_cols: list[str]) -> pd.DataFrame:
-    """Per method and variant: each test set's mean main metric and 95% CI over seeds, and
-    their average (the task's headline, ``test_main``)."""
+def _set_cells(done: pd.DataFrame, set_cols: list[str], task_cells: pd.DataFrame) -> pd.DataFrame:
+    """Per method and variant: each test set's mean main metric and 95% CI over seeds, and their
+    average, the task's headline (``cell_table``'s ``test_mean`` / ``test_ci95``, as ``test_main``)."""
     rows = []
     for (method, variant), g in done.groupby(["method", "variant"], sort=False):
         row = {"method": method, "label": _label(method, variant)}
-        for col in [*set_cols, "test_main"]:
-            mean, ci = mean_ci95(g[col].to_numpy(dtype=float))
-            row[col], row[f"{col}__ci"] = mean, ci
+        for col in set_cols:
+            row[col], row[f"{col}__ci"] = mean_ci95(g[col].to_numpy(dtype=float))
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("test_main", ascending=False)
+    average = task_cells[["label", "test_mean", "test_ci95"]].rename(
+        columns={"test_mean": "test_main", "test_ci95": "test_main__ci"})
+    return pd.DataFrame(rows).merge(average, on="label").sort_values("test_main", ascending=False)
 
 
-def test_sets_table(done: pd.DataFrame, metric: str, config: dict, model: str, task: str) -> list[str]:
+def test_sets_table(done: pd.DataFrame, task_cells: pd.DataFrame, metric: str, config: dict, model: str,
+                    task: str) -> list[str]:
     """A task tested on several sets: our mean ± CI on each set and on average, with the papers'
     numbers beside them where the config has them (``paper_results.<set>``; the papers' average is
     ``paper_results.<task>``, else the mean of their per-set numbers when every set has one)."""
     set_cols = [c for c in done.columns if c.startswith(SET_PREFIX) and done[c].notna().any()]
     if not set_cols or not len(done):
         return []
-    table, columns = _set_cells(done, set_cols), [("label", "method", -1)]
+    table, columns = _set_cells(done, set_cols, task_cells), [("label", "method", -1)]
     papers = {c: paper_results_for(config, model, c[len(SET_PREFIX):]) for c in set_cols}
     average = paper_results_for(config, model, task)
     for m in {m for p in papers.values() for m in p} - set(average):
@@ -1101,7 +1103,7 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
                           f"{task} training curves"))
     parts.append(f"<h3>Test {html.escape(metric)} per method</h3>")
     parts.extend(_metric_table(task_cells, metric, paper_results_for(config, model, task)))
-    parts.extend(test_sets_table(done, metric, config or {}, model, task))
+    parts.extend(test_sets_table(done, task_cells, metric, config or {}, model, task))
     parts.append("<h3>Efficiency</h3><p class='note'>Means over the completed seeds. Memory: peak resident "
                  "memory of the training process. Stored size: what the method saves (all weights for full "
                  "fine-tuning). Latency: one forward pass over a test batch, as stored (unmerged), merged into "
