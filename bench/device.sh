@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks (issue: throughput, TFLOP/s and MFU of MPNet-base and SmolLM2 on an
-# H100/H200), in one call on a lent GPU machine, which has PyTorch with CUDA but none of
+# The GPU benchmarks (throughput of our loop against the Trainer, TFLOP/s and MFU, of MPNet-base,
+# SmolLM2-135M and a 1B Llama shape on an H100/H200), in one call (8 minutes) on a lent GPU machine, which has PyTorch with CUDA but none of
 # the project's packages, models or data:
 #
 #   here, once:  python bench/device_pack.py pack      # .device/: configs, tokenizers, data, wheels (~21 MiB)
@@ -9,13 +9,15 @@
 #
 # Models train from random weights there (bench/device_pack.py says why); throughput and
 # FLOPs are those of the real architectures. Results land in $OUT (the device tool brings
-# them back): device.log, bench.md, bench.json, profile_<model>.txt. Each stage has its own
-# time limit so that one stuck stage still leaves the others' files.
+# them back): device.log, bench.md, bench.json, throughput_runs_<model>.jsonl (each run's figures,
+# written as soon as it ends), profile_<model>.txt. Each stage has its own time limit so that
+# one stuck stage still leaves the others' files.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/out/device}
-BUDGET=${BENCH_SECONDS:-360}   # the throughput runs' limit; the rest takes 1-3 minutes
-PROFILE_STEPS=${PROFILE_STEPS:-40} PROFILE_SECONDS=${PROFILE_SECONDS:-60}
+BUDGET=${BENCH_SECONDS:-300}   # the throughput runs' limit; the rest takes 2-3 minutes
+PROFILE_STEPS=${PROFILE_STEPS:-30} PROFILE_SECONDS=${PROFILE_SECONDS:-60}
+MODELS=${MODELS:-mpnet-base smollm2-135m llama-1b-shape}
 SKIP_WHEELS=${SKIP_WHEELS:-0}  # 1: a rehearsal where the packages are installed already
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device.log") 2>&1
@@ -41,8 +43,8 @@ PY
 stamp "random-weight models"
 python3 bench/device_pack.py materialize .device/models /tmp/models || exit 1
 
-stamp "profile (our LoRA step, $PROFILE_STEPS steps)"
-for model in mpnet-base smollm2-135m; do
+stamp "profile (our LoRA step: 10 steps recorded of $PROFILE_STEPS)"
+for model in mpnet-base llama-1b-shape; do
   timeout "$PROFILE_SECONDS" python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
     --data ".device/data/$model/rotten_tomatoes" --batch-size 32 --steps "$PROFILE_STEPS" \
     > "$OUT/profile_$model.txt" 2> "/tmp/profile_$model.err" \
@@ -51,9 +53,12 @@ for model in mpnet-base smollm2-135m; do
 done
 
 stamp "throughput (ours vs Trainer + peft; TFLOP/s, MFU)"
-timeout "$BUDGET" python3 bench/run.py --only throughput --models mpnet-base smollm2-135m \
+timeout "$BUDGET" python3 bench/run.py --only throughput --models $MODELS --methods full lora \
   --model-root /tmp/models --data-root .device/data --seeds 0 --batch-size 32 --out /tmp/bench \
   || { echo "throughput stopped (exit $?): the models finished are in bench.md"; pkill -f "in_process\(" || true; }
 python3 bench/run.py --collect --out /tmp/bench > /dev/null 2>&1 || true
 cp /tmp/bench/bench.md /tmp/bench/bench.json "$OUT"/ 2>/dev/null || true
+for f in /tmp/bench/throughput/*/throughput_runs.jsonl; do
+  [ -f "$f" ] && cp "$f" "$OUT/throughput_runs_$(basename "$(dirname "$f")").jsonl"
+done
 stamp "done"

@@ -14,6 +14,10 @@ quoted); the CPU benchmark, on the real weights, is where accuracy parity is che
 ``pack`` writes ``<dir>/models/<model>/`` (every file of the model's folder but its weights),
 ``<dir>/data/<model>/<task>/`` (the task tokenized for that model, as the pipeline prepares
 it) and ``<dir>/wheels/`` (the pinned pure-Python packages peftlab needs there, Python 3.12).
+It adds ``llama-1b-shape``: a Llama of Llama-3.2-1B's dimensions (2,048 hidden, 16 layers, 32
+query and 8 key-value heads, 8,192 FFN, tied embeddings) on SmolLM2's tokenizer and vocabulary
+(1.07B parameters), with SmolLM2's tokenized data: the shape of the decoders users fine-tune,
+which no package here ships.
 """
 
 from __future__ import annotations
@@ -37,6 +41,30 @@ WHEELS = ("transformers==5.23.0", "peft==0.21.2", "regex==2026.11.19", "jsonsche
 
 # what one call of the device tool may carry (its working tree, this folder included)
 CARRY_LIMIT_MIB = 64
+
+
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 64, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+            "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
+
+
+def llama_1b_shape(out: Path) -> Path:
+    """``<out>/models/llama-1b-shape``: SmolLM2's folder (tokenizer, config) with Llama-3.2-1B's
+    dimensions in its config, and SmolLM2's tokenized data (the same tokenizer)."""
+    import json
+
+    src, dest = out / "models" / "smollm2-135m", out / "models" / "llama-1b-shape"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text()) | LLAMA_1B
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    (dest / "PEFTLAB_SOURCE.txt").write_text(
+        "Llama-3.2-1B's dimensions on SmolLM2's tokenizer; bench/device_pack.py materialize gives it random "
+        "weights (a throughput benchmark only).\n")
+    data = out / "data" / "llama-1b-shape"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.copytree(out / "data" / "smollm2-135m", data)
+    return dest
 
 
 def pack(out: Path, task: str, max_train: int, max_length: int, models: tuple[str, ...] = MODELS,
@@ -63,6 +91,8 @@ def pack(out: Path, task: str, max_train: int, max_length: int, models: tuple[st
                                                 "max_length": max_length})
             prepare_task(tspec, load_tokenizer(spec), data, model_name=name)
         print(f"{name}: {sorted(p.name for p in dest.iterdir())}", flush=True)
+    if "smollm2-135m" in models:
+        print(f"llama-1b-shape: {llama_1b_shape(out)}", flush=True)
     if wheels:
         (out / "wheels").mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -89,7 +119,10 @@ def materialize(src: Path, dest: Path, seed: int = 0) -> list[Path]:
         shutil.copytree(folder, target, dirs_exist_ok=True)
         torch.manual_seed(seed)
         config = AutoConfig.from_pretrained(folder)
-        AutoModel.from_config(config).save_pretrained(target)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1B: seconds on a GPU
+            model = AutoModel.from_config(config)
+        model.save_pretrained(target)
+        del model
         print(f"{folder.name}: random weights in {target}", flush=True)
     return made
 

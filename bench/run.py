@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="throughput seeds (default 0 1 2)")
     ap.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the variants')")
     ap.add_argument("--epochs", type=float, default=None, help="throughput epochs (default 1)")
+    ap.add_argument("--methods", nargs="+", default=None, help="throughput methods (default: all it compares)")
     ap.add_argument("--model-root", type=Path, default=None,
                     help="throughput: each model's folder is <this>/<model> (device_pack.py materialize)")
     ap.add_argument("--data-root", type=Path, default=None,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra += ["--seeds", *map(str, args.seeds)] if args.seeds else []
                 extra += ["--batch-size", str(args.batch_size)] if args.batch_size else []
                 extra += ["--epochs", str(args.epochs)] if args.epochs else []
+                extra += ["--methods", *args.methods] if args.methods else []
                 extra += ["--pretrained", str(args.model_root / model)] if args.model_root else []
                 extra += ["--data", str(args.data_root / model / "rotten_tomatoes")] if args.data_root else []
                 throughput.main(["--model", model, "--out", str(out / "throughput" / model), *extra])

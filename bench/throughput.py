@@ -6,8 +6,10 @@ prepared, tokenized training split, at the same batch size, number of examples, 
 rate and schedule (AdamW, linear decay after 6% warm-up, gradient clipping at 1.0), the same
 seeds and thread count, one after the other in one process. Our loop runs as the pipeline's
 ``finetune`` (length-grouped batches, the default) with one validation pass at the end; the
-Trainer runs with its defaults for the rest (random batches padded by
-``DataCollatorWithPadding``, no evaluation, no saving, no reporting). Throughput is steady
+Trainer runs as a user who knows it configures it: length-grouped batches too
+(``train_sampling_strategy="group_by_length"``, transformers 5.x; ``--trainer-random-batches``
+gives it random ones), padded by ``DataCollatorWithPadding``, no evaluation, no saving, no
+reporting. Throughput is steady
 state: the steps after the first 5, timed step end to step end (data loading included, our
 final validation excluded), in examples/s and real (non-padding) tokens/s. Both final
 models are then scored on the same test split. Our LoReFT and GIFT are compared with our
@@ -26,7 +28,8 @@ bf16 autocast (ours: ``precision: auto``; the Trainer: ``bf16=True``).
     python bench/throughput.py --seeds 0 --methods lora # quick look
     python bench/throughput.py --model mpnet-base --pretrained DIR --data DIR  # a given folder / prepared data
 
-Writes ``<out>/throughput.json`` and ``<out>/throughput.md``.
+Writes ``<out>/throughput.json`` and ``<out>/throughput.md`` at the end, and each run's figures
+to ``<out>/throughput_runs.jsonl`` as soon as that run ends (a time limit loses no finished run).
 """
 
 from __future__ import annotations
@@ -154,6 +157,8 @@ def run_hf(method: str, seed: int, data_dir: Path, args: dict, out: Path) -> dic
         eval_strategy="no", save_strategy="no", report_to="none", logging_steps=cfg.log_every_steps,
         seed=seed, data_seed=seed, use_cpu=not cuda, dataloader_num_workers=0,
         disable_tqdm=True, bf16=amp == torch.bfloat16,  # the same precision as ours
+        # the same batching as ours unless asked otherwise: rows of similar length per batch
+        train_sampling_strategy="random" if args.get("trainer_random_batches") else "group_by_length",
     )
     trainer = Trainer(model=net, args=training_args, train_dataset=ds, data_collator=collate, callbacks=[Stamp()])
     t0 = time.perf_counter()
@@ -259,6 +264,17 @@ def compute_table(summary: dict, peak: dict, spec_peak: float | None) -> list[st
     return md
 
 
+def record_run(out: Path, kind: str, method: str, seed: int, run: dict) -> None:
+    """One finished run's figures, appended at once to ``throughput_runs.jsonl`` and printed."""
+    import json
+
+    line = {"kind": kind, "method": method, "seed": seed} | run
+    with open(out / "throughput_runs.jsonl", "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    print(f"  {kind} {method} seed {seed}: {run['examples_per_s']:.1f} ex/s, {run['tokens_per_s']:.0f} tokens/s, "
+          f"{run['achieved_tflops']:.3f} TFLOP/s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm-l6")
@@ -272,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="instead of the variants' batch size")
     ap.add_argument("--pretrained", type=Path, default=None, help="the model's folder (instead of the built-in)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared task folder (instead of preparing one)")
+    ap.add_argument("--trainer-random-batches", action="store_true",
+                    help="the Trainer with random batches (its default) instead of length-grouped ones")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "throughput")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, method in pairs:
             print(f"{kind} {method} seed {seed} ...", flush=True)
             call = f"in_process({kind!r}, {method!r}, {seed}, {_plain(args)!r})"
-            runs.setdefault(f"{kind}/{method}", []).append(in_fresh_process("throughput", call))
+            run = in_fresh_process("throughput", call)
+            runs.setdefault(f"{kind}/{method}", []).append(run)
+            record_run(args.out, kind, method, seed, run)
     summary = {k: summarise(v) for k, v in runs.items()}
     rows = []
     for method in args.methods:

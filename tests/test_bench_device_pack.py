@@ -34,3 +34,21 @@ def test_pack_then_materialize_gives_a_loadable_random_weight_model(tmp_path, mi
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(random_net.state_dict()[name], real_net.state_dict()[name])  # not its weights
     assert "random weights" in (folder / "PEFTLAB_SOURCE.txt").read_text()
+
+
+def test_kit_has_a_one_billion_parameter_llama_shape_on_smollm2s_tokenizer(tmp_path, smollm):
+    """Llama-3.2-1B's dimensions on SmolLM2's vocabulary: 1.07B parameters (counted on the meta
+    device: nothing is allocated), with SmolLM2's tokenizer and tokenized data beside it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    pack(tmp_path / "kit", "rotten_tomatoes", 32, 32, models=("smollm2-135m",), wheels=False)
+    folder = tmp_path / "kit" / "models" / "llama-1b-shape"
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (2048, 16, 8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert 1.05e9 < sum(p.numel() for p in model.parameters()) < 1.09e9
+    assert (folder / "tokenizer.json").read_bytes() == (tmp_path / "kit" / "models" / "smollm2-135m"
+                                                         / "tokenizer.json").read_bytes()
+    data = tmp_path / "kit" / "data" / "llama-1b-shape" / "rotten_tomatoes"
+    assert len(load_split(data, "train")) == 32 and "Llama-3.2-1B" in (folder / "PEFTLAB_SOURCE.txt").read_text()

@@ -263,6 +263,30 @@ def test_rerun_replaces_its_mlflow_run(tiny_run):
     assert old != new
 
 
+@pytest.mark.slow
+def test_finetune_job_on_two_processes(tmp_path):
+    """A model with ``gpus: 2``: its finetune job asks for gpu=2 and starts torchrun, whose two
+    processes train one run (gloo here, NCCL on GPUs); process 0's record and weights are the
+    job's outputs, and the job logs them to MLflow as any other."""
+    import yaml
+
+    work = workflow_copy(tmp_path)
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg |= {"models": {"minilm-l6": {"gpus": 2}}, "methods": {"lora": ["default"]}, "seeds": [0]}
+    (work / "two.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/finetune/minilm-l6/rotten_tomatoes/lora/default/seed0/result.json"
+    res = snakemake("-c2", "--configfile", "two.yaml", "--replace-workflow-config", target, cwd=work)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert re.search(r"gpu=2\b", res.stdout + res.stderr)
+    record = json.loads((work / target).read_text())
+    assert record["memory"]["processes"] == 2 and record["status"] == "completed"
+    assert record["memory"]["global_batch_size"] == 2 * record["config"]["training"]["batch_size"]
+    log = (work / "logs" / "finetune" / "minilm-l6" / "rotten_tomatoes" / "lora" / "default" / "seed0.log").read_text()
+    assert "process 1" in log and "launching 2 processes" in log
+    runs = _mlflow_runs(work)
+    assert list(runs["tags.rule"]) == ["finetune"] and list(runs["status"]) == ["FINISHED"]
+
+
 def test_analyses_are_stages_of_the_dag(tmp_path):
     """Intrinsic dimension (grid + d90, which pulls in full fine-tuning) and gradient sparsity
     are jobs; a SIFT variant with mask_source: analysis trains on the sparsity stage's masks."""

@@ -605,6 +605,7 @@ def sift_analysis_variants(config: dict) -> dict[str, dict]:
 
 NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16")
+BASE_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -628,6 +629,16 @@ class TrainConfig:
     on_nonfinite_loss: str = "stop"
     # forward-pass precision: auto (bf16 autocast on a CUDA GPU, fp32 elsewhere), fp32, bf16
     precision: str = "auto"
+    # dtype of the frozen base weights: auto (bf16 on a CUDA GPU for every method but full
+    # fine-tuning, fp32 elsewhere), fp32, bf16; trainable tensors and optimizer state stay fp32
+    base_dtype: str = "auto"
+    # micro-batches of batch_size summed into one optimizer step (the same update as one batch
+    # of batch_size x gradient_accumulation_steps rows)
+    gradient_accumulation_steps: int = 1
+    # recompute each layer's activations in the backward pass instead of keeping them
+    gradient_checkpointing: bool = False
+    # deterministic kernels (torch.use_deterministic_algorithms): bitwise repeatable runs
+    deterministic: bool = True
 
     def __post_init__(self):
         if self.epochs <= 0:
@@ -640,6 +651,13 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype must be auto, fp32 or bf16, got {self.base_dtype!r}")
+        if self.base_dtype == "bf16" and self.precision == "fp32":
+            raise ValueError("base_dtype bf16 needs bf16 compute: set precision to auto or bf16, "
+                             "or base_dtype to fp32")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.on_nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite_loss must be stop or skip, got {self.on_nonfinite_loss!r}")
 

@@ -15,6 +15,7 @@ from .config import RunKey
 from .data import REGRESSION, load_split
 from .generation import evaluate_generative, generate, left_padded, prompts_of, rescore
 from .io import read_json, write_json
+from .memory import cast_frozen
 from .methods import build_method
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
@@ -138,13 +139,18 @@ def evaluate(
         return failed_evaluation(key, stats, ft, out_path, predictions_path)
     test_df = load_split(data_dir, "test")
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
     if method is None:
         method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
-    model = method.load(model, weights_path).to(dev)
+    # the base in the dtype it trained with (records written before it was a setting: fp32)
+    base = trained_base_dtype(ft)
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    model = method.load(model, weights_path)
+    cast_frozen(model, base)
+    model = model.to(dev)
     batch_size = ft["config"]["training"]["eval_batch_size"]
-    # the training's precision (records written before it was a setting: auto)
-    amp = autocast_dtype(ft["config"]["training"].get("precision", "auto"), dev)
+    # the training's precision (records written before it was a setting: auto); a bf16 base: bf16
+    amp = torch.bfloat16 if base == torch.bfloat16 else autocast_dtype(
+        ft["config"]["training"].get("precision", "auto"), dev)
     t0 = time.perf_counter()
     if is_generative(stats):
         metrics, rows, speed = evaluate_generative(model, tokenizer, test_df, stats["task"], batch_size, dev,
@@ -156,8 +162,11 @@ def evaluate(
         metrics = compute_metrics(stats["problem_type"], outputs, labels)
         rows, speed, sets = classifier_rows(test_df, outputs, labels, stats), None, None
     elapsed = time.perf_counter() - t0
-    inference = (_inference_probe(key, model_spec, method, model, tokenizer, test_df, stats, batch_size, dev)
-                 if measure_inference else None)
+    inference = None
+    if measure_inference:
+        with autocast(dev, amp if base == torch.bfloat16 else None):  # a bf16 base runs in bf16 only
+            inference = _inference_probe(key, model_spec, method, model, tokenizer, test_df, stats, batch_size,
+                                         dev, base)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
     record = {
@@ -188,10 +197,19 @@ def evaluate(
     return record
 
 
+def trained_base_dtype(finetune_record: dict) -> torch.dtype:
+    """The dtype the run's frozen base trained in (its record's ``memory``; fp32 before that)."""
+    name = (finetune_record.get("memory") or {}).get("base_dtype", "fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def _inference_probe(key: RunKey, model_spec: ModelSpec, method, model, tokenizer, test_df, stats: dict,
-                     batch_size: int, dev: torch.device) -> dict[str, Any]:
-    """``inference_cost`` of the trained model against a fresh pretrained one on the first test rows."""
-    base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed).to(dev)
+                     batch_size: int, dev: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``inference_cost`` of the trained model against a fresh pretrained one (in the same
+    ``dtype``) on the first test rows."""
+    base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    cast_frozen(base_model.requires_grad_(False), dtype)
+    base_model = base_model.to(dev)
     # a causal LM's probe: at most GENERATIVE_PROBE prompts (each timed forward of a full eval
     # batch costs seconds on a CPU, and the probe times twelve of them and three generations)
     probe = min(batch_size, GENERATIVE_PROBE) if is_generative(stats) else batch_size

@@ -17,13 +17,15 @@ import torch
 _PACKAGES = ("torch", "transformers", "peft", "datasets", "numpy", "pandas", "mlflow", "snakemake")
 
 
-def set_seed(seed: int, threads: int | None = None) -> None:
-    """Seed every RNG and make torch kernels deterministic (bitwise-repeatable on CPU)."""
+def set_seed(seed: int, threads: int | None = None, deterministic: bool = True) -> None:
+    """Seed every RNG and, unless ``deterministic`` is False, make torch kernels deterministic
+    (bitwise-repeatable on CPU; on a GPU it may cost speed: ``training.deterministic``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if threads:
         torch.set_num_threads(threads)
 

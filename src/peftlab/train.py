@@ -27,13 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, memory
 from .codegraph import default_graph
 from .config import Experiment, RunKey
 from .data import REGRESSION, load_split
+from .distributed import Context, ShardedBatches
 from .errors import TrainingError
 from .gendata import GENERATIVE_KINDS
-from .generation import CausalCollator, evaluate_generative, loss_of
+from .generation import IGNORE, CausalCollator, evaluate_generative, loss_of
 from .io import dir_size_bytes, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
@@ -191,14 +192,45 @@ class Throughput:
 
 
 def make_train_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, seed: int,
-                      group_by_length: bool, pin_memory: bool = False) -> DataLoader:
-    """The shuffled training loader: plain random batches, or ``LengthGroupedBatches``."""
-    if not group_by_length:
+                      group_by_length: bool, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """The shuffled training loader: plain random batches, or ``LengthGroupedBatches``, of
+    ``batch_size`` rows (a global batch); with ``world`` processes, this ``rank``'s shard of each
+    (``distributed.ShardedBatches``: every process draws the same order)."""
+    if not group_by_length and world == 1:
         return make_loader(frame, batch_size, collator, shuffle=True, seed=seed, pin_memory=pin_memory)
     gen = torch.Generator().manual_seed(seed)
-    sampler = LengthGroupedBatches(frame["input_ids"].map(len).tolist(), batch_size, gen)
+    if group_by_length:
+        sampler = LengthGroupedBatches(frame["input_ids"].map(len).tolist(), batch_size, gen)
+    else:  # what DataLoader(shuffle=True) builds, drawing from the same generator
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(len(frame)), generator=gen),
+                                                batch_size, drop_last=False)
+    if world > 1:
+        sampler = ShardedBatches(sampler, rank, world)
     return DataLoader(_rows(frame), batch_sampler=sampler, collate_fn=collator, generator=gen,
                       pin_memory=pin_memory)
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into batches of ``size`` rows (gradient accumulation), each trimmed to its
+    own longest row (rows are right-padded)."""
+    n = len(batch["attention_mask"])
+    if n <= size:
+        return [batch]
+    out = []
+    for start in range(0, n, size):
+        part = {k: v[start:start + size] for k, v in batch.items()}
+        width = int(part["attention_mask"].sum(dim=1).max())
+        out.append({k: v[:, :width] if v.ndim == 2 else v for k, v in part.items()})
+    return out
+
+
+def loss_items(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's loss is the mean over: its labelled (shifted) tokens for a causal LM, its
+    rows for a classifier. Micro-batches and processes weigh their losses by it, so the update
+    is the mean over the whole global batch, as one batch would make it."""
+    if "prompt_length" in batch:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return len(batch["labels"])
 
 
 def make_eval_loader(frame: pd.DataFrame, batch_size: int, collator: Collator,
@@ -358,19 +390,25 @@ def finetune(
 
 def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads, code_fingerprint,
               method, stop: checkpoint.StopSignal) -> dict[str, Any]:
-    set_seed(key.seed, threads)
-    dev = device()
+    ctx = Context.from_env()
+    set_seed(key.seed, threads, deterministic=experiment.training.deterministic)
+    dev = ctx.device() if ctx.active else device()
     stats = read_json(Path(data_dir) / "stats.json")
     train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
     tokenizer = load_tokenizer(model_spec)
     collator = collator_for(stats, tokenizer)
     model, method, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats,
                                                                train_df, collator, dev)
-    loop = _Loop(key, experiment, model, method, stats, (train_df, val_df), (tokenizer, collator), dev)
+    if ctx.active:  # the same start everywhere (DDP copies process 0's weights); dropout differs per process
+        torch.manual_seed(key.seed + ctx.rank)
+    loop = _Loop(key, experiment, model, method, stats, (train_df, val_df), (tokenizer, collator), dev, ctx)
     ckpt_path = checkpoint.checkpoint_path(record_path)
-    run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, loop.total_steps, code_fingerprint)
+    run_fp = _run_fingerprint(key, model_spec, experiment, method, stats, (loop.total_steps, ctx.world),
+                              code_fingerprint)
     loop.resume(ckpt_path, run_fp)
     loop.run(stop, ckpt_path, run_fp)
+    if not ctx.main:  # process 0 writes the outputs
+        return None
 
     # keep the best validation step (model selection on validation only); a failed run
     # stores its state at the failure (a valid file of the method's tensors, not a trained model)
@@ -382,7 +420,7 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
         sizes={"trainable": trainable, "base": base_params, "steps_per_epoch": loop.steps_per_epoch},
         progress={"step": loop.step, "resumed_from": loop.resumed_from, "curves": loop.curves, "best": loop.best,
                   "train_time": loop.train_time_s, "speed": loop.speed, "guard": loop.guard},
-        dev=dev, amp=loop.amp, weights_path=weights_path)
+        dev=dev, amp=loop.amp, weights_path=weights_path) | {"memory": loop.memory_settings()}
     write_json(record_path, record)
     checkpoint.remove(ckpt_path)
     return record
@@ -394,13 +432,19 @@ class _Loop:
     a checkpoint saves and a resumed run restores."""
 
     def __init__(self, key: RunKey, experiment: Experiment, model: nn.Module, method, stats: dict,
-                 frames: tuple[pd.DataFrame, pd.DataFrame], text: tuple, dev: torch.device):
+                 frames: tuple[pd.DataFrame, pd.DataFrame], text: tuple, dev: torch.device, ctx: Context):
         cfg = self.cfg = experiment.training
-        self.key, self.model, self.method, self.stats, self.dev = key, model, method, stats, dev
+        self.key, self.model, self.method, self.stats, self.dev, self.ctx = key, model, method, stats, dev, ctx
         (train_df, self.val_df), (self.tokenizer, collator) = frames, text
         pin = dev.type == "cuda"
-        self.amp = autocast_dtype(cfg.precision, dev)
-        self.train_loader = make_train_loader(train_df, cfg.batch_size, collator, key.seed, cfg.group_by_length, pin)
+        # a bf16 base computes in bf16 whatever ``precision`` says (its auto is fp32 on a CPU)
+        base_bf16 = memory.frozen_dtype(model) == torch.bfloat16
+        self.amp = torch.bfloat16 if base_bf16 else autocast_dtype(cfg.precision, dev)
+        # one optimizer step: a global batch of batch_size x accumulation x processes rows
+        self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * ctx.world
+        self.train_loader = make_train_loader(train_df, self.global_batch, collator, key.seed, cfg.group_by_length,
+                                              pin, ctx.rank, ctx.world)
+        self.net = ctx.wrap(model)  # what the training forward calls (DDP's wrapper on several processes)
         self.val_loader = make_eval_loader(self.val_df, cfg.eval_batch_size, collator, pin)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
@@ -426,6 +470,14 @@ class _Loop:
         self.t0, self.train_time_s = time.perf_counter(), 0.0
         self.speed = Throughput()
 
+    def memory_settings(self) -> dict[str, Any]:
+        """How the run used memory and processes, as it ran (the record's ``memory``)."""
+        return {"base_dtype": memory.dtype_name(memory.frozen_dtype(self.model)), "trainable_dtype": "fp32",
+                "gradient_checkpointing": memory.checkpointing_on(self.model),
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+                "processes": self.ctx.world, "global_batch_size": self.global_batch,
+                "deterministic_kernels": torch.are_deterministic_algorithms_enabled()}
+
     def elapsed(self) -> float:
         """Training time so far, over every resumed start."""
         return self.trained_before + time.perf_counter() - self.t0
@@ -444,17 +496,25 @@ class _Loop:
         self.pending.clear()
 
     def save_checkpoint(self, path: Path, run_fp: str) -> bool:
-        """Save; a failed write (disk full, quota) is a warning, never the end of the run."""
+        """Save (process 0 writes; every process takes part); a failed write (disk full,
+        quota) is a warning, never the end of the run."""
         self.settle()
         if self.guard.failure:  # the pending losses ended the run: nothing to resume
             return False
+        rngs = self.ctx.gather(checkpoint.rng_state())  # each process's generators (dropout differs)
+        saved = self._write_checkpoint(path, run_fp, rngs) if self.ctx.main else True
+        return not self.ctx.agree([int(not saved)])[0]
+
+    def _write_checkpoint(self, path: Path, run_fp: str, rngs: list) -> bool:
         t = time.perf_counter()
         tensors = {f"trainable.{k}": v for k, v in self.method.trainable_state(self.model).items()}
         tensors |= {f"best.{k}": v for k, v in (self.best_state or {}).items()}
         optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
-        rng_tensors, rng_meta = checkpoint.rng_state()
+        (rng_tensors, rng_meta), others = rngs[0], rngs[1:]
+        for r, (t_r, _) in enumerate(others, start=1):
+            rng_tensors |= {f"rank{r}.{k}": v for k, v in t_r.items()}
         tensors |= optim_tensors | rng_tensors | {"loader.epoch_rng": self.epoch_rng}
-        meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+        meta = {"processes": self.ctx.world, "rng_ranks": [m for _, m in others], "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "training": self.model.training, "running": self.running, "n_running": self.n_running,
                 "curves": self.curves, "best": self.best, "has_best_state": self.best_state is not None,
                 "optimizer": optim_meta, "scheduler": self.scheduler.state_dict(), "rng": rng_meta,
@@ -491,16 +551,27 @@ class _Loop:
         self.model.train(meta["training"])
         self.trained_before, self.resumed_from = meta["train_time_s"], meta["resumed_from"] + [self.step]
         self.guard.skipped, self.guard.in_a_row = meta["skipped_batches"], meta["nonfinite_in_a_row"]
-        checkpoint.set_rng_state(tensors, meta["rng"])
+        if self.ctx.rank == 0:
+            checkpoint.set_rng_state(tensors, meta["rng"])
+        else:
+            mine = f"rank{self.ctx.rank}."
+            checkpoint.set_rng_state({k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)},
+                                     meta["rng_ranks"][self.ctx.rank - 1])
         log.info("resuming %s from its checkpoint at step %d of %d", self.key.path(), self.step, self.total_steps)
 
     def validate_now(self) -> None:
+        """Validation and model selection, on process 0 (the others wait for it)."""
         self.settle()
         if self.guard.failure:
             return
+        if self.ctx.main:
+            self._validate()
+        self.ctx.barrier()
+        self.model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
+
+    def _validate(self) -> None:
         metrics = validation_metrics(self.model, self.tokenizer, self.val_loader, self.val_df, self.stats,
                                      self.cfg.eval_batch_size, self.dev, self.amp)
-        self.model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
         self.curves["validation"].append({"step": self.step, **metrics})
         log.info("step %d validation %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
         main = self.stats["main_metric"]
@@ -536,21 +607,20 @@ class _Loop:
         self.train_time_s = self.elapsed()
 
     def _train_batch(self, batch: dict) -> str:
-        """One optimizer step on ``batch``: "trained", "skipped" (a non-finite loss under
-        ``skip``) or "stop" (the run failed)."""
+        """One optimizer step on ``batch`` (this process's share of a global batch):
+        "trained", "skipped" (a non-finite loss under ``skip``) or "stop" (the run failed)."""
         cfg, guard = self.cfg, self.guard
         self.attention_mask = batch["attention_mask"]
-        with autocast(self.dev, self.amp):
-            loss = loss_of(self.model, to_device(batch, self.dev))
+        loss = self._backward(batch)
         if self.defer:
-            self.pending.append((self.step, loss.detach()))
+            self.pending.append((self.step, loss))
         elif not guard.ok(value := loss.item(), self.step):
+            self.optimizer.zero_grad(set_to_none=True)
             if guard.failure:
                 return "stop"
             self.batch_in_epoch += 1  # skipped: the data position moves on (a resume skips it too)
             self.speed.restart()
             return "skipped"
-        loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         if self.step % cfg.log_every_steps == 0:
@@ -564,6 +634,28 @@ class _Loop:
             self.n_running += 1
         self.bar.update(1)
         return "trained"
+
+    def _backward(self, batch: dict) -> torch.Tensor:
+        """Forward and backward over the batch's micro-batches; the gradient is that of the
+        mean loss over the global batch (``loss_items``), which is returned (detached, the
+        same on every process). One micro-batch on one process: exactly its own loss."""
+        parts = micro_batches(batch, self.cfg.batch_size)
+        if len(parts) == 1 and not self.ctx.active:
+            with autocast(self.dev, self.amp):
+                loss = loss_of(self.model, to_device(batch, self.dev), self.net)
+            loss.backward()
+            return loss.detach()
+        items = [loss_items(p) for p in parts]
+        total = self.ctx.agree_sum(sum(items))
+        scale = self.ctx.world / total  # DDP averages the processes' gradients: undo its 1/world
+        step_loss = torch.zeros((), device=self.dev)
+        for i, (part, n) in enumerate(zip(parts, items, strict=True)):
+            sync = i == len(parts) - 1 or not self.ctx.active  # DDP reduces on the last micro-batch only
+            with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.dev, self.amp):
+                loss = loss_of(self.model, to_device(part, self.dev), self.net) * (n * scale)
+            loss.backward()
+            step_loss += loss.detach().float()
+        return self.ctx.all_sum(step_loss) / self.ctx.world
 
     def _after_step(self, stop, policy, deadline, ckpt_path: Path, run_fp: str) -> bool:
         """Logging, validation and checkpoints after a step; True when the epoch loop ends."""
@@ -581,17 +673,21 @@ class _Loop:
             self.speed.restart()
         if self.guard.failure or self.step >= self.total_steps:
             return True  # at the last step the outputs follow at once: no checkpoint, no stop
-        left = deadline.seconds_left() if deadline else None
-        if stop.received or (left is not None and left < policy.margin_seconds):
-            why = f"{stop.received} received" if stop.received else f"{left:.0f} s left in SLURM job {deadline.job_id}"
+        left = deadline.seconds_left() if deadline and self.ctx.main else None
+        stop_now, save_now = self.ctx.agree([  # taken together: every process saves and stops at one step
+            int(bool(stop.received) or (left is not None and left < policy.margin_seconds)),
+            int(bool(policy.every_steps and self.step % policy.every_steps == 0) or bool(
+                policy.every_seconds and time.monotonic() - self.last_save >= policy.every_seconds))])
+        if stop_now:
+            why = (f"{stop.received} received" if stop.received else
+                   f"{left:.0f} s left in SLURM job {deadline.job_id}" if left is not None else "another process stopped")
             outcome = (f"checkpoint saved to {ckpt_path}: run the job again to resume"
                        if self.save_checkpoint(ckpt_path, run_fp) else "the checkpoint could not be saved (see the log)")
             if self.guard.failure:
                 return True
             raise checkpoint.TrainingInterrupted(f"{self.key.path()}: stopped at step {self.step} of "
                                                  f"{self.total_steps} ({why}); {outcome}")
-        if (policy.every_steps and self.step % policy.every_steps == 0) or (
-                policy.every_seconds and time.monotonic() - self.last_save >= policy.every_seconds):
+        if save_now:
             self.save_checkpoint(ckpt_path, run_fp)
             if self.guard.failure:
                 return True
@@ -602,17 +698,22 @@ class _Loop:
 
 def _model_with_method(key, model_spec, experiment, method, stats, train_df, collator, dev):
     """The pretrained model with the method (the registry's ``key.method`` unless given)
-    calibrated and applied, on the device; the trainable count must match the method's formula.
+    calibrated and applied (in fp32), on the device, its frozen base then in
+    ``training.base_dtype``; the trainable count must match the method's formula.
     Returns (model, method, base parameter count, trainable count)."""
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    base_params = count_parameters(model)
     if method is None:
         method = build_method(key.method, experiment.method_params, model_spec.targets)
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    base_params = count_parameters(model)
     if method.needs_calibration:
         calib = make_loader(train_df, experiment.training.batch_size, collator, shuffle=True, seed=key.seed)
         method.calibrate(model.to(dev), (to_device(b, dev) for b in calib))
     expected = method.expected_trainable_parameters(model)
-    model = method.apply(model).to(dev)
+    model = method.apply(model)
+    memory.cast_frozen(model, memory.base_dtype(experiment.training.base_dtype, method.family, dev))
+    if experiment.training.gradient_checkpointing:
+        memory.enable_gradient_checkpointing(model)
+    model = model.to(dev)
     trainable = count_parameters(model, trainable_only=True)
     if trainable != expected:
         raise TrainingError(

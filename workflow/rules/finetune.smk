@@ -19,7 +19,7 @@ rule finetune:
     resources:
         mem_mb=8000,
         runtime=lambda wildcards, attempt: 120 * attempt,
-        gpu=1,
+        gpu=lambda w: (config["models"][w.model] or {}).get("gpus", 1),
     params:
         model=lambda w: config["models"][w.model],
         training=config["training"],

@@ -1,8 +1,10 @@
 # Thin wrapper: finetune[model,task,method,variant,seed] -> peftlab.train.finetune
+import sys
 from pathlib import Path
 
 from peftlab.cli import run_step
 from peftlab.config import RunKey, load_experiment
+from peftlab.distributed import finetune_processes
 from peftlab.export import weights_to_log
 from peftlab.models import ModelSpec
 from peftlab.tracking import log_record
@@ -20,17 +22,15 @@ def main():
     if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
         experiment.method_params["mask_path"] = sm.input.mask[0]
     spec = ModelSpec.from_config(w.model, sm.params.model)
-    record = finetune(
-        key,
-        spec,
-        experiment,
-        data_dir=Path(sm.input.stats).parent,
-        weights_path=sm.output.weights,
-        record_path=sm.output.record,
-        threads=sm.threads,
-        code_fingerprint=sm.params.code,
-    )
     data_dir = Path(sm.input.stats).parent
+    processes = (sm.params.model or {}).get("gpus", 1)
+    if processes > 1:  # torchrun starts one process per GPU; process 0 writes the outputs
+        record = finetune_processes(processes, key, sm.params.model, experiments_dir, sm.params.training,
+                                    sm.input.mask[0] if sm.input.mask else None, data_dir, sm.output.weights,
+                                    sm.output.record, sm.threads, sm.params.code, stream=sys.stderr)
+    else:
+        record = finetune(key, spec, experiment, data_dir=data_dir, weights_path=sm.output.weights,
+                          record_path=sm.output.record, threads=sm.threads, code_fingerprint=sm.params.code)
     # log_weights from the config, not params: changing it must not rerun training
     mlflow = dict(sm.params.mlflow, log_weights=sm.config["mlflow"].get("log_weights", "none"))
     weights = weights_to_log(mlflow, key, spec, record, data_dir, sm.output.weights)

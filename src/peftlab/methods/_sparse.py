@@ -62,7 +62,9 @@ class SparseDeltaLinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         # theta = theta0 + scatter(I, delta): a new tensor every call, so gradients reach
         # delta only and W0 is never written
-        flat = self.weight.reshape(-1).index_put((self.sparse_index,), self.sparse_delta, accumulate=True)
+        # (a bf16 base: the fp32 delta is added in the base's dtype, as autocast would compute)
+        flat = self.weight.reshape(-1).index_put((self.sparse_index,), self.sparse_delta.to(self.weight.dtype),
+                                                 accumulate=True)
         return flat.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
