@@ -15,9 +15,12 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/out/device}
-BUDGET=${BENCH_SECONDS:-300}   # the throughput runs' limit; the rest takes 2-3 minutes
-PROFILE_STEPS=${PROFILE_STEPS:-30} PROFILE_SECONDS=${PROFILE_SECONDS:-60}
-MODELS=${MODELS:-mpnet-base smollm2-135m llama-1b-shape}
+BUDGET=${BENCH_SECONDS:-180}      # the default shapes' throughput runs (batch 32 x ~35 tokens)
+LONG_BUDGET=${LONG_SECONDS:-150}  # the generative shape's (batch 8 x 512 tokens)
+PROFILE_STEPS=${PROFILE_STEPS:-20} PROFILE_SECONDS=${PROFILE_SECONDS:-30}  # per model: the stage ends within 60 s
+MODELS=${MODELS:-mpnet-base smollm2-135m llama-1b-shape}  # a CPU rehearsal names smaller ones
+LONG_MODELS=${LONG_MODELS:-llama-1b-shape smollm2-135m mpnet-base}
+PROFILE_MODELS=${PROFILE_MODELS:-mpnet-base llama-1b-shape}
 SKIP_WHEELS=${SKIP_WHEELS:-0}  # 1: a rehearsal where the packages are installed already
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device.log") 2>&1
@@ -44,8 +47,8 @@ stamp "random-weight models"
 python3 bench/device_pack.py materialize .device/models /tmp/models || exit 1
 
 stamp "profile (our LoRA step: 10 steps recorded of $PROFILE_STEPS)"
-for model in mpnet-base llama-1b-shape; do
-  timeout "$PROFILE_SECONDS" python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
+for model in $PROFILE_MODELS; do
+  timeout -k 5 "$PROFILE_SECONDS" python3 bench/gpu_profile.py --model "$model" --pretrained "/tmp/models/$model" \
     --data ".device/data/$model/rotten_tomatoes" --batch-size 32 --steps "$PROFILE_STEPS" \
     > "$OUT/profile_$model.txt" 2> "/tmp/profile_$model.err" \
     || { echo "profile of $model failed:"; tail -25 "/tmp/profile_$model.err"; }
@@ -56,6 +59,11 @@ stamp "throughput (ours vs Trainer + peft; TFLOP/s, MFU)"
 timeout "$BUDGET" python3 bench/run.py --only throughput --models $MODELS --methods full lora \
   --model-root /tmp/models --data-root .device/data --seeds 0 --batch-size 32 --out /tmp/bench \
   || { echo "throughput stopped (exit $?): the models finished are in bench.md"; pkill -f "in_process\(" || true; }
+stamp "throughput at the generative shape, batch 8 x 512 tokens (full and LoRA)"
+timeout "$LONG_BUDGET" python3 bench/run.py --only throughput --models $LONG_MODELS \
+  --methods lora full --model-root /tmp/models --data-root .device/data --seeds 0 --batch-size 8 --seq-len 512 \
+  --epochs 0.25 --tag=_8x512 --out /tmp/bench \
+  || { echo "8 x 512 stopped (exit $?): the runs finished are in throughput_runs_*.jsonl"; pkill -f "in_process\(" || true; }
 python3 bench/run.py --collect --out /tmp/bench > /dev/null 2>&1 || true
 cp /tmp/bench/bench.md /tmp/bench/bench.json "$OUT"/ 2>/dev/null || true
 for f in /tmp/bench/throughput/*/throughput_runs.jsonl; do

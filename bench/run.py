@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default: the variants')")
     ap.add_argument("--epochs", type=float, default=None, help="throughput epochs (default 1)")
     ap.add_argument("--methods", nargs="+", default=None, help="throughput methods (default: all it compares)")
+    ap.add_argument("--seq-len", type=int, default=None, help="throughput rows at exactly this length")
+    ap.add_argument("--tag", default="", help="throughput: a suffix of each model's output folder (e.g. a shape)")
     ap.add_argument("--model-root", type=Path, default=None,
                     help="throughput: each model's folder is <this>/<model> (device_pack.py materialize)")
     ap.add_argument("--data-root", type=Path, default=None,
@@ -73,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra += ["--batch-size", str(args.batch_size)] if args.batch_size else []
                 extra += ["--epochs", str(args.epochs)] if args.epochs else []
                 extra += ["--methods", *args.methods] if args.methods else []
+                extra += ["--seq-len", str(args.seq_len)] if args.seq_len else []
                 extra += ["--pretrained", str(args.model_root / model)] if args.model_root else []
                 extra += ["--data", str(args.data_root / model / "rotten_tomatoes")] if args.data_root else []
-                throughput.main(["--model", model, "--out", str(out / "throughput" / model), *extra])
+                throughput.main(["--model", model, "--out", str(out / "throughput" / f"{model}{args.tag}"), *extra])
         elif name == "method_costs":
             extra = ["--methods", "full", "lora", "sift", "pafi", "said"] if args.quick else []
             method_costs.main(["--out", str(out / "method_costs"), *extra])

@@ -60,18 +60,44 @@ def model_spec(args: dict):
 
 
 def prepare(args: dict, out: Path) -> Path:
-    """The tokenized task (``--data``, or prepared once under ``out/data``)."""
+    """The tokenized task (``--data``, or prepared once under ``out/data``); with ``--seq-len``,
+    its rows at that exact length (``fixed_length``)."""
     from peftlab.data import TaskSpec, prepare_task
     from peftlab.models import load_tokenizer
 
     if args.get("data"):
-        return Path(args["data"])
-    data_dir = out / "data" / args["model"] / args["task"]
-    if not (data_dir / "stats.json").exists():
-        spec = TaskSpec.from_config(args["task"], {"max_train_examples": args["max_train"], "max_eval_examples": 500,
-                                                   "max_length": args["max_length"]})
-        prepare_task(spec, load_tokenizer(model_spec(args)), data_dir, model_name=args["model"])
-    return data_dir
+        data_dir = Path(args["data"])
+    else:
+        data_dir = out / "data" / args["model"] / args["task"]
+        if not (data_dir / "stats.json").exists():
+            spec = TaskSpec.from_config(args["task"], {"max_train_examples": args["max_train"],
+                                                       "max_eval_examples": 500, "max_length": args["max_length"]})
+            prepare_task(spec, load_tokenizer(model_spec(args)), data_dir, model_name=args["model"])
+    return fixed_length(data_dir, args["seq_len"], out) if args.get("seq_len") else data_dir
+
+
+def fixed_length(data_dir: Path, length: int, out: Path) -> Path:
+    """A copy of the prepared task whose every row has exactly ``length`` tokens: its own
+    tokens repeated (a shape for throughput, e.g. the generative 8 x 512; the labels stay the
+    rows' own, so both sides still learn the same task)."""
+    import shutil
+
+    import numpy as np
+
+    from peftlab.data import load_split
+
+    dest = out / "data" / f"{data_dir.parent.name}-len{length}" / data_dir.name
+    if (dest / "stats.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        frame = load_split(data_dir, split)
+        for col in ("input_ids", "token_type_ids"):
+            if col in frame:
+                frame[col] = [np.resize(np.asarray(ids), length) for ids in frame[col]]
+        frame.to_parquet(dest / f"{split}.parquet", index=False)
+    shutil.copy(data_dir / "stats.json", dest / "stats.json")
+    return dest
 
 
 def experiment(method: str, args: dict):
@@ -288,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="instead of the variants' batch size")
     ap.add_argument("--pretrained", type=Path, default=None, help="the model's folder (instead of the built-in)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared task folder (instead of preparing one)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="every row at exactly this many tokens (its own repeated): e.g. 512 with --batch-size 8")
     ap.add_argument("--trainer-random-batches", action="store_true",
                     help="the Trainer with random batches (its default) instead of length-grouped ones")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "throughput")

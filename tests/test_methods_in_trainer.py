@@ -34,4 +34,6 @@ def test_method_trains_evaluates_and_merges(method, repo, tmp_path, minilm_spec,
     if m.mergeable:
         assert inf["merged_class"] == "BertForSequenceClassification"
         assert inf["merged_max_abs_diff"] <= 1e-5
-    assert inf["added_latency_ratio"] > 0
+    # the ratio is the deployed model's latency (merged when it can be) over the plain model's
+    deployed = inf["merged_ms_per_batch"] if m.mergeable else inf["unmerged_ms_per_batch"]
+    assert inf["added_latency_ratio"] == pytest.approx(deployed / inf["base_ms_per_batch"])

@@ -118,6 +118,14 @@ def test_profile_takes_site_values_from_the_environment(tmp_path):
     # unset: nothing site-specific is passed (the plugin then uses the cluster's defaults)
     rc, out = snakemake("--profile", "slurm", "-n", *TINY, cwd=work)
     assert rc == 0 and "slurm_account" not in out and "slurm_partition" not in out and "gpu_model" not in out
+    # a model with gpus: 2: its finetune jobs ask for two GPUs, the rest for one
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["models"] = {"minilm-l6": {"gpus": 2}}
+    (work / "two.yaml").write_text(yaml.safe_dump(cfg))
+    rc, out = snakemake("--profile", "slurm", "-n", "--configfile", "two.yaml", cwd=work)
+    assert rc == 0, out[-3000:]
+    gpus = {(rule, pairs(info.get("resources", "")).get("gpu")) for rule, info in job_blocks(out)}
+    assert {g for r, g in gpus if r == "finetune"} == {"2"} and {g for r, g in gpus if r == "evaluate"} == {"1"}
     # SNAKEMAKE_PROFILE=slurm is the same as --profile slurm
     rc, out = snakemake("-n", *TINY, cwd=work, env={"SNAKEMAKE_PROFILE": "slurm", "PEFTLAB_SLURM_ACCOUNT": "p1"})
     assert rc == 0 and "Using profile slurm" in out and "slurm_account=p1" in out

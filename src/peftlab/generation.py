@@ -68,30 +68,39 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     return batch
 
 
-def loss_of(model: nn.Module, batch: dict[str, torch.Tensor], forward: nn.Module | None = None) -> torch.Tensor:
+def loss_of(model: nn.Module, batch: dict[str, torch.Tensor], forward: nn.Module | None = None,
+            host_labels: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's training loss. A classifier's comes from its head; a causal LM's is the
     mean cross-entropy over the labelled tokens, as the model computes it, with the output
     layer applied only from the batch's first labelled position on (``target_logits``).
-    ``forward``: what to call instead of ``model`` (its DDP wrapper)."""
+    ``forward``: what to call instead of ``model`` (its DDP wrapper); ``host_labels``: the
+    labels still on the host, read instead of the device's (on a GPU, no synchronisation)."""
     call = forward or model
-    if "prompt_length" not in batch or (batch["labels"][:, 0] != IGNORE).any():  # a classifier, or the
+    labels = batch["labels"] if host_labels is None else host_labels
+    if "prompt_length" not in batch or (labels[:, 0] != IGNORE).any():  # a classifier, or the
         return call(**model_inputs(model, batch)).loss  # loss on the prompt too: every position needed
-    logits, labels = target_logits(model, batch, call)
+    logits, labels = target_logits(model, batch, call, first_labelled(labels))
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=IGNORE)
 
 
-def target_logits(model: nn.Module, batch: dict[str, torch.Tensor],
-                  forward: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def first_labelled(labels: torch.Tensor) -> int:
+    """The first position (at least 1) where any row of a causal batch has a label."""
+    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    return max(int(labelled[0]) if len(labelled) else 1, 1)
+
+
+def target_logits(model: nn.Module, batch: dict[str, torch.Tensor], forward: nn.Module | None = None,
+                  first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a causal batch, aligned: ``logits[:, t]`` (fp32) predicts
     ``labels[:, t]``, from the batch's first labelled position on. With the loss on the target
     only, most positions are prompt, and a large vocabulary makes the output layer a large share
     of a step (SmolLM2's 49k tokens: a fifth of the forward; Gemma-3's 262k: more than the whole
-    transformer), so the model computes logits there only (``logits_to_keep``) where it can."""
+    transformer), so the model computes logits there only (``logits_to_keep``) where it can.
+    ``first``: ``first_labelled`` of the labels, when the caller has it from the host."""
     call = forward or model
     labels = batch["labels"]
-    labelled = (labels != IGNORE).any(dim=0).nonzero()
-    first = max(int(labelled[0]) if len(labelled) else 1, 1)
+    first = first_labelled(labels) if first is None else first
     inputs = model_inputs(model, {k: v for k, v in batch.items() if k != "labels"})
     if first > 1 and _keeps_logits(model):  # positions first-1 .. end: position t predicts token t+1
         logits = call(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]

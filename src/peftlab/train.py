@@ -7,6 +7,11 @@ kept and stored). Deterministic: the same seed gives the same numbers on CPU.
 Resumable (``checkpoint.py``): the loop checkpoints periodically, on SIGTERM and before a
 SLURM job's time limit; a run started again resumes from its checkpoint and ends with the
 same numbers, bitwise on CPU, as one that was never stopped.
+
+For large models (``memory.py``, ``distributed.py``): the frozen base in bf16, gradient
+checkpointing, and one optimizer step over a global batch of ``batch_size`` x
+``gradient_accumulation_steps`` x processes rows, cut into micro-batches whose losses are
+weighed so that the update is the mean over the whole global batch.
 """
 
 from __future__ import annotations
@@ -285,7 +290,7 @@ def validation_metrics(model: nn.Module, tokenizer, loader: DataLoader, frame: p
     return compute_metrics(stats["problem_type"], outputs, labels)
 
 
-def _optimizer(model: nn.Module, cfg, dev: torch.device | None = None) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -294,8 +299,9 @@ def _optimizer(model: nn.Module, cfg, dev: torch.device | None = None) -> torch.
         is_weight = p.ndim >= 2 or name.endswith("sparse_delta")
         (decay if is_weight and "layernorm" not in name.lower() else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # on a GPU the fused kernel updates every tensor in one launch
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=dev is not None and dev.type == "cuda")
+    # the fused kernel (as the Trainer's default adamw_torch_fused): on a GPU one launch for every
+    # tensor; on a CPU a vectorised update instead of a Python loop over the tensors
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=True)
 
 
 def _schedule(total_steps: int, cfg):
@@ -449,7 +455,7 @@ class _Loop:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * self.steps_per_epoch)))
         self.evaluate_at = eval_steps(self.steps_per_epoch, cfg.evals_per_epoch, self.total_steps)
-        self.optimizer = _optimizer(model, cfg, dev)
+        self.optimizer = _optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total_steps, cfg))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.curves: dict[str, list] = {"train_loss": [], "validation": [], "learning_rate": []}
@@ -642,7 +648,7 @@ class _Loop:
         parts = micro_batches(batch, self.cfg.batch_size)
         if len(parts) == 1 and not self.ctx.active:
             with autocast(self.dev, self.amp):
-                loss = loss_of(self.model, to_device(batch, self.dev), self.net)
+                loss = loss_of(self.model, to_device(batch, self.dev), self.net, batch["labels"])
             loss.backward()
             return loss.detach()
         items = [loss_items(p) for p in parts]
@@ -652,7 +658,7 @@ class _Loop:
         for i, (part, n) in enumerate(zip(parts, items, strict=True)):
             sync = i == len(parts) - 1 or not self.ctx.active  # DDP reduces on the last micro-batch only
             with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.dev, self.amp):
-                loss = loss_of(self.model, to_device(part, self.dev), self.net) * (n * scale)
+                loss = loss_of(self.model, to_device(part, self.dev), self.net, part["labels"]) * (n * scale)
             loss.backward()
             step_loss += loss.detach().float()
         return self.ctx.all_sum(step_loss) / self.ctx.world
