@@ -129,13 +129,6 @@ class Context:
 
             dist.barrier(group=self.control)
 
-    def close(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
 
 class ShardedBatches(torch.utils.data.Sampler):
     """This process's share of each global batch of ``batches`` (a batch sampler): contiguous
@@ -208,6 +201,10 @@ def worker(job_path: str) -> int:
     spec = ModelSpec.from_config(job["key"][0], job["model"])
     finetune(key, spec, experiment, job["data_dir"], job["weights_path"], job["record_path"],
              threads=job.get("threads"), code_fingerprint=job.get("code", ""))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
