@@ -1,5 +1,6 @@
 """Memory and scale: a bf16 base, gradient accumulation, gradient checkpointing, and one run on
-two processes (DDP over gloo, as torchrun starts it on a GPU node), resumed after a SIGKILL.
+two processes (DDP, and FSDP for full fine-tuning, over gloo, as torchrun starts it on a GPU
+node), resumed after a SIGKILL.
 Real MiniLM-L6 / rotten_tomatoes and SmolLM2-135M / ASDiv."""
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ TRAINING = {"max_steps": 4, "batch_size": 2, "evals_per_epoch": 1, "eval_batch_s
 
 @pytest.fixture(scope="module")
 def smollm_job(smollm, tmp_path_factory):
-    """SmolLM2 (no dropout) with LoRA (dropout 0) on 32 ASDiv problems, in an experiments folder of its own."""
+    """SmolLM2 (no dropout) with LoRA (dropout 0) or full fine-tuning on 32 ASDiv problems, in an
+    experiments folder of its own."""
     spec, tok = smollm
     root = tmp_path_factory.mktemp("ddp")
     prepare_task(TaskSpec.from_config("asdiv", {"max_train_examples": 32, "max_eval_examples": 4}), tok,
@@ -186,14 +188,16 @@ def smollm_job(smollm, tmp_path_factory):
     shutil.copy(REPO_ROOT / "config" / "experiments" / "defaults.yaml", root / "experiments" / "defaults.yaml")
     (root / "experiments" / "lora" / "default.yaml").write_text(
         "training:\n  learning_rate: 1.0e-3\nmethod: {r: 4, alpha: 8, dropout: 0.0, targets: [query, value]}\n")
+    (root / "experiments" / "full").mkdir()
+    (root / "experiments" / "full" / "default.yaml").write_text("training:\n  learning_rate: 1.0e-4\nmethod: {}\n")
     return spec, root
 
 
-def _two(root, name, training=TRAINING, env=None):
-    key = RunKey("smollm2-135m", "asdiv", "lora", "default", 0)
+def _two(root, name, training=TRAINING, env=None, method="lora", model=None):
+    key = RunKey("smollm2-135m", "asdiv", method, "default", 0)
     out = root / name
     with open(root / f"{name}.log", "a") as log, _env(env or {}):
-        return finetune_processes(2, key, None, root / "experiments", training, None, root / "task",
+        return finetune_processes(2, key, model, root / "experiments", training, None, root / "task",
                                   out / "w.safetensors", out / "r.json", 1, stream=log), out
 
 
@@ -231,6 +235,40 @@ def test_two_processes_match_one_process_with_twice_the_batch(smollm_job):
     assert "process 1" in (root / "two.log").read_text()  # both processes ran
 
 
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_on_two_processes_matches_one_process(smollm_job):
+    """Full fine-tuning sharded over 2 processes (FSDP) with batch b each == 1 process with
+    batch 2b: the same losses (1e-5) and weights (1e-5, against updates of 1e-4 and more); the
+    weights file is a single process's (every tensor, full size), written by process 0 alone."""
+    from peftlab.models import load_model
+
+    spec, root = smollm_job
+    two, a = _two(root, "fsdp", method="full", model={"parallel": "fsdp"})
+    assert two["memory"]["parallel"] == "fsdp" and two["memory"]["processes"] == 2
+    key = RunKey("smollm2-135m", "asdiv", "full", "default", 0)
+    exp = load_experiment(root / "experiments", "full", "default", dict(TRAINING, batch_size=4))
+    one = finetune(key, spec, exp, root / "task", root / "one-full" / "w.safetensors", root / "one-full" / "r.json",
+                   threads=2)
+    np.testing.assert_allclose([v for _, v in two["curves"]["train_loss"]],
+                               [v for _, v in one["curves"]["train_loss"]], rtol=1e-5)
+    assert two["best_validation"] == one["best_validation"]
+    wa, wb = load_file(str(a / "w.safetensors")), load_file(str(root / "one-full" / "w.safetensors"))
+    assert set(wa) == set(wb) and all(wa[k].shape == wb[k].shape for k in wa)
+    assert _max_diff(a, root / "one-full") < 1e-5
+    stats = __import__("json").loads((root / "task" / "stats.json").read_text())
+    pretrained = dict(load_model(spec, stats["num_labels"], stats["problem_type"], seed=0).named_parameters())
+    assert max((wb[k] - pretrained[k].detach()).abs().max().item() for k in wb) > 1e-4
+    assert sorted(p.name for p in a.iterdir()) == ["r.json", "w.safetensors"]
+
+
+def test_an_unknown_parallel_mode_is_a_config_error(smollm_job):
+    from peftlab.errors import ConfigError
+
+    spec, root = smollm_job
+    with pytest.raises(ConfigError, match="parallel is 'zero3': use one of ddp, fsdp"):
+        _two(root, "bad", model={"parallel": "zero3"})
+
+
 def _kill_all(marker: str, proc) -> None:
     """SIGKILL to torchrun and its workers (they run in sessions of their own), as a node's
     failure or SLURM's kill of the job's cgroup would."""
@@ -246,26 +284,28 @@ def _kill_all(marker: str, proc) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_with_sigkill_resumes_to_the_same_result(smollm_job):
+@pytest.mark.parametrize("method,model,steps", [("lora", None, 6), ("full", {"parallel": "fsdp"}, 4)],
+                         ids=["ddp", "fsdp"])  # a sharded step takes seconds: it is killed at step 2 or 3 of 4
+def test_two_process_run_killed_with_sigkill_resumes_to_the_same_result(smollm_job, method, model, steps):
     """SIGKILL to the whole 2-process run after a checkpoint: the job run again resumes from it
     and ends with the weights of a run that was never stopped (bitwise on CPU)."""
     from safetensors import safe_open
 
     spec, root = smollm_job
-    training = dict(TRAINING, max_steps=6)
-    whole, _ = _two(root, "whole", training)
-    out = root / "killed"
+    training = dict(TRAINING, max_steps=steps)
+    whole, _ = _two(root, f"whole-{method}", training, method=method, model=model)
+    out = root / f"killed-{method}"
     ckpt = out / ".checkpoint" / "r.safetensors"
-    job = {"key": ["smollm2-135m", "asdiv", "lora", "default", 0], "model": None,
+    job = {"key": ["smollm2-135m", "asdiv", method, "default", 0], "model": model,
            "experiments_dir": str(root / "experiments"), "training": training, "mask_path": None,
            "data_dir": str(root / "task"), "weights_path": str(out / "w.safetensors"),
            "record_path": str(out / "r.json"), "threads": 1, "code": ""}
-    job_path = root / "killed.json"
+    job_path = root / f"killed-{method}.json"
     job_path.write_text(__import__("json").dumps(job))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "peftlab.distributed", str(job_path)]
     env = dict(os.environ, PEFTLAB_CHECKPOINT_EVERY_STEPS="1", OMP_NUM_THREADS="1")
-    with open(root / "killed.log", "w") as log:
+    with open(root / f"killed-{method}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
         step, deadline = 0, time.monotonic() + 300
         while step < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -277,10 +317,10 @@ def test_two_process_run_killed_with_sigkill_resumes_to_the_same_result(smollm_j
                 pass
         _kill_all(str(job_path), proc)
     time.sleep(1)
-    assert 2 <= step < 6 and not (out / "r.json").exists() and ckpt.exists()
+    assert 2 <= step < steps and not (out / "r.json").exists() and ckpt.exists()
     with _env({"PEFTLAB_CHECKPOINT_EVERY_STEPS": "1"}):
-        resumed, _ = _two(root, "killed", training)
+        resumed, _ = _two(root, f"killed-{method}", training, method=method, model=model)
     assert resumed["resumed_from_steps"] and resumed["resumed_from_steps"][0] >= 2
     assert resumed["curves"]["train_loss"] == whole["curves"]["train_loss"]
-    assert _max_diff(out, root / "whole") == 0.0
+    assert _max_diff(out, root / f"whole-{method}") == 0.0
     assert not ckpt.exists()

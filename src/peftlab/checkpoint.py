@@ -185,9 +185,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """An optimizer's state_dict split into tensors (per-parameter state) and JSON (groups)."""
-    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
@@ -198,8 +197,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                         meta: dict[str, Any]) -> None:
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The state_dict that ``optimizer_state`` split."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -208,7 +207,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save(path: str | Path, fingerprint: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -139,9 +139,11 @@ def prompts_of(frame: pd.DataFrame) -> list[np.ndarray]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, batch_size: int,
-             dev: torch.device, autocast=None, desc: str = "generate") -> tuple[list[str], dict[str, Any]]:
+             dev: torch.device, autocast=None, desc: str = "generate",
+             synced: bool = False) -> tuple[list[str], dict[str, Any]]:
     """Greedy continuations of ``prompts`` (token ids), batched by similar length with left
-    padding and the KV cache; texts in the prompts' order (up to EOS) and the speed."""
+    padding and the KV cache; texts in the prompts' order (up to EOS) and the speed.
+    ``synced``: every process of a sharded model steps until all are done (``synced_gpus``)."""
     import contextlib
 
     model.eval()
@@ -154,7 +156,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[np.ndarray], max_new_tok
         batch = {k: v.to(dev) for k, v in left_padded([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
         with autocast or contextlib.nullcontext():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                 synced_gpus=synced)
         for j, i in enumerate(idx):
             toks = out[j, batch["input_ids"].shape[1]:].tolist()
             toks = toks[:toks.index(eos)] if eos in toks else toks
@@ -279,7 +282,7 @@ def rescore(task: dict, frame: pd.DataFrame, rows: list[dict]) -> dict[str, floa
 
 
 def evaluate_generative(model: nn.Module, tokenizer, frame: pd.DataFrame, task: dict, batch_size: int,
-                        dev: torch.device, autocast=None, desc: str = "generate"
+                        dev: torch.device, autocast=None, desc: str = "generate", synced: bool = False
                         ) -> tuple[dict[str, float], list[dict], dict[str, Any]]:
     """Score a split: metrics, one row per example (prompt, output, answer, correct) and the
     generation speed (None for log-likelihood scoring, which generates nothing)."""
@@ -291,7 +294,7 @@ def evaluate_generative(model: nn.Module, tokenizer, frame: pd.DataFrame, task: 
         metrics, speed = {"accuracy": float(np.mean(right))}, None
     else:
         outputs, speed = generate(model, tokenizer, prompts_of(frame), task["max_new_tokens"], batch_size, dev,
-                                  autocast, desc)
+                                  autocast, desc, synced)
         metrics, right = score(task, outputs, frame)
     rows = [{"example_id": int(e), "prompt": p, "output": o, "answer": a, "correct": c}
             for e, p, o, a, c in zip(frame["example_id"], frame["text"], outputs, frame["answer"], right, strict=True)]

@@ -281,11 +281,13 @@ def predict(model: nn.Module, loader: DataLoader, dev: torch.device, desc: str =
 
 
 def validation_metrics(model: nn.Module, tokenizer, loader: DataLoader, frame: pd.DataFrame, stats: dict,
-                       batch_size: int, dev: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
-    """The task's metrics on a split: predictions of a classifier, or generations scored."""
+                       batch_size: int, dev: torch.device, dtype: torch.dtype | None,
+                       synced: bool = False) -> dict[str, float]:
+    """The task's metrics on a split: predictions of a classifier, or generations scored
+    (``synced``: every process generates until all have finished, as a sharded model needs)."""
     if is_generative(stats):
         return evaluate_generative(model, tokenizer, frame, stats["task"], batch_size, dev, autocast(dev, dtype),
-                                   desc="validation")[0]
+                                   desc="validation", synced=synced)[0]
     outputs, labels = predict(model, loader, dev, desc="validation", dtype=dtype)
     return compute_metrics(stats["problem_type"], outputs, labels)
 
@@ -380,31 +382,36 @@ def finetune(
     threads: int | None = None,
     code_fingerprint: str = "",
     method=None,
+    parallel: str = "ddp",
 ) -> dict[str, Any]:
     """Train one run; write the trainable tensors to ``weights_path`` and the record.
 
     ``method``: a ready ``Method`` object instead of the registry's ``key.method`` (the
     intrinsic-dimension analysis trains its random-subspace reparametrisation this way).
+    ``parallel``: under torchrun, "fsdp" shards full fine-tuning (``distributed``); else DDP.
 
     Resumes from the checkpoint beside ``record_path`` when one of this run exists, and
     removes it once the outputs are written. Raises ``checkpoint.TrainingInterrupted`` (after
     saving) when SIGTERM arrives or the SLURM job's time is nearly up."""
     with checkpoint.StopSignal() as stop:
         return _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads,
-                         code_fingerprint, method, stop)
+                         code_fingerprint, method, stop, parallel)
 
 
 def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, threads, code_fingerprint,
-              method, stop: checkpoint.StopSignal) -> dict[str, Any]:
-    ctx = Context.from_env()
+              method, stop: checkpoint.StopSignal, parallel: str) -> dict[str, Any]:
+    if method is None:
+        method = build_method(key.method, experiment.method_params, model_spec.targets)
+    ctx = Context.from_env(shard=parallel == "fsdp" and method.family == "full")
     set_seed(key.seed, threads, deterministic=experiment.training.deterministic)
     dev = ctx.device() if ctx.active else device()
     stats = read_json(Path(data_dir) / "stats.json")
     train_df, val_df = load_split(data_dir, "train"), load_split(data_dir, "validation")
     tokenizer = load_tokenizer(model_spec)
     collator = collator_for(stats, tokenizer)
-    model, method, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats,
-                                                               train_df, collator, dev)
+    # sharded: the model stays on the host until FSDP moves each process's shard to its device
+    model, base_params, trainable = _model_with_method(key, model_spec, experiment, method, stats, train_df,
+                                                       collator, torch.device("cpu") if ctx.sharded else dev)
     if ctx.active:  # the same start everywhere (DDP copies process 0's weights); dropout differs per process
         torch.manual_seed(key.seed + ctx.rank)
     loop = _Loop(key, experiment, model, method, stats, (train_df, val_df), (tokenizer, collator), dev, ctx)
@@ -413,14 +420,19 @@ def _finetune(key, model_spec, experiment, data_dir, weights_path, record_path, 
                               code_fingerprint)
     loop.resume(ckpt_path, run_fp)
     loop.run(stop, ckpt_path, run_fp)
-    if not ctx.main:  # process 0 writes the outputs
-        return None
-
     # keep the best validation step (model selection on validation only); a failed run
     # stores its state at the failure (a valid file of the method's tensors, not a trained model)
-    if loop.best_state is not None and loop.guard.failure is None:
-        model.load_state_dict(loop.best_state, strict=False)
-    method.save(model, weights_path)
+    kept = loop.best_state if loop.best_state is not None and loop.guard.failure is None else None
+    if ctx.sharded:  # the full tensors, gathered on process 0 (every process takes part)
+        kept = loop.trainable_state() if kept is None else kept
+    if not ctx.main:  # process 0 writes the outputs
+        return None
+    if ctx.sharded:
+        method.save(model, weights_path, state=kept)
+    else:
+        if kept is not None:
+            model.load_state_dict(kept, strict=False)
+        method.save(model, weights_path)
     record = _finetune_record(
         key, model_spec, experiment, method, stats, code_fingerprint,
         sizes={"trainable": trainable, "base": base_params, "steps_per_epoch": loop.steps_per_epoch},
@@ -450,6 +462,7 @@ class _Loop:
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * ctx.world
         self.train_loader = make_train_loader(train_df, self.global_batch, collator, key.seed, cfg.group_by_length,
                                               pin, ctx.rank, ctx.world)
+        self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.net = ctx.wrap(model)  # what the training forward calls (DDP's wrapper on several processes)
         self.val_loader = make_eval_loader(self.val_df, cfg.eval_batch_size, collator, pin)
         self.steps_per_epoch = len(self.train_loader)
@@ -482,6 +495,7 @@ class _Loop:
                 "gradient_checkpointing": memory.checkpointing_on(self.model),
                 "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
                 "processes": self.ctx.world, "global_batch_size": self.global_batch,
+                "parallel": ("fsdp" if self.ctx.sharded else "ddp") if self.ctx.active else None,
                 "deterministic_kernels": torch.are_deterministic_algorithms_enabled()}
 
     def elapsed(self) -> float:
@@ -508,14 +522,23 @@ class _Loop:
         if self.guard.failure:  # the pending losses ended the run: nothing to resume
             return False
         rngs = self.ctx.gather(checkpoint.rng_state())  # each process's generators (dropout differs)
-        saved = self._write_checkpoint(path, run_fp, rngs) if self.ctx.main else True
+        states = (self.trainable_state(), self.ctx.optimizer_state(self.model, self.optimizer)) if (
+            self.ctx.main or self.ctx.sharded) else None  # sharded: gathered by every process
+        saved = self._write_checkpoint(path, run_fp, rngs, *states) if self.ctx.main else True
         return not self.ctx.agree([int(not saved)])[0]
 
-    def _write_checkpoint(self, path: Path, run_fp: str, rngs: list) -> bool:
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The method's tensors, on the host (sharded: the full ones, on process 0; every
+        process must call it)."""
+        if self.ctx.sharded:
+            return self.ctx.full_state(self.model, self.trainable_names)
+        return self.method.trainable_state(self.model)
+
+    def _write_checkpoint(self, path: Path, run_fp: str, rngs: list, trainable: dict, optimizer: dict) -> bool:
         t = time.perf_counter()
-        tensors = {f"trainable.{k}": v for k, v in self.method.trainable_state(self.model).items()}
+        tensors = {f"trainable.{k}": v for k, v in trainable.items()}
         tensors |= {f"best.{k}": v for k, v in (self.best_state or {}).items()}
-        optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
+        optim_tensors, optim_meta = checkpoint.optimizer_state(optimizer)
         (rng_tensors, rng_meta), others = rngs[0], rngs[1:]
         for r, (t_r, _) in enumerate(others, start=1):
             rng_tensors |= {f"rank{r}.{k}": v for k, v in t_r.items()}
@@ -541,13 +564,18 @@ class _Loop:
             return
         tensors, meta = saved
         restored = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
-        if set(restored) != set(self.method.trainable_state(self.model)):
+        expected = self.trainable_names if self.ctx.sharded else set(self.method.trainable_state(self.model))
+        if set(restored) != expected:
             raise TrainingError(f"checkpoint {path} does not hold this run's trainable tensors: "
                                 "delete it to train from step 0")
-        self.model.load_state_dict(restored, strict=False)
+        if self.ctx.sharded:
+            self.ctx.load_full_state(self.model, restored)
+        else:
+            self.model.load_state_dict(restored, strict=False)
         if meta["has_best_state"]:
             self.best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
-        checkpoint.load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        self.ctx.load_optimizer_state(self.model, self.optimizer,
+                                      checkpoint.optimizer_state_dict(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         self.running, self.n_running = meta["running"], meta["n_running"]
@@ -566,24 +594,29 @@ class _Loop:
         log.info("resuming %s from its checkpoint at step %d of %d", self.key.path(), self.step, self.total_steps)
 
     def validate_now(self) -> None:
-        """Validation and model selection, on process 0 (the others wait for it)."""
+        """Validation and model selection, on process 0 (the others wait for it; a sharded
+        model's forward needs them all: they validate too, and process 0's metrics decide)."""
         self.settle()
         if self.guard.failure:
             return
-        if self.ctx.main:
+        if self.ctx.main or self.ctx.sharded:
             self._validate()
         self.ctx.barrier()
         self.model.train()  # validation left it in eval mode: dropout back on for the epoch's remaining steps
 
     def _validate(self) -> None:
         metrics = validation_metrics(self.model, self.tokenizer, self.val_loader, self.val_df, self.stats,
-                                     self.cfg.eval_batch_size, self.dev, self.amp)
-        self.curves["validation"].append({"step": self.step, **metrics})
-        log.info("step %d validation %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+                                     self.cfg.eval_batch_size, self.dev, self.amp, synced=self.ctx.sharded)
         main = self.stats["main_metric"]
-        if metrics[main] > self.best["value"]:
+        better = metrics[main] > self.best["value"]
+        if self.ctx.sharded:  # process 0's decision, everywhere (a rounding difference must not split them)
+            better = bool(self.ctx.agree([int(better and self.ctx.main)])[0])
+        if self.ctx.main:
+            self.curves["validation"].append({"step": self.step, **metrics})
+            log.info("step %d validation %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+        if better:
             self.best.update(step=self.step, value=metrics[main], metrics=metrics)
-            self.best_state = self.method.trainable_state(self.model)
+            self.best_state = self.trainable_state()
 
     def run(self, stop: checkpoint.StopSignal, ckpt_path: Path, run_fp: str) -> None:
         """Train up to ``total_steps`` (or a failure); a stop signal or the SLURM deadline saves a
@@ -657,7 +690,7 @@ class _Loop:
         step_loss = torch.zeros((), device=self.dev)
         for i, (part, n) in enumerate(zip(parts, items, strict=True)):
             sync = i == len(parts) - 1 or not self.ctx.active  # DDP reduces on the last micro-batch only
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast(self.dev, self.amp):
+            with (contextlib.nullcontext() if sync else self.ctx.no_sync(self.net)), autocast(self.dev, self.amp):
                 loss = loss_of(self.model, to_device(part, self.dev), self.net, part["labels"]) * (n * scale)
             loss.backward()
             step_loss += loss.detach().float()
@@ -703,12 +736,9 @@ class _Loop:
 
 
 def _model_with_method(key, model_spec, experiment, method, stats, train_df, collator, dev):
-    """The pretrained model with the method (the registry's ``key.method`` unless given)
-    calibrated and applied (in fp32), on the device, its frozen base then in
-    ``training.base_dtype``; the trainable count must match the method's formula.
-    Returns (model, method, base parameter count, trainable count)."""
-    if method is None:
-        method = build_method(key.method, experiment.method_params, model_spec.targets)
+    """The pretrained model with ``method`` calibrated and applied (in fp32), on the device,
+    its frozen base then in ``training.base_dtype``; the trainable count must match the
+    method's formula. Returns (model, base parameter count, trainable count)."""
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
     base_params = count_parameters(model)
     if method.needs_calibration:
@@ -727,7 +757,7 @@ def _model_with_method(key, model_spec, experiment, method, stats, train_df, col
             "this is a bug in the method module"
         )
     log.info("%s: %d trainable of %d (%.4f%%)", key.path(), trainable, base_params, 100 * trainable / base_params)
-    return model, method, base_params, trainable
+    return model, base_params, trainable
 
 
 def _finetune_record(key, model_spec, experiment, method, stats, code_fingerprint, sizes, progress, dev, amp,

@@ -86,12 +86,13 @@ class Method:
         """What this method must store: the tensors that train (everything else is the base)."""
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def save(self, model: nn.Module, path: str | Path) -> None:
+    def save(self, model: nn.Module, path: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Write the trainable tensors (``state``: these, gathered already, instead of the model's)."""
         from safetensors.torch import save_file
 
         from ..io import atomic_path
 
-        state = {k: v.contiguous() for k, v in self.trainable_state(model).items()}
+        state = {k: v.contiguous() for k, v in (state or self.trainable_state(model)).items()}
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file(state, str(tmp), metadata={"method": self.name})
 
