@@ -268,7 +268,8 @@ def finetune_processes(processes: int, key, model_entry: dict | None, experiment
     job = {"key": [key.model, key.task, key.method, key.variant, key.seed], "model": model_entry,
            "experiments_dir": str(experiments_dir), "training": training, "mask_path": mask_path,
            "data_dir": str(data_dir), "weights_path": str(weights_path), "record_path": str(record_path),
-           "threads": threads, "code": code}
+           "threads": max(1, threads // processes) if threads else None,  # the job's CPUs, shared out
+           "code": code}
     record_path = Path(record_path)
     launch(job, processes, record_path.parent / ".launch" / f"{record_path.stem}.json", stream)
     return json.loads(record_path.read_text())
