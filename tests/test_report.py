@@ -10,15 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftlab.report import mean_ci95, method_palette, pareto_front
-
-
-def test_mean_ci95_matches_student_t():
-    mean, half = mean_ci95([0.8, 0.82, 0.84])
-    assert mean == pytest.approx(0.82)
-    # t_{0.975, 2} = 4.302653; sd = 0.02
-    assert half == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
-    assert mean_ci95([0.5]) == (0.5, None)
+from peftlab.report import method_palette, pareto_front
 
 
 def test_pareto_front():
@@ -267,9 +259,9 @@ def test_a_task_tested_on_several_sets_gets_a_per_set_table(tmp_path):
     lora = section[section.index('data-col="label">lora<'):section.index('data-col="label">bitfit<')]
     cells = dict(re.findall(r'data-col="([\w]+)">([^<]*)<', lora))
     # 0.71 ± t(0.975, 1) * 0.01 = 0.127; the paper's average is the mean of its two sets
-    assert cells["set_boolq"] == "0.710 ± 0.127" and cells["set_piqa"] == "0.520 ± 0.254"
+    assert cells["set_boolq"] == "0.710 [0.583, 0.837]" and cells["set_piqa"] == "0.520 [0.266, 0.774]"
     assert cells["set_boolq__paper"] == "0.689" and cells["test_main__paper"] == "0.748"
-    assert cells["test_main"].startswith("0.615 ± ")
+    assert cells["test_main"].startswith("0.615 [")
     assert section.index('data-col="label">lora<') < section.index('data-col="label">bitfit<')
 
 
@@ -389,3 +381,73 @@ def test_last_error_line(tmp_path):
     log.write_text("peftlab d90: no full fine-tuning record: run it first\nValueError: later\n")
     assert last_error_line(log) == "no full fine-tuning record: run it first"
     assert last_error_line(tmp_path / "none.log") is None
+
+
+# ---------------------------------------------------------------------------------------
+# Intervals over examples and seeds, the no-learning baseline, paired marks
+# ---------------------------------------------------------------------------------------
+
+
+def _predictions(correct: np.ndarray, labels: list[str]) -> list[dict]:
+    other = {"negative": "positive", "positive": "negative"}
+    return [{"example_id": i, "prediction": y if c else other[y], "label": y, "correct": bool(c)}
+            for i, (c, y) in enumerate(zip(correct, labels, strict=True))]
+
+
+def test_report_intervals_baseline_and_marks_come_from_the_predictions(tmp_path):
+    """400 test examples, 60% negative. full and lora (lora = full with 4 answers changed) cannot
+    be told apart; ia3 is 10 points lower: below both; bitfit always says negative: the majority
+    baseline exactly, so it is not trained and ranks nowhere; sift has no predictions file: its
+    interval is the clipped t one."""
+    import re
+
+    from peftlab.io import write_text
+    from peftlab.report import aggregate, write_report
+
+    rng = np.random.default_rng(0)
+    labels = ["negative"] * 240 + ["positive"] * 160
+    full = {s: rng.random(400) < 0.85 for s in (0, 1)}
+    lora = {s: np.where(np.isin(np.arange(400), [3, 50, 120, 300]), ~full[s], full[s]) for s in (0, 1)}
+    correct = {"full": full, "lora": lora, "ia3": {s: rng.random(400) < 0.75 for s in (0, 1)},
+               "bitfit": {s: np.array([y == "negative" for y in labels]) for s in (0, 1)}}
+    pairs, keys = [], []
+    for method, family, trainable in (("full", "full", 22_713_986), ("lora", "weight", 74_498),
+                                      ("ia3", "weight", 10_000), ("bitfit", "weight", 5_000), ("sift", "sparse", 50_000)):
+        for seed in (0, 1):
+            acc = float(correct[method][seed].mean()) if method in correct else 0.70 + 0.05 * seed
+            ft, ev = _records(method, seed, acc, trainable, family)
+            ev["n_examples"] = 400
+            pairs.append((ft, ev))
+            keys.append(ft["run"])
+            if method in correct:
+                rd = f"minilm-l6/rotten_tomatoes/{method}/default/seed{seed}"
+                rows = _predictions(correct[method][seed], labels)
+                write_text(tmp_path / "results" / "evaluate" / rd / "predictions.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in rows))
+    ft_paths, ev_paths = _write_results(tmp_path, pairs, keys)
+    aggregate(ft_paths, ev_paths, str(tmp_path / "results" / "s.csv"), str(tmp_path / "results" / "s.parquet"))
+    doc = write_report(str(tmp_path / "results" / "s.parquet"), [_stats(tmp_path)],
+                       {"models": {"minilm-l6": {}}, "seeds": [0, 1]},
+                       str(tmp_path / "r.html"), ft_paths)
+    cells = {c["method"]: c for c in json.loads(re.search(
+        r"<script type='application/json' id='peftlab-data'>(.*?)</script>", doc).group(1))["cells"]}
+    for m in ("full", "lora", "ia3", "bitfit"):
+        assert cells[m]["interval"] == "bootstrap" and 0 <= cells[m]["test_lo"] < cells[m]["test_mean"]
+        assert cells[m]["test_mean"] < cells[m]["test_hi"] <= 1
+        assert cells[m]["baseline"] == pytest.approx(0.6)
+    # one run's binomial noise alone is +-0.035 at 400 examples: the interval is at least that wide
+    assert cells["full"]["test_hi"] - cells["full"]["test_lo"] > 0.05
+    assert cells["sift"]["interval"] == "t" and cells["sift"]["baseline"] is None
+    assert (cells["sift"]["test_lo"], cells["sift"]["test_hi"]) == pytest.approx((0.725 - 0.3177, 1.0), abs=1e-3)
+    assert cells["bitfit"]["not_trained"] and cells["bitfit"]["vs_best"] is None
+    best = max(("full", "lora"), key=lambda m: cells[m]["test_mean"])
+    other = {"full": "lora", "lora": "full"}[best]
+    assert cells[best]["vs_best"] == "best" and cells[other]["vs_best"] == "tied"
+    assert cells["ia3"]["vs_best"] == "below" and cells["ia3"]["vs_full"] == "below"
+    assert cells["lora"]["vs_full"] == "tied"
+    glance = doc[doc.index("id='glance'"):doc.index("id='setup'")]
+    assert "no single winner" in glance and "cannot be told apart at 95%" in glance
+    front = re.findall(r"<td class='l'>(.*?)</td>", glance)[4]  # task, metric, best, full, front, runs
+    assert "bitfit" not in front and "ia3" in front  # the fewest parameters, but it learned nothing
+    assert "not trained at this budget" in doc and "percentile bootstrap (2000 draws)" in doc
+    assert "No-learning baseline: 0.6000 test accuracy" in doc

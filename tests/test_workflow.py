@@ -126,6 +126,12 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     sparsity = json.loads((analyses / "gradient_sparsity" / "sparsity.json").read_text())
     assert "Analyses of the tasks" in html and f"{sparsity['summary']['top1_share']:.3f}" in html
     assert "Every run and analysis completed." in html
+    # every cell's interval is the bootstrap's: each run's predictions reproduce its recorded score
+    assert blob["cells"] and all(c["interval"] == "bootstrap" and 0 <= c["test_lo"] <= c["test_hi"] <= 1
+                                 for c in blob["cells"])
+    labels = [json.loads(line)["label"] for line in
+              (work / "results" / "evaluate" / keys[0].path() / "predictions.jsonl").read_text().splitlines()]
+    assert blob["cells"][0]["baseline"] == pytest.approx(max(map(labels.count, set(labels))) / len(labels))
 
     runs = _mlflow_runs(work)
     assert len(runs) == 2 * len(keys) + 4

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import uncertainty
 from .io import atomic_path, read_json, write_text
 
 RUN_COLUMNS = ["model", "task", "method", "variant", "seed"]
@@ -204,17 +205,6 @@ def completed_runs(runs: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------
 
 
-def mean_ci95(values: list[float] | np.ndarray) -> tuple[float, float | None]:
-    """Mean and half-width of the 95% Student-t interval (None with one value)."""
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, None
-    from scipy.stats import t
-
-    return mean, float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-
-
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated (fewer params and higher score is better)."""
     front = []
@@ -233,19 +223,25 @@ def _mean_or_none(g: pd.DataFrame, col: str) -> float | None:
     return float(g[col].astype(float).mean())
 
 
-def cell_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% CI of the main test metric per (model, task, method, variant), over the
-    completed runs only; efficiency figures averaged over the same runs."""
-    rows = []
+def cell_table(df: pd.DataFrame, predictions: dict | None = None, stats: dict | None = None) -> pd.DataFrame:
+    """Mean and 95% interval of the main test metric per (model, task, method, variant), over
+    the completed runs only, with the marks of ``compare_cells`` (``predictions``: each run's
+    predictions file rows by (model, task, method, variant, seed); ``stats``: each task's
+    stats.json by (model, task)); efficiency figures averaged over the same runs."""
+    rows, scored = [], {}
     for keys, g in completed_runs(df).groupby(["model", "task", "method", "variant"], sort=False):
-        mean, ci = mean_ci95(g["test_main"].to_numpy())
+        metric = g["main_metric"].iloc[0]
+        task_stats = (stats or {}).get(keys[:2], {})
+        runs = [(predictions or {}).get((*keys, int(seed))) for seed in g["seed"]]
+        interval = cell_interval(g, metric, runs, task_stats)
+        scored[keys] = interval.pop("_scores")
         rows.append(dict(zip(["model", "task", "method", "variant"], keys, strict=True)) | {
             "label": _label(keys[2], keys[3]),
             "family": g["family"].iloc[0],
-            "main_metric": g["main_metric"].iloc[0],
+            "main_metric": metric,
             "n_seeds": len(g),
-            "test_mean": mean,
-            "test_ci95": ci,
+            "test_mean": float(g["test_main"].mean()),
+            **interval,
             "trainable_params": int(g["trainable_params"].iloc[0]),
             "trainable_percent": float(g["trainable_percent"].iloc[0]),
             "train_time_s": float(g["train_time_s"].mean()),
@@ -259,7 +255,69 @@ def cell_table(df: pd.DataFrame) -> pd.DataFrame:
             "gen_new_tokens_per_s": _mean_or_none(g, "gen_new_tokens_per_s"),
             "generation_speed_ratio": _mean_or_none(g, "generation_speed_ratio"),
         })
-    return pd.DataFrame(rows)
+    return compare_cells(pd.DataFrame(rows), scored)
+
+
+def cell_interval(g: pd.DataFrame, metric: str, runs: list[list[dict] | None], task_stats: dict) -> dict:
+    """A cell's 95% interval (``test_lo``, ``test_hi``) and how it was computed (``interval``:
+    bootstrap over examples and seeds where every run's predictions reproduce its recorded score,
+    else Student t over seeds, clipped to the metric's range; None with one seed and no
+    predictions), the no-learning ``baseline``, and the runs' ``_scores`` by seed (or None)."""
+    names, problem = task_stats.get("label_names"), task_stats.get("problem_type")
+    scores = [None if r is None else uncertainty.scores_of(r, metric, names) for r in runs]
+    base = uncertainty.baseline(runs[0], metric, problem, names) if runs and runs[0] else None
+    values = g["test_main"].to_numpy(dtype=float)
+    if all(s is not None for s in scores) and uncertainty.reproduces(scores, metric, list(values)):
+        lo, hi = uncertainty.bootstrap_interval(scores, metric)
+        return {"test_lo": lo, "test_hi": hi, "interval": uncertainty.BOOTSTRAP, "baseline": base,
+                "_scores": dict(zip(g["seed"].astype(int), scores, strict=True))}
+    ci = uncertainty.student_t_interval(values, metric)
+    return {"test_lo": ci[0] if ci else None, "test_hi": ci[1] if ci else None,
+            "interval": uncertainty.STUDENT_T if ci else None, "baseline": base, "_scores": None}
+
+
+def _paired(scored: dict, a: tuple, b: tuple, metric: str) -> tuple[float, float, float] | None:
+    """``a``'s mean minus ``b``'s over their common seeds, with its paired bootstrap interval."""
+    sa, sb = scored.get(a), scored.get(b)
+    seeds = sorted(set(sa or ()) & set(sb or ()))
+    if not seeds or not uncertainty.same_examples([sa[seeds[0]], sb[seeds[0]]]):
+        return None
+    return uncertainty.paired_difference([sa[s] for s in seeds], [sb[s] for s in seeds], metric)
+
+
+def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
+    """Per task, the marks a reader decides by: ``not_trained`` (the interval reaches the
+    no-learning baseline: never ranked), ``vs_full`` (above / below / tied with full fine-tuning,
+    paired over seeds at 95%) and ``vs_best`` (``best``, ``tied`` with it, or ``below``)."""
+    if not len(cells):
+        return cells
+    key = ["model", "task", "method", "variant"]
+    lo = cells["test_lo"].where(cells["test_lo"].notna(), cells["test_mean"])
+    cells = cells.assign(not_trained=[b is not None and b == b and low <= b for b, low in zip(cells["baseline"], lo,
+                                                                                              strict=True)],
+                         vs_full=None, vs_full_diff=None, vs_best=None)
+    for _, g in cells.groupby(["model", "task"], sort=False):
+        metric = g["main_metric"].iloc[0]
+        full = g[(g["method"] == "full") & ~g["not_trained"]]
+        trained = g[~g["not_trained"]].sort_values("test_mean", ascending=False)
+        best = tuple(trained.iloc[0][key]) if len(trained) else None
+        for i, row in g.iterrows():
+            me = tuple(row[key])
+            if len(full) and me != tuple(full.iloc[0][key]):
+                diff = _paired(scored, me, tuple(full.iloc[0][key]), metric)
+                if diff is not None:
+                    cells.at[i, "vs_full_diff"] = diff[0]
+                    cells.at[i, "vs_full"] = _mark(diff, "above", "below", "tied")
+            if best is not None and not row["not_trained"]:
+                diff = None if me == best else _paired(scored, me, best, metric)
+                cells.at[i, "vs_best"] = "best" if me == best else None if diff is None else _mark(
+                    diff, "above", "below", "tied")
+    return cells
+
+
+def _mark(diff: tuple[float, float, float], above: str, below: str, tied: str) -> str:
+    _, lo, hi = diff
+    return above if lo > 0 else below if hi < 0 else tied
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,6 +427,14 @@ def _legend_outside(ax, handles=None, labels=None, fontsize=9, title=None):
                   fontsize=fontsize, title=title, title_fontsize=fontsize)
 
 
+def _error_bar(c) -> list[list[float]]:
+    """A cell's interval as matplotlib's asymmetric error (none where it has no interval)."""
+    lo, hi = c.get("test_lo"), c.get("test_hi")
+    if lo is None or hi is None or lo != lo or hi != hi:
+        return [[0.0], [0.0]]
+    return [[max(0.0, c["test_mean"] - lo)], [max(0.0, hi - c["test_mean"])]]
+
+
 def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
     """Mean test score (95% CI) against trainable parameters, log x, Pareto front marked."""
     plt = _plt()
@@ -377,8 +443,8 @@ def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
     points = []
     for _, c in cells.iterrows():
         label = c["label"]
-        ax.errorbar(c["trainable_params"], c["test_mean"], yerr=c["test_ci95"] if c["test_ci95"] == c["test_ci95"]
-                    and c["test_ci95"] is not None else 0, fmt=style.marker(label), color=style.color(label),
+        ax.errorbar(c["trainable_params"], c["test_mean"], yerr=_error_bar(c), fmt=style.marker(label),
+                    color=style.color(label),
                     label=label, capsize=3, markersize=9 if style.marker(label) != "*" else 13, lw=1.2)
         points.append((c["trainable_params"], c["test_mean"]))
     front = pareto_front(points)
@@ -394,7 +460,7 @@ def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
     handles.append(Line2D([], [], ls="--", color="grey", lw=1))
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (count, log scale)")
-    ax.set_ylabel(f"test {metric} (mean ± 95% CI)")
+    ax.set_ylabel(f"test {metric} (mean, 95% interval)")
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     _legend_outside(ax, handles, [*cells["label"], "Pareto front"])
@@ -403,7 +469,7 @@ def figure_metric_vs_params(cells: pd.DataFrame, style: Style, title: str):
 
 def figure_metric_per_method(runs: pd.DataFrame, cells: pd.DataFrame, style: Style, title: str):
     """A forest plot: one row per method (best mean on top), each seed a dot, the mean a
-    diamond with the same 95% t-interval as the tables; full fine-tuning's mean as a line."""
+    diamond with the same 95% interval as the tables; full fine-tuning's mean as a line."""
     plt = _plt()
     order = cells.sort_values("test_mean", ascending=True)["label"].tolist()
     labels = [_label(m, v) for m, v in zip(runs["method"], runs["variant"], strict=True)]
@@ -413,14 +479,14 @@ def figure_metric_per_method(runs: pd.DataFrame, cells: pd.DataFrame, style: Sty
         c = cells[cells["label"] == label].iloc[0]
         values = runs.loc[runs["label"] == label, "test_main"].to_numpy(dtype=float)
         ax.scatter(values, np.full(len(values), i + 0.18), color=style.color(label), alpha=0.6, s=22, lw=0)
-        ci = c["test_ci95"] if c["test_ci95"] == c["test_ci95"] and c["test_ci95"] is not None else 0
-        ax.errorbar(c["test_mean"], i, xerr=ci, fmt="D", color=style.color(label), capsize=4, markersize=6)
+        ax.errorbar(c["test_mean"], i, xerr=_error_bar(c), fmt="D", color=style.color(label), capsize=4,
+                    markersize=6)
     full = cells[cells["method"] == "full"]
     if len(full):
         ax.axvline(float(full["test_mean"].iloc[0]), color="black", ls=":", lw=1)
     ax.set_yticks(range(len(order)), order)
     ax.set_ylim(-0.7, len(order) - 0.3)
-    ax.set_xlabel(f"test {cells['main_metric'].iloc[0]} (dots: seeds; diamond: mean ± 95% CI"
+    ax.set_xlabel(f"test {cells['main_metric'].iloc[0]} (dots: seeds; diamond: mean, 95% interval"
                   + ("; dotted: full fine-tuning's mean)" if len(full) else ")"))
     ax.set_title(title, fontsize=11)
     ax.grid(True, axis="x", alpha=0.3)
@@ -681,8 +747,33 @@ def _img(uri: str, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='{uri}'>"
 
 
-def _ci_text(mean: float, ci: float | None, digits: int = 4) -> str:
-    return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None and ci == ci else "")
+def _ci_text(mean: float, lo: float | None, hi: float | None, digits: int = 4) -> str:
+    """"mean [lo, hi]" (the mean alone where there is no interval)."""
+    known = lo is not None and hi is not None and lo == lo and hi == hi
+    return f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if known else "")
+
+
+def _cell_text(c) -> str:
+    return _ci_text(c["test_mean"], c["test_lo"], c["test_hi"])
+
+
+def _winner(c: pd.DataFrame) -> str:
+    """The glance's verdict: the best method where the data single it out, else the methods
+    that cannot be told apart from the best at 95% (paired over seeds), or why none ranks."""
+    trained = c[~c["not_trained"].astype(bool)].sort_values("test_mean", ascending=False)
+    if not len(trained):
+        return "none: every method is within noise of the no-learning baseline at this budget"
+    best = trained.iloc[0]
+    head = (f"<b>{html.escape(best['label'])}</b> {_cell_text(best)} "
+            f"({fmt(best['trainable_percent'], 3)}% trainable)")
+    tied = trained[trained["vs_best"] == "tied"]
+    unknown = trained[trained["vs_best"].isna()] if len(trained) > 1 else trained.iloc[:0]
+    if len(tied):
+        return (f"no single winner: {head} and {', '.join(html.escape(x) for x in tied['label'])} cannot be told "
+                "apart at 95%")
+    if len(unknown):
+        return f"{head}; not compared with {len(unknown)} method(s) (no paired predictions)"
+    return head
 
 
 # ---------------------------------------------------------------------------------------
@@ -700,16 +791,15 @@ def _glance(runs: pd.DataFrame, cells: pd.DataFrame) -> str:
                if g["main_metric"].notna().any() else "–",
                "runs": ", ".join(f"{counts[s]} {s}" for s in (COMPLETED, FAILED, MISSING) if counts.get(s))}
         if len(c):
-            best = c.sort_values("test_mean", ascending=False).iloc[0]
-            row["best"] = (f"<b>{html.escape(best['label'])}</b> {_ci_text(best['test_mean'], best['test_ci95'])} "
-                           f"({fmt(best['trainable_percent'], 3)}% trainable)")
+            row["best"] = _winner(c)
             full = c[c["method"] == "full"]
-            row["full"] = _ci_text(full["test_mean"].iloc[0], full["test_ci95"].iloc[0]) if len(full) else "not run"
-            front = pareto_front(list(zip(c["trainable_params"], c["test_mean"], strict=True)))
-            row["front"] = " → ".join(html.escape(c["label"].iloc[i]) for i in front)
+            row["full"] = _cell_text(full.iloc[0]) if len(full) else "not run"
+            ranked = c[~c["not_trained"].astype(bool)]  # a run that learned nothing is on no front
+            front = pareto_front(list(zip(ranked["trainable_params"], ranked["test_mean"], strict=True)))
+            row["front"] = " → ".join(html.escape(ranked["label"].iloc[i]) for i in front) or "–"
         rows.append(row)
     head = ("<tr><th class='l'>task · model</th><th class='l'>metric</th><th class='l'>best method "
-            "(mean ± 95% CI)</th><th class='l'>full fine-tuning</th><th class='l'>Pareto front "
+            "(mean [95% interval])</th><th class='l'>full fine-tuning</th><th class='l'>Pareto front "
             "(fewest parameters first)</th><th class='l'>runs</th></tr>")
     body = "".join(
         f"<tr><td class='l'>{html.escape(r['task'])}</td><td class='l'>{html.escape(str(r['metric']))}</td>"
@@ -797,8 +887,8 @@ def _setup_provenance(config: dict, runs: pd.DataFrame, records: list[dict], any
     commits = sorted(set(runs["git_commit"].dropna())) if "git_commit" in runs else []
     parts = ["<h3>Protocol and provenance</h3><ul>",
              f"<li>evaluation protocol: {html.escape(any_record.get('protocol', '–'))}</li>",
-             f"<li>seeds: {', '.join(map(str, config['seeds']))} (every cell: mean and 95% Student-t "
-             "interval over its completed seeds)</li>",
+             f"<li>seeds: {', '.join(map(str, config['seeds']))} (every cell: the mean over its completed "
+             "seeds and a 95% interval over seeds and test examples, as each table states)</li>",
              f"<li>git commit: <code>{html.escape(', '.join(commits) or 'unknown')}</code></li>",
              "<li>versions: " + html.escape(", ".join(f"{k} {v}" for k, v in versions.items()
                                                       if k != "platform")) + "</li>"]
@@ -1008,32 +1098,74 @@ def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict])
     """The per-method table of a task; with published numbers, a 'paper' column beside ours and
     their sources under it."""
     table = task_cells.sort_values("test_mean", ascending=False)
+    table = table.assign(interval_text=[_ci_text(m, lo, hi).split(" ", 1)[1] if " " in _ci_text(m, lo, hi) else "–"
+                                        for m, lo, hi in zip(table["test_mean"], table["test_lo"], table["test_hi"],
+                                                             strict=True)],
+                         marks=[_marks(c) for _, c in table.iterrows()])
     columns = [("label", "method", -1), ("family", "family", -1), ("n_seeds", "seeds", 0),
-               ("test_mean", f"test {metric} (mean)", 4), ("test_ci95", "± 95% CI", 4),
+               ("test_mean", f"test {metric} (mean)", 4), ("interval_text", "95% interval", -1),
+               ("marks", "compared (paired, 95%)", -1),
                ("trainable_params", "trainable params", 0), ("trainable_percent", "trainable %", 4)]
+    notes = [_interval_note(task_cells, metric)]
     if not paper:
-        return [_table(table, columns)]
+        return [_table(table, columns), *notes]
     table = table.assign(paper=[paper[m]["value"] if m in paper else None for m in table["method"]])
-    columns.insert(5, ("paper", "paper", 4))
-    notes = "".join(f"<li>{html.escape(m)}: {e['value']:.4f} test {html.escape(e.get('metric', metric))}, "
-                    f"{html.escape(e['source'])}</li>" for m, e in sorted(paper.items()))
-    return [_table(table, columns),
+    columns.insert(6, ("paper", "paper", 4))
+    sources = "".join(f"<li>{html.escape(m)}: {e['value']:.4f} test {html.escape(e.get('metric', metric))}, "
+                      f"{html.escape(e['source'])}</li>" for m, e in sorted(paper.items()))
+    return [_table(table, columns), *notes,
             "<p class='note'>paper: the method's published number on this task (from the config's "
             "<code>paper_results</code>), beside ours from this pipeline's protocol; a gap may come from the "
-            f"protocol (prompt, splits, budget, seeds), not the method.</p><ul class='note'>{notes}</ul>"]
+            f"protocol (prompt, splits, budget, seeds), not the method.</p><ul class='note'>{sources}</ul>"]
+
+
+def _marks(c) -> str:
+    """A cell's marks in words: not trained, or where it stands against full fine-tuning and the best."""
+    if c["not_trained"]:
+        return "not trained at this budget (within noise of the baseline)"
+    words = {"best": "best", "tied": "tied with the best", "below": "below the best", "above": "above the best"}
+    marks = [words[c["vs_best"]]] if c.get("vs_best") in words else []
+    if c.get("vs_full") is not None:
+        marks.append({"above": "above full FT", "below": "below full FT", "tied": "tied with full FT"}[c["vs_full"]]
+                     + (f" ({c['vs_full_diff']:+.4f})" if c.get("vs_full_diff") is not None else ""))
+    return "; ".join(marks) or "–"
+
+
+def _interval_note(task_cells: pd.DataFrame, metric: str) -> str:
+    """How this table's intervals and marks were computed, and the no-learning baseline."""
+    kinds = set(task_cells["interval"].dropna())
+    how = []
+    if uncertainty.BOOTSTRAP in kinds:
+        how.append(f"percentile bootstrap ({uncertainty.DRAWS} draws) over the test examples and the seeds, "
+                   "which counts the test set's own noise")
+    if uncertainty.STUDENT_T in kinds:
+        how.append("Student t over the seeds, clipped to the metric's range (cells whose predictions do not "
+                   "reproduce their score per example: corpus-level metrics, averages over test sets)")
+    base = task_cells["baseline"].dropna()
+    baseline = (f"No-learning baseline: {float(base.iloc[0]):.4f} test {html.escape(metric)} (always the most "
+                "frequent class, or zero correlation); a method whose interval reaches it is marked not trained "
+                "at this budget and is not ranked." if len(base) else "No fixed no-learning baseline for this task.")
+    return (f"<p class='note'>95% intervals: {'; '.join(how) or 'none (one seed and no predictions)'}. Compared: "
+            "each method against the best and against full fine-tuning, paired seed by seed on the same "
+            "resampled examples; tied means the 95% interval of the difference contains 0. "
+            f"{baseline}</p>")
 
 
 def _set_cells(done: pd.DataFrame, set_cols: list[str], task_cells: pd.DataFrame) -> pd.DataFrame:
-    """Per method and variant: each test set's mean main metric and 95% CI over seeds, and their
-    average, the task's headline (``cell_table``'s ``test_mean`` / ``test_ci95``, as ``test_main``)."""
+    """Per method and variant: each test set's mean main metric and 95% t interval over seeds
+    (clipped to the metric's range), and their average, the task's headline (``cell_table``'s
+    ``test_mean``, ``test_lo`` and ``test_hi``, as ``test_main``)."""
     rows = []
+    metric = task_cells["main_metric"].iloc[0]
     for (method, variant), g in done.groupby(["method", "variant"], sort=False):
         row = {"method": method, "label": _label(method, variant)}
         for col in set_cols:
-            row[col], row[f"{col}__ci"] = mean_ci95(g[col].to_numpy(dtype=float))
+            values = g[col].to_numpy(dtype=float)
+            row[col] = float(values.mean())
+            row[f"{col}__lo"], row[f"{col}__hi"] = uncertainty.student_t_interval(values, metric) or (None, None)
         rows.append(row)
-    average = task_cells[["label", "test_mean", "test_ci95"]].rename(
-        columns={"test_mean": "test_main", "test_ci95": "test_main__ci"})
+    average = task_cells[["label", "test_mean", "test_lo", "test_hi"]].rename(
+        columns={"test_mean": "test_main", "test_lo": "test_main__lo", "test_hi": "test_main__hi"})
     return pd.DataFrame(rows).merge(average, on="label").sort_values("test_main", ascending=False)
 
 
@@ -1059,12 +1191,13 @@ def test_sets_table(done: pd.DataFrame, task_cells: pd.DataFrame, metric: str, c
             table[f"{col}__paper"] = [papers[col].get(m, {}).get("value") for m in table["method"]]
             columns.append((f"{col}__paper", "paper", 3))
     ours = [*set_cols, "test_main"]
-    table = table.assign(**{c: [_ci_text(m, ci, 3) for m, ci in zip(table[c], table[f"{c}__ci"], strict=True)]
-                            for c in ours})
+    table = table.assign(**{c: [_ci_text(m, lo, hi, 3) for m, lo, hi in zip(
+        table[c], table[f"{c}__lo"], table[f"{c}__hi"], strict=True)] for c in ours})
     return [f"<h3>Test {html.escape(metric)} per test set</h3>",
             f"<p class='note'>One fine-tuning per run, tested on each of {len(set_cols)} sets: means over seeds "
-            "with 95% Student-t intervals; <b>average</b> is the unweighted mean over the sets (the headline "
-            "metric above, as the papers report it). paper: published numbers from the config's "
+            "with 95% Student-t intervals clipped to the metric's range; <b>average</b> is the unweighted mean "
+            "over the sets (the headline metric above, as the papers report it), with its interval from the "
+            "table above. paper: published numbers from the config's "
             "<code>paper_results</code> (an average without a source is the mean of the per-set numbers).</p>",
             _table(table, columns, formatters={c: html.escape for c in ours})]
 
@@ -1118,12 +1251,14 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
 
 def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: dict,
                  analysis_records: list[dict] = (), gift_views: list[dict] = (), tracking: dict | None = None,
-                 missing_other: list[dict] = (), partial: bool = False, figures: Figures | None = None) -> str:
-    """The report's HTML from the summary rows and the records (no file access)."""
+                 missing_other: list[dict] = (), partial: bool = False, figures: Figures | None = None,
+                 predictions: dict | None = None) -> str:
+    """The report's HTML from the summary rows and the records (no file access;
+    ``predictions``: ``read_predictions``'s, for the intervals and comparisons)."""
     figures = figures or Figures()
     if "status" not in runs:
         runs = runs.assign(status=COMPLETED)
-    cells = cell_table(runs)
+    cells = cell_table(runs, predictions, stats)
     style = Style(cells if len(cells) else runs.assign(family=runs.get("family", "weight")))
     analyses: dict[tuple[str, str], dict] = {}
     other = list(missing_other)
@@ -1188,6 +1323,20 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
             f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
 
 
+def read_predictions(runs: pd.DataFrame, results_dir: str | Path) -> dict[tuple, list[dict]]:
+    """The completed runs' predictions files (the evaluate stage's), by (model, task, method,
+    variant, seed); a run without one is left out (its cell's interval falls back to t)."""
+    out = {}
+    for r in completed_runs(runs).itertuples():
+        path = Path(results_dir) / "evaluate" / f"{r.model}/{r.task}/{r.method}/{r.variant}/seed{r.seed}/predictions.jsonl"
+        try:
+            out[(r.model, r.task, r.method, r.variant, int(r.seed))] = [
+                json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def _tracking_info(mlflow_config: dict | None) -> dict | None:
     if not mlflow_config:
         return None
@@ -1224,7 +1373,8 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
     if figures_dir is not None:
         Path(figures_dir).mkdir(parents=True, exist_ok=True)
     doc = build_report(runs, records, stats, config, [read_json(p) for p in analysis_paths],
-                       [read_json(p) for p in gift_paths], _tracking_info(mlflow_config), figures=figures)
+                       [read_json(p) for p in gift_paths], _tracking_info(mlflow_config), figures=figures,
+                       predictions=read_predictions(runs, base))
     if figures_dir is not None:  # leave only this report's figures in the folder
         for old in set(Path(figures_dir).glob("*.png")) - set(figures.written):
             old.unlink()
@@ -1301,6 +1451,6 @@ def write_partial_report(config: dict, logs_dir: str | Path = "logs", mlflow_con
                       "reason": missing_reason(_analysis_logs(p, logs))})
     html_path = partial_path_for(config["report_path"])
     doc = build_report(runs, records, stats, config, analysis_records, gifts, _tracking_info(mlflow_config),
-                       missing_other=other, partial=True)
+                       missing_other=other, partial=True, predictions=read_predictions(runs, results))
     write_text(html_path, doc)
     return html_path
