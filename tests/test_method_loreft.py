@@ -63,6 +63,7 @@ def _left_padded(batch):
         ({"layers": []}, "non-empty"),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"tied_positions": "yes"}, "tied_positions must be"),
+        ({"dropout_on": "state"}, "dropout_on must be 'output'"),
         ({"rank": 2}, "unknown parameter"),
     ],
 )
@@ -158,6 +159,30 @@ def test_edit_formula_and_identity_when_w_equals_r():
         edit.source.weight.copy_(R)
         edit.source.bias.zero_()
     assert torch.allclose(edit(h), h, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout_on", ["output", "edit"])
+def test_training_dropout_falls_where_dropout_on_says(dropout_on):
+    """Training mode against the formula with the same dropout draw: pyreft's default drops
+    units of the whole edited state h + R^T(Wh + b - Rh) (h included); "edit" drops units of the
+    added term only, so every unit keeps at least h."""
+    torch.manual_seed(0)
+    edit = LoreftEdit(16, 3, dropout=0.5, dropout_on=dropout_on).train()
+    h = torch.randn(4, 5, 16)
+    R, W, b = edit.R.detach(), edit.source.weight.detach(), edit.source.bias.detach()
+    added = (h @ W.T + b - h @ R.T) @ R
+    torch.manual_seed(1)
+    out = edit(h).detach()
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones_like(h), 0.5, training=True)  # the same draw: 0 or 2
+    expected = mask * (h + added) if dropout_on == "output" else h + mask * added
+    assert torch.allclose(out, expected, atol=1e-5)
+    dropped = mask == 0
+    assert dropped.any()
+    if dropout_on == "output":
+        assert (out[dropped] == 0).all()
+    else:
+        assert torch.allclose(out[dropped], h[dropped])
 
 
 def test_identity_edits_reproduce_the_pretrained_model(minilm_spec, minilm_tokenizer, tiny_task_dir):

@@ -14,7 +14,10 @@ class LoreftConfig(MethodConfig):
     first_n: int = 1  # p: edit the first p non-pad tokens
     last_n: int = 1  # s: edit the last s non-pad tokens
     tied_positions: bool = True  # one edit shared by first and last positions, else two
-    dropout: float = 0.05  # dropout on the edit R^T (W h + b - R h) while training
+    dropout: float = 0.05  # dropout while training, on what ``dropout_on`` names
+    # "output": on the edited state h + R^T (W h + b - R h), as pyreft's LoreftIntervention;
+    # "edit": on the added term R^T (W h + b - R h) only (h passes untouched)
+    dropout_on: str = "output"
 
     def __post_init__(self):
         if isinstance(self.layers, str):
@@ -41,6 +44,8 @@ class LoreftConfig(MethodConfig):
         if not isinstance(self.tied_positions, bool):
             raise ValueError(f"tied_positions must be true or false, got {self.tied_positions!r}")
         check_dropout("dropout", self.dropout)
+        if self.dropout_on not in ("output", "edit"):
+            raise ValueError(f"dropout_on must be 'output' (pyreft's) or 'edit', got {self.dropout_on!r}")
 
     def edits_per_layer(self) -> list[str]:
         """Names of the separate edits each chosen block gets."""

@@ -129,9 +129,10 @@ class _SnapSigns(nn.Module):
 
 
 class LoreftEdit(nn.Module):
-    """h -> h + dropout(R^T (W h + b - R h)), R with orthonormal rows (ReFT Eq. 2)."""
+    """h -> h + R^T (W h + b - R h), R with orthonormal rows (ReFT Eq. 2); while training,
+    dropout on that whole output (``dropout_on="output"``, pyreft's) or on the added term only."""
 
-    def __init__(self, d: int, r: int, dropout: float = 0.0, dtype=None, device=None):
+    def __init__(self, d: int, r: int, dropout: float = 0.0, dtype=None, device=None, dropout_on: str = "output"):
         super().__init__()
         rotate = nn.Linear(d, r, bias=False, dtype=dtype, device=device)
         parametrize.register_parametrization(rotate, "weight", _SnapSigns())
@@ -141,6 +142,7 @@ class LoreftEdit(nn.Module):
             self.rotate.weight = nn.init.orthogonal_(torch.empty(r, d, dtype=dtype, device=device))
         self.source = nn.Linear(d, r, dtype=dtype, device=device)  # W h + b
         self.dropout = nn.Dropout(dropout)
+        self.dropout_on = dropout_on
 
     @property
     def R(self) -> torch.Tensor:
@@ -149,7 +151,7 @@ class LoreftEdit(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         R = self.R  # computed once per call (the Householder product)
         edit = (self.source(h) - h @ R.T) @ R
-        return h + self.dropout(edit)
+        return self.dropout(h + edit) if self.dropout_on == "output" else h + self.dropout(edit)
 
 
 class LoreftLayer(nn.Module):
@@ -164,10 +166,11 @@ class LoreftLayer(nn.Module):
         tracker: _PositionTracker,
         dtype=None,
         device=None,
+        dropout_on: str = "output",
     ):
         super().__init__()
         for name in names:
-            self.add_module(name, LoreftEdit(d, r, dropout, dtype=dtype, device=device))
+            self.add_module(name, LoreftEdit(d, r, dropout, dtype=dtype, device=device, dropout_on=dropout_on))
         self._tracker = tracker  # shared with the backbone pre-hook (a plain object, no state)
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
@@ -243,7 +246,8 @@ class Loreft(Method):
             block = blocks[i]
             ref = next(block.parameters())
             layer = LoreftLayer(
-                cfg.edits_per_layer(), d, cfg.r, cfg.dropout, tracker, dtype=ref.dtype, device=ref.device
+                cfg.edits_per_layer(), d, cfg.r, cfg.dropout, tracker, dtype=ref.dtype, device=ref.device,
+                dropout_on=cfg.dropout_on,
             )
             block.add_module("loreft", layer)
             block.register_forward_hook(layer.hook)
