@@ -145,3 +145,39 @@ def test_stage_writes_tables_and_sift_masks_that_sift_trains_on(minilm_spec, tin
     with pytest.raises(ConfigError, match="gradient-sparsity stage"):
         build_method("sift", params).calibrate(load_model(minilm_spec, 2, "single_label_classification"), iter(()))
 
+
+
+def test_null_baselines_match_independent_computations(minilm_spec, tiny_task_dir, tmp_path):
+    """The Gaussian null against its closed form, 2 (q phi(q) + 1 - Phi(q)) with q the normal's
+    99.5% quantile (8.45%); the random-init null against plain autograd on a MiniLM freshly
+    initialised from the same seed, on the same two batches, and a sort."""
+    from scipy.stats import norm
+
+    from peftlab.data import load_split
+    from peftlab.io import read_json
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.sparsity import gradient_sparsity, target_roles
+    from peftlab.train import collator_for, make_loader
+
+    rec = gradient_sparsity(minilm_spec, tiny_task_dir, tmp_path, batches=2, batch_size=16, seed=0,
+                            percents=PERCENTS, threads=1)
+    nulls = rec["summary"]["null_top1_share"]
+    q = norm.ppf(0.995)
+    assert nulls["gaussian"] == pytest.approx(2 * (q * norm.pdf(q) + norm.sf(q)), abs=0.002)
+    assert rec["curves"]["null:gaussian"]["per_batch"][PERCENTS.index(1.0)] == nulls["gaussian"]
+
+    stats = read_json(tiny_task_dir / "stats.json")
+    model = load_model(minilm_spec, stats["num_labels"], stats["problem_type"], seed=0)
+    names = list(target_roles(model))
+    torch.manual_seed(0)
+    fresh = type(model)(model.config).eval()
+    weights = [fresh.get_submodule(n).weight for n in names]
+    loader = make_loader(load_split(tiny_task_dir, "train"), 16, collator_for(stats, load_tokenizer(minilm_spec)),
+                         shuffle=True, seed=0)
+    shares = []
+    for _, batch in zip(range(2), loader, strict=False):
+        g = torch.cat([x.flatten() for x in torch.autograd.grad(fresh(**batch).loss, weights)]).double()
+        sq = (g * g).sort(descending=True).values
+        shares.append(float(sq[:math.ceil(len(sq) / 100)].sum() / sq.sum()))
+    assert nulls["random_init"] == pytest.approx(np.mean(shares), abs=1e-4)
+    assert nulls["random_init"] != pytest.approx(rec["summary"]["top1_share"], abs=1e-3)  # another model's

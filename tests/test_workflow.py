@@ -125,6 +125,8 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert d90["reference"] == pytest.approx(sum(full) / len(full)) and d90["grid"] == [150, 600]
     sparsity = json.loads((analyses / "gradient_sparsity" / "sparsity.json").read_text())
     assert "Analyses of the tasks" in html and f"{sparsity['summary']['top1_share']:.3f}" in html
+    nulls = sparsity["summary"]["null_top1_share"]  # beside the nulls it is read against
+    assert f"{nulls['random_init']:.3f}" in html and f"{nulls['gaussian']:.3f}" in html
     assert "Every run and analysis completed." in html
     # every cell's interval is the bootstrap's: each run's predictions reproduce its recorded score
     assert blob["cells"] and all(c["interval"] == "bootstrap" and 0 <= c["test_lo"] <= c["test_hi"] <= 1

@@ -571,6 +571,10 @@ def figure_gradient_sparsity(sp: dict, title: str):
     colors = dict(zip(roles, sns.color_palette("tab10", n_colors=10), strict=False))
     for k in roles:
         ax.plot(percents, curves[k]["per_batch"], ".-", color=colors[k], lw=1, label=k[5:])
+    for key, name, color in (("null:random_init", "random-init model (null)", "tab:purple"),
+                             ("null:gaussian", "Gaussian vector (null)", "tab:brown")):
+        if key in curves:
+            ax.plot(percents, curves[key]["per_batch"], "x--", color=color, lw=1.2, label=name)
     ax.plot(percents, [p / 100 for p in percents], ":", color="tab:red", label="uniform (no sparsity)")
     ax.set_xscale("log")
     ax.set(xlabel="top p% of entries by |gradient| (log scale)", ylabel="share of squared gradient mass",
@@ -1029,10 +1033,18 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
             fig = figure_gradient_sparsity(sp, f"{title}: gradient concentration at the pretrained point")
             parts.append(_img(figures.add(fig, f"{model}--{task}--gradient_sparsity"), f"{task} gradient sparsity"))
             summ = sp["summary"]
-            row.update(top1=summ.get("top1_share"), gini=summ.get("gini"), jaccard=summ.get("jaccard"),
+            nulls = summ.get("null_top1_share") or {}
+            row.update(top1=summ.get("top1_share"), top1_random=nulls.get("random_init"),
+                       top1_gaussian=nulls.get("gaussian"), gini=summ.get("gini"), jaccard=summ.get("jaccard"),
                        jaccard_chance=summ.get("jaccard_chance"), overlap=summ.get("sift_pafi_overlap"),
                        overlap_chance=summ.get("overlap_chance"))
             role_rows = [{"role": r, **v} for r, v in summ["by_role"].items()]
+            if nulls:
+                parts.append(f"<p class='note'>Nulls: the same architecture at a random initialisation, on the same "
+                             f"batches, puts {nulls['random_init']:.3f} of its gradient's squared mass in its top "
+                             f"1% of entries, and a Gaussian vector of the same size {nulls['gaussian']:.3f}, "
+                             f"against {summ['top1_share']:.3f} at the pretrained point: concentration above the "
+                             "random-init curve is what pre-training adds (SIFT's claim).</p>")
             parts.append("<p class='note'>Per role: share of squared gradient mass in the top 1% of "
                          f"entries; Jaccard index of the per-batch top-{summ['jaccard_percent']:g}% sets "
                          f"(chance {summ['jaccard_chance']:.4f}); overlap of SIFT's gradient mask with "
@@ -1045,7 +1057,8 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
     cols = [("model", "model", -1), ("task", "task", -1)]
     frame = pd.DataFrame(summary_rows)
     for c, t, dgt in (("d90", "d90", 0), ("d90_share", "d90 / D", 6), ("grid", "grid of d", -1),
-                      ("top1", "top-1% gradient share", 3), ("gini", "Gini of |g|", 3),
+                      ("top1", "top-1% gradient share", 3), ("top1_random", "top-1% share, random init", 3),
+                      ("top1_gaussian", "top-1% share, Gaussian", 3), ("gini", "Gini of |g|", 3),
                       ("jaccard", "top-set Jaccard", 3), ("overlap", "SIFT ∩ PaFi / k", 4)):
         if c in frame:
             cols.append((c, t, dgt))

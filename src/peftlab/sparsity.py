@@ -13,7 +13,12 @@ gradient g_b of the loss with respect to every weight matrix that plays a target
 * mask overlap: |SIFT mask & PaFi mask| / k for k = round(overlap_rate * numel) per matrix
   (SIFT: top-k of sum_b |g_b|; PaFi: the k smallest |W0|); chance is k / numel;
 * the Gini coefficient of the per-batch |g| per matrix (0: all entries equal; 1: one entry
-  holds all); the overall figure is the numel-weighted mean over matrices.
+  holds all); the overall figure is the numel-weighted mean over matrices;
+* the null baselines the concentration is read against (``null_baselines``): a Gaussian vector
+  with as many entries as the target matrices (its top 1% already holds 8.5% of the squared
+  mass) and the same architecture at a random initialisation, on the same batches. SIFT's
+  claim is about what pre-training does to the gradient: the pretrained curve has to stand
+  above both to support it.
 
 The SIFT index sets it writes (``sift_masks``) are what a SIFT variant with
 ``mask_source: analysis`` trains on.
@@ -167,6 +172,26 @@ def collect_gradients(model, names: list[str], batches, n_batches: int):
     return grads
 
 
+def null_baselines(model, names: list[str], batches, n_batches: int, percents=PERCENTS,
+                   seed: int = 0) -> dict[str, list[float]]:
+    """Concentration curves (share of squared mass in the top p%, each p of ``percents``) of
+    what carries nothing from pre-training: ``gaussian``, i.i.d. N(0, 1) entries as many as the
+    named matrices hold; ``random_init``, the per-batch gradients (averaged over batches) of the
+    same architecture freshly initialised from ``seed`` (its config's initialiser), on ``batches``."""
+    total = sum(model.get_submodule(n).weight.numel() for n in names)
+    noise = torch.randn(total, generator=torch.Generator().manual_seed(seed))
+    gaussian = union_shares([SortedMagnitudes(noise)], percents)
+    del noise
+    torch.manual_seed(seed)
+    fresh = type(model)(model.config)
+    for key, value in vars(model).items():  # peftlab's flags on the loaded model (causal LM, name)
+        if key.startswith("peftlab_"):
+            setattr(fresh, key, value)
+    grads = collect_gradients(fresh, names, batches, n_batches)
+    per_batch = np.mean([union_shares([SortedMagnitudes(t) for t in g], percents) for g in grads], axis=0)
+    return {"gaussian": [float(v) for v in gaussian], "random_init": [float(v) for v in per_batch]}
+
+
 def analyse(model, roles: dict[str, str], grads: list[list[torch.Tensor]], percents=PERCENTS,
             jaccard_percent: float = 1.0, overlap_rate: float = 0.008) -> dict[str, Any]:
     """Every statistic of the module docstring from per-batch gradients (``grads[b][i]`` is
@@ -290,17 +315,27 @@ def gradient_sparsity(
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=seed)
     roles = target_roles(model, model_spec.targets)
-    loader = make_loader(train, batch_size, collator_for(stats, tokenizer), shuffle=True, seed=seed)
+    collator = collator_for(stats, tokenizer)
+
+    def seeded_batches():  # the same batches each time
+        return iter(make_loader(train, batch_size, collator, shuffle=True, seed=seed))
+
     t0 = time.perf_counter()
-    grads = collect_gradients(model, list(roles), iter(loader), batches)
+    grads = collect_gradients(model, list(roles), seeded_batches(), batches)
     result = analyse(model, roles, grads, percents, jaccard_percent, overlap_rate)
+    n_batches = len(grads)
+    del grads
+    nulls = null_baselines(model, list(roles), seeded_batches(), batches, percents, seed)
+    result["curves"] |= {f"null:{k}": {"per_batch": v} for k, v in nulls.items()}
+    if 1.0 in percents:
+        result["summary"]["null_top1_share"] = {k: v[list(percents).index(1.0)] for k, v in nulls.items()}
     masks_written = {}
     for variant, params in (sift_variants or {}).items():
         masks = sift_masks(model, result["accumulated"], params, model_spec.targets)
         path = out / f"sift_mask_{variant}.safetensors"
         with atomic_path(path, suffix=".safetensors") as tmp:
             save_file({f"{n}{INDEX_SUFFIX}": m.contiguous() for n, m in masks.items()}, str(tmp),
-                      metadata={"source": "gradient_sparsity", "batches": str(len(grads))})
+                      metadata={"source": "gradient_sparsity", "batches": str(n_batches)})
         masks_written[variant] = str(path)
     with atomic_path(out / "modules.csv") as tmp:
         result["modules"].to_csv(tmp, index=False)
