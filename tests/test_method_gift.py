@@ -51,6 +51,7 @@ def _train(model, batch, steps=2, lr=1e-2):
         ({"targets": ["query", "qkv"]}, "qkv"),
         ({"targets": ["query", "query"]}, "twice"),
         ({"init_scale": 0}, "init_scale must be a positive number"),
+        ({"phi_init": "zeros"}, "phi_init must be 'linear'"),
         ({"share_across_targets": "yes"}, "share_across_targets must be true or false"),
         ({"rank": 4}, "unknown parameter"),
     ],
@@ -120,9 +121,20 @@ def test_forward_is_w_times_identity_plus_phi_psi():
     got = GiftLinear(lin, pair, "query")(x)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(GiftLinear(lin, pair, "query").merged_weight(), w_prime, atol=1e-6)
-    # the paper's phi init: columns of norm ~ init_scale
-    big = GiftPair(4096, 8, init_scale=2.0)
+    # phi_init normal: columns of norm ~ init_scale
+    big = GiftPair(4096, 8, init_scale=2.0, phi_init="normal")
     assert big.phi.norm(dim=0).mean().item() == pytest.approx(2.0, rel=0.05)
+
+
+def test_phi_init_is_the_reference_in_projection():
+    """The default draw is nn.Linear(d_in, r)'s weight (the reference's in_projection),
+    transposed: the same numbers under the same seed, inside +-1/sqrt(d_in)."""
+    torch.manual_seed(3)
+    reference = nn.Linear(768, 16, bias=False).weight.detach().T
+    torch.manual_seed(3)
+    pair = GiftPair(768, 16, init_scale=1.0)
+    assert torch.equal(pair.phi.detach(), reference)
+    assert pair.phi.abs().max() <= 1 / 768 ** 0.5 and not pair.psi.any()
 
 
 def test_only_intended_tensors_change_and_merge(minilm_spec, minilm_tokenizer, tiny_task_dir):

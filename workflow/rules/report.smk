@@ -52,7 +52,9 @@ rule comparison_report:
         summary=f"{RESULTS}/summary.parquet",
         finetune=all_finetune_records,
         # every test example's prediction: the intervals and paired comparisons
-        predictions=lambda w: [run_path("evaluate", k, "predictions.jsonl") for k in RUNS],
+        predictions=lambda w: [
+            run_path("evaluate", k, "predictions.jsonl") for k in RUNS
+        ],
         stats=lambda w: sorted(
             {f"{RESULTS}/data/{k.model}/{k.task}/stats.json" for k in RUNS}
         ),

@@ -41,11 +41,17 @@ from .base import Method, set_submodule
 
 
 class GiftPair(nn.Module):
-    """Theta = (phi, psi): phi d_in x r (random), psi r x d_in (zero)."""
+    """Theta = (phi, psi): phi d_in x r (random: ``phi_init``, times ``init_scale``), psi
+    r x d_in (zero), as the reference's in_projection (nn.Linear(d_in, r)) and zero-initialised
+    out_projection."""
 
-    def __init__(self, d_in: int, r: int, init_scale: float, *, device=None, dtype=None):
+    def __init__(self, d_in: int, r: int, init_scale: float, *, phi_init: str = "linear", device=None, dtype=None):
         super().__init__()
-        self.phi = nn.Parameter(torch.randn(d_in, r, device=device, dtype=dtype) * (init_scale / math.sqrt(d_in)))
+        if phi_init == "linear":  # nn.Linear(d_in, r)'s weight (r x d_in), transposed
+            phi = nn.init.kaiming_uniform_(torch.empty(r, d_in, device=device, dtype=dtype), a=math.sqrt(5)).T
+        else:
+            phi = torch.randn(d_in, r, device=device, dtype=dtype) / math.sqrt(d_in)
+        self.phi = nn.Parameter((phi * init_scale).contiguous())
         self.psi = nn.Parameter(torch.zeros(r, d_in, device=device, dtype=dtype))
 
 
@@ -156,7 +162,8 @@ class Gift(Method):
         self.freeze(model)
         for members in groups.values():
             first = model.get_submodule(members[0][0])
-            pair = GiftPair(first.in_features, cfg.r, cfg.init_scale, device=first.weight.device, dtype=first.weight.dtype)
+            pair = GiftPair(first.in_features, cfg.r, cfg.init_scale, phi_init=cfg.phi_init,
+                            device=first.weight.device, dtype=first.weight.dtype)
             for name, role in members:
                 set_submodule(model, name, GiftLinear(model.get_submodule(name), pair, role))
         self.unfreeze_head(model)
