@@ -30,9 +30,9 @@ def gift_run(tmp_path_factory, tiny_task_dir, minilm_spec, repo):
 
 def test_tokens_are_clustered_by_gifts_first_projection(gift_run, tiny_task_dir, minilm_spec, tmp_path):
     from peftlab.data import load_split
-    from peftlab.gift_view import gift_token_view
+    from peftlab.gift_view import frozen_output, gift_token_view
     from peftlab.methods import build_method
-    from peftlab.methods.gift import gift_token_projection
+    from peftlab.methods.gift import gift_modules
     from peftlab.models import load_model
 
     rec = [str(gift_run / "result.json")]
@@ -54,16 +54,23 @@ def test_tokens_are_clustered_by_gifts_first_projection(gift_run, tiny_task_dir,
         if len(ids) < 40:  # not truncated: the tokens spell the sentence
             assert re.sub(r"\s+", " ", words).strip() == re.sub(r"\s+", " ", text).strip()
     assert view["n_tokens"] == n == sum(c["size"] for c in view["clusters"]) == len(view["pca"])
-    # the clustered vectors are h W phi of the trained weights: recompute one sentence's
+    # the clustered vectors are y W phi, y = h W^T + b the last query's frozen output (the
+    # reference's pre-delta view), h the hidden state entering that layer: recompute one
+    # sentence's from the pretrained query weights and the trained phi
     stats = read_json(tiny_task_dir / "stats.json")
     ft = read_json(gift_run / "result.json")
     model = load_model(minilm_spec, stats["num_labels"], stats["problem_type"], seed=0)
+    query = model.base_model.encoder.layer[5].attention.self.query
+    w_q, b_q = query.weight.detach().clone(), query.bias.detach().clone()
     model = build_method("gift", ft["config"]["method_params"], {}).load(model, w[0]).eval()
+    phi = gift_modules(model, "query")[5][1].gift.phi.detach()
     s = view["sentences"][0]
     ids = torch.tensor([list(test["input_ids"].iloc[s["row"]])])
     with torch.no_grad():
         h = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[5][0]
-        z = gift_token_projection(model, h, "query", 5).numpy()
+        z = ((h @ w_q.T + b_q) @ (w_q @ phi)).numpy()
+        _, frozen = frozen_output(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "query", 5)
+    assert torch.allclose(frozen[0], h @ w_q.T + b_q, atol=1e-5)  # what the view projects
     x = z / np.linalg.norm(z, axis=1, keepdims=True)
     labels = [t["cluster"] for t in s["tokens"]]
     # tokens of one cluster are closer to their own cluster's mean direction than to others'

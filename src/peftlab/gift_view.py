@@ -4,8 +4,10 @@ GIFT generates a layer's weights as W' = W (I + phi psi) with one (phi, psi) per
 shared by all layers (``methods/gift.py``). Its paper reads the first linear map, W phi, as a
 token-clustering head: projecting the tokens of an input on it groups them into meaningful
 parts. This module is the text counterpart: for a trained GIFT run it takes a few test
-sentences, projects each token's hidden state entering the last layer on ``W phi`` of that
-layer's target (``gift_token_projection``: an r-dim vector per token), clusters the
+sentences and, in the last layer's target module, projects each token's frozen output
+``x W^T + b`` (the layer's output before GIFT's residual, what the reference's visualiser
+reads at ``pre_delta_identity``) on ``W phi`` (``gift_token_projection``: an r-dim vector
+per token), clusters the
 L2-normalised projections with k-means (k from 2..6 by silhouette) and writes
 ``gift_tokens.json``: every token with its text and cluster, per-cluster summaries and a
 2-D PCA of the projections, which the report renders as coloured tokens and a scatter.
@@ -118,15 +120,29 @@ def _pca2(z: np.ndarray) -> np.ndarray:
     return out * np.where(out[np.argmax(np.abs(out), axis=0), range(out.shape[1])] < 0, -1, 1)
 
 
-def _projection_role(model, roles: list[str], hidden: int) -> tuple[str, int]:
-    """The first target role whose matrices map to the hidden size (``h W phi`` needs
-    d_out = hidden: query on BERT and Llama; value of a grouped-query decoder does not)."""
+@torch.no_grad()
+def frozen_output(model, batch: dict, role: str, layer: int):
+    """The model's output on ``batch`` and, for the ``layer``-th GIFT module of ``role``, its
+    frozen output x W^T + b (its input x as the forward saw it; GIFT's residual left out)."""
+    import torch.nn.functional as F
+
+    _, mod = gift_modules(model, role)[layer]
+    seen = []
+    handle = mod.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        out = model(**batch)
+    finally:
+        handle.remove()
+    return out, F.linear(seen[0].to(mod.weight.dtype), mod.weight, mod.bias)
+
+
+def _projection_role(model, roles: list[str]) -> tuple[str, int]:
+    """The first target role of the variant and its last layer's index."""
     for role in roles:
         mods = gift_modules(model, role)
-        if mods and mods[-1][1].out_features == hidden:
+        if mods:
             return role, len(mods) - 1
-    raise ConfigError(f"gift view: no GIFT target of roles {roles} maps to the hidden size {hidden}; "
-                      "include 'query' in the gift variant's targets")
+    raise ConfigError(f"gift view: the model has no GIFT module of roles {roles}")
 
 
 @torch.no_grad()
@@ -153,8 +169,7 @@ def gift_token_view(model_spec: ModelSpec, data_dir: str | Path, record_paths: l
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=int(run["seed"]))
     method = build_method("gift", ft["config"]["method_params"], model_spec.targets)
     model = method.load(model, weights).eval()
-    hidden = model.config.hidden_size
-    role, layer = _projection_role(model, list(method.config.targets), hidden)
+    role, layer = _projection_role(model, list(method.config.targets))
 
     sentences, vectors = [], []
     for i in rows:
@@ -162,9 +177,8 @@ def gift_token_view(model_spec: ModelSpec, data_dir: str | Path, record_paths: l
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
         if "token_type_ids" in test:
             batch["token_type_ids"] = torch.tensor([[int(t) for t in test["token_type_ids"].iloc[i]]])
-        out = model(**batch, output_hidden_states=True)
-        # hidden_states[layer] enters layer ``layer`` (index 0 holds the embeddings)
-        z = gift_token_projection(model, out.hidden_states[layer][0], role, layer).float().numpy()
+        out, frozen = frozen_output(model, batch, role, layer)
+        z = gift_token_projection(model, frozen[0], role, layer).float().numpy()
         vectors.append(z)
         label = test["label"].iloc[i]
         names = stats.get("label_names") or []

@@ -976,8 +976,9 @@ def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
     parts = [f"<h3 id='gift-{html.escape(run['model'])}-{html.escape(run['task'])}'>GIFT: what its first "
              "projection sees in the tokens</h3>",
              f"<p class='note'>GIFT generates its weights as W' = W (I + φψ), one (φ, ψ) per target role shared by "
-             f"all layers. Each token's hidden state h entering layer {view['layer'] + 1} of {view['n_layers']} is "
-             f"projected by the first linear map, h·W·φ (role <code>{html.escape(view['role'])}</code>, "
+             f"all layers. In layer {view['layer'] + 1} of {view['n_layers']}, each token's frozen output y = xWᵀ + b "
+             f"(before GIFT's residual, as the reference's visualiser reads it) is projected by the first linear map, "
+             f"y·W·φ (role <code>{html.escape(view['role'])}</code>, "
              f"r = {view['r']}), of the trained run <code>{html.escape(run['variant'])}/seed{run['seed']}</code>; "
              f"the r-dimensional projections (L2-normalised) are clustered with k-means, k = {view['k']} chosen by "
              f"silhouette ({view['silhouette']:.2f}). Tokens of the same colour share a cluster: the text "

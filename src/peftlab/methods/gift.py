@@ -17,8 +17,9 @@ layer input (O(tokens * r * d_in) extra work), then the frozen linear layer.
 Merge folds it once: ``W <- W + (W phi) psi`` into a plain ``nn.Linear`` (bias unchanged).
 
 Interpretability (the paper's token-clustering reading): ``W phi`` (d_out x r) is the
-output of GIFT's first linear layer; projecting hidden states on it, ``h W phi``, gives
-an r-dim score per token (``gift_token_projection``).
+output of GIFT's first linear layer; projecting a token's frozen output on it,
+``(x W^T + b) W phi``, as the reference's visualiser does, gives an r-dim score per token
+(``gift_token_projection``; ``gift_view.frozen_output``).
 
 Trainable parameters: ``2 r d_in`` per pair (number of pairs = number of roles, or 1 when
 shared) + the classification head.
@@ -98,10 +99,10 @@ def gift_modules(model: nn.Module, role: str | None = None) -> list[tuple[str, G
 def gift_token_projection(model: nn.Module, hidden_states: torch.Tensor, role: str, layer: int) -> torch.Tensor:
     """``h W phi`` for the ``layer``-th (0-based) GIFT module of ``role``: (..., d_out) -> (..., r).
 
-    ``hidden_states`` are token representations of size d_out of that module (for the square
-    query/value projections of an encoder: the hidden states entering that layer, e.g.
-    ``outputs.hidden_states[layer]``). Each token gets r scores against the columns of
-    ``W phi``, the output of GIFT's first linear layer; a report can colour tokens by them.
+    ``hidden_states`` are token representations of size d_out of that module: the token view
+    passes its frozen output x W^T + b (``gift_view.frozen_output``), as the reference does.
+    Each token gets r scores against the columns of ``W phi``, the output of GIFT's first
+    linear layer; a report can colour tokens by them.
     """
     mods = gift_modules(model, role)
     if not mods:
