@@ -38,10 +38,11 @@ def task_dirs(smollm, tmp_path_factory):
 def test_method_on_a_causal_lm(method, task, smollm, task_dirs, tmp_path, repo):
     spec, _ = smollm
     data = task_dirs[task]
-    exp = load_experiment(repo / "config" / "experiments", method, "default")
+    variant = "weights" if method == "hiwi" else "default"  # SmolLM2's MLP has no biases for HiWi's default
+    exp = load_experiment(repo / "config" / "experiments", method, variant)
     exp = dataclasses.replace(exp, training=dataclasses.replace(
         exp.training, max_steps=6, batch_size=8, eval_batch_size=4, evals_per_epoch=1, log_every_steps=1))
-    key = RunKey("smollm2-135m", task, method, "default", 0)
+    key = RunKey("smollm2-135m", task, method, variant, 0)
     rec = finetune(key, spec, exp, data, tmp_path / "w.safetensors", tmp_path / "r.json", threads=2)
     assert rec["status"] == "completed" and rec["steps"] == 6
     m = build_method(method, exp.method_params)

@@ -73,24 +73,26 @@ def test_closed_form_count_minilm(minilm_spec):
     per_layer = (2 * r * 384 + r + 384) + (2 * r * 1536 + r + 1536)
     assert per_layer == 17288
     cases = [
-        ({"r": r}, 6 * per_layer),
-        ({"r": r, "share_across_layers": True}, per_layer),
-        ({"r": r, "adapter_bias": False}, 6 * (2 * r * 384 + 2 * r * 1536)),
+        ({"r": r, "adapt": "weights"}, 6 * per_layer),
+        ({"r": r, "adapt": "weights", "share_across_layers": True}, per_layer),
+        ({"r": r, "adapt": "weights", "adapter_bias": False}, 6 * (2 * r * 384 + 2 * r * 1536)),
         # on biases: d = d_out -> 1536 for ffn_in's bias, 384 for ffn_out's
         ({"r": r, "adapt": "biases", "targets": ["ffn_in"]}, 6 * (2 * r * 1536 + r + 1536)),
-        ({"r": r, "targets": ["ffn_out"], "share_across_layers": True}, 2 * r * 1536 + r + 1536),
+        ({"r": r, "adapt": "weights", "targets": ["ffn_out"], "share_across_layers": True}, 2 * r * 1536 + r + 1536),
+        # the default is the paper's bias adaptation
+        ({"r": r}, 6 * ((2 * r * 1536 + r + 1536) + (2 * r * 384 + r + 384))),
     ]
     for params, adapters in cases:
         m = build_method("hiwi", params)
         assert m.expected_trainable_parameters(base) == adapters + HEAD, params
-    m = build_method("hiwi", {"r": r})
+    m = build_method("hiwi", {"r": r, "adapt": "weights"})
     model = m.apply(base)
     assert count_parameters(model, trainable_only=True) == 6 * per_layer + HEAD
     wrapped = dict(_hiwi_modules(model))
     assert sorted(wrapped) == sorted(FFN_IN + FFN_OUT)
     assert len({id(mod.hiwi) for mod in wrapped.values()}) == 12  # per layer and role
 
-    shared = build_method("hiwi", {"r": r, "share_across_layers": True}).apply(_fresh(minilm_spec))
+    shared = build_method("hiwi", {"r": r, "adapt": "weights", "share_across_layers": True}).apply(_fresh(minilm_spec))
     by_role = {}
     for _, mod in _hiwi_modules(shared):
         by_role.setdefault(mod.role, set()).add(id(mod.hiwi))
@@ -99,7 +101,7 @@ def test_closed_form_count_minilm(minilm_spec):
 
 def test_step_zero_is_the_pretrained_model(minilm_spec, minilm_tokenizer, tiny_task_dir):
     batch = _inputs(_batch(tiny_task_dir, minilm_tokenizer, n=8))
-    for params in ({}, {"adapt": "biases"}):
+    for params in ({"adapt": "weights"}, {}):
         base = _fresh(minilm_spec).eval()
         with torch.no_grad():
             ref = base(**batch).logits
@@ -135,7 +137,7 @@ def test_adapter_math():
 
 @pytest.mark.parametrize(
     ("params", "suffix"),
-    [({"r": 4}, "weight"), ({"r": 4, "adapt": "biases"}, "bias")],
+    [({"r": 4, "adapt": "weights"}, "weight"), ({"r": 4}, "bias")],
     ids=["weights", "biases"],
 )
 def test_only_intended_tensors_change_and_merge(params, suffix, minilm_spec, minilm_tokenizer, tiny_task_dir):
@@ -181,7 +183,7 @@ def test_only_intended_tensors_change_and_merge(params, suffix, minilm_spec, min
 def test_save_load_roundtrip(minilm_spec, minilm_tokenizer, tiny_task_dir, tmp_path):
     torch.manual_seed(1)
     batch = _batch(tiny_task_dir, minilm_tokenizer)
-    params = {"r": 4}
+    params = {"r": 4, "adapt": "weights"}
     m = build_method("hiwi", params)
     model = _train(m.apply(_fresh(minilm_spec)), batch)
     with torch.no_grad():
@@ -202,7 +204,7 @@ def test_save_load_roundtrip(minilm_spec, minilm_tokenizer, tiny_task_dir, tmp_p
 def test_shared_adapter_sizes_must_agree(minilm_spec):
     # ffn_out of MiniLM has d_in 1536 in every layer: sharing is fine; a mixed override is not
     base = _fresh(minilm_spec)
-    m = build_method("hiwi", {"targets": ["ffn_in"], "share_across_layers": True},
+    m = build_method("hiwi", {"adapt": "weights", "targets": ["ffn_in"], "share_across_layers": True},
                      {"ffn_in": r"(intermediate\.dense|layer\.\d+\.output\.dense)$"})
     with pytest.raises(ConfigError, match=r"role 'ffn_in' across layers has weights of different sizes \[384, 1536\]"):
         m.expected_trainable_parameters(base)
@@ -212,9 +214,9 @@ def test_shared_adapter_sizes_must_agree(minilm_spec):
 @pytest.mark.parametrize(
     ("name", "params", "n_layers", "ffn_in_d", "ffn_out_d", "matrices"),
     [
-        ("mpnet-base", {"r": 8}, 12, 768, 3072, 2),
+        ("mpnet-base", {"r": 8, "adapt": "weights"}, 12, 768, 3072, 2),
         # Llama: ffn_in = gate_proj + up_proj (576 wide rows), ffn_out = down_proj (1536 wide rows)
-        ("smollm2-135m", {"r": 8}, 30, 576, 1536, 3),
+        ("smollm2-135m", {"r": 8, "adapt": "weights"}, 30, 576, 1536, 3),
     ],
 )
 def test_other_architectures(name, params, n_layers, ffn_in_d, ffn_out_d, matrices, builtin_model_factory):
@@ -227,8 +229,9 @@ def test_other_architectures(name, params, n_layers, ffn_in_d, ffn_out_d, matric
     assert len(resolve_targets(base, ["ffn_in", "ffn_out"])) == n_layers * matrices
     if name == "smollm2-135m":
         assert expected == 1078752  # 30 * (9800 + 26120) + score head 576 * 2
-        with pytest.raises(ConfigError, match=r"adapt: biases needs biases, but model\.layers\.0\.mlp\.\w+_proj has none"):
-            build_method("hiwi", {"adapt": "biases"}).expected_trainable_parameters(base)
+        with pytest.raises(ConfigError, match=r"adapt: biases needs biases, but model\.layers\.0\.mlp\.\w+_proj has none"
+                                              r".*the hiwi variant 'weights'"):
+            build_method("hiwi", {}).expected_trainable_parameters(base)  # the default: biases
     model = m.apply(base)
     assert count_parameters(model, trainable_only=True) == expected
     wrapped = _hiwi_modules(model)

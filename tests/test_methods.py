@@ -23,7 +23,7 @@ CASES = [
      lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
     ("gift", {"r": 4, "targets": ["query", "value"]},
      lambda n: n.startswith("classifier.") or n.endswith(("query.weight", "value.weight"))),
-    ("hiwi", {"r": 4},
+    ("hiwi", {"r": 4, "adapt": "weights"},
      lambda n: n.startswith("classifier.")
      or re.search(r"(intermediate|layer\.\d+\.output)\.dense\.weight$", n) is not None),
     # non-mergeable methods add modules: the base model's own tensors that change are the head's

@@ -14,9 +14,9 @@ ACTIVATIONS = ("gelu", "identity", "relu", "tanh")
 class HiwiConfig(MethodConfig):
     r: int = 8  # adapter bottleneck width
     targets: list[str] = field(default_factory=lambda: ["ffn_in", "ffn_out"])
-    # weights: W' = W + A(W) row-wise; biases: b' = b + A(b). (Not named "on": YAML 1.1 reads an
-    # unquoted ``on:`` key as the boolean true.)
-    adapt: str = "weights"
+    # biases: b' = b + A(b) (the paper's); weights: W' = W + A(W) row-wise. (Not named "on":
+    # YAML 1.1 reads an unquoted ``on:`` key as the boolean true.)
+    adapt: str = "biases"
     share_across_layers: bool = False  # one adapter per role for all layers (default: per layer)
     activation: str = "relu"  # f in A(X) = f(X U + c) V + e
     adapter_bias: bool = True  # the adapter's own biases c and e

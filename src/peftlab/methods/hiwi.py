@@ -6,20 +6,21 @@ parameters of the feed-forward block to such an adapter instead, and adds its ou
 them. No reference code was available to us (see DESIGN.md); this module implements the
 following reading of the paper, stated exactly:
 
-* ``adapt: weights`` (default). For a target ``nn.Linear`` with weight W (d_out x d_in, the
-  PyTorch layout; y = x W^T + b), the adapter runs row-wise over W: every row w_i (a d_in
-  vector, the weights feeding output unit i) is one adapter input::
+* ``adapt: biases`` (default: the paper's setting behind its storage figure, 0.03% of full
+  fine-tuning, less than BitFit). For a target ``nn.Linear`` (y = x W^T + b) the adapter's
+  input is the bias vector b (d_out) itself, as one row::
 
-      W' = W + A(W),   A(X) = f(X U + c) V + e,
-      U: d_in x r,  c: r,  V: r x d_in (zero at init),  e: d_in (zero at init),  f = ReLU.
+      b' = b + A(b),   A(X) = f(X U + c) V + e,
+      U: d_out x r,  c: r,  V: r x d_out (zero at init),  e: d_out (zero at init),  f = ReLU.
 
-  The bias b is kept. Row-wise is the choice that keeps the adapter small and shape-agnostic:
-  its size depends only on d_in, so one adapter can serve several matrices of a role (Llama's
-  ``gate_proj`` and ``up_proj``) and, when shared, all layers.
-* ``adapt: biases``. The adapter's input is the bias vector b (d_out) itself, as one row:
-  ``b' = b + A(b)`` with U: d_out x r, V: r x d_out; W is kept. Much cheaper to store after
-  training (only the modified biases differ from the base), but impossible on bias-free
-  layers (Llama's MLP): that is an error naming the module.
+  W is kept. After training only the modified biases differ from the base. Bias-free layers
+  (Llama's MLP) cannot take it: that is an error naming the module and the ``weights`` variant.
+* ``adapt: weights`` (the variant ``weights``). The adapter runs row-wise over W (d_out x d_in,
+  the PyTorch layout): every row w_i (a d_in vector, the weights feeding output unit i) is
+  one adapter input, ``W' = W + A(W)`` with U: d_in x r, V: r x d_in; the bias b is kept.
+  Row-wise is the choice that keeps the adapter small and shape-agnostic: its size depends
+  only on d_in, so one adapter can serve several matrices of a role (Llama's ``gate_proj``
+  and ``up_proj``) and, when shared, all layers.
 * ``adapter_bias: false`` drops c and e (then A(X) = f(X U) V).
 * Placement: one adapter per target role (``ffn_in``, ``ffn_out``). ``share_across_layers:
   false`` (default) gives every layer its own adapter per role (the matrices of one role in
@@ -114,13 +115,14 @@ class Hiwi(Method):
     family = "weight"
     config_cls = HiwiConfig
     mergeable = True
-    description = "adapter on the pretrained FFN weights (or biases): W' = W + f(W U) V, merged after training"
+    description = "adapter on the pretrained FFN biases (or weights): b' = b + f(b U) V, merged after training"
 
     def _adapter_input_size(self, name: str, lin: nn.Linear) -> int:
         if self.config.adapt == "weights":
             return lin.in_features
         if lin.bias is None:
-            raise ConfigError(f"hiwi adapt: biases needs biases, but {name} has none; use adapt: weights for this model")
+            raise ConfigError(f"hiwi adapt: biases needs biases, but {name} has none: run the hiwi variant 'weights' "
+                              "(adapt: weights) on this model")
         return lin.out_features
 
     def _groups(self, model: nn.Module) -> dict[tuple[str, str], list[tuple[str, str]]]:
