@@ -29,10 +29,12 @@ wildcard_constraints:
     variant=NAME,
     seed="[0-9]+",
     d="[0-9]+",
+    trial="[0-9]+",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/analyses.smk"
+include: "workflow/rules/tuning.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

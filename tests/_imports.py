@@ -54,10 +54,11 @@ def module_closure(module: str, src: Path) -> set[Path]:
 
 
 def rule_scripts(workdir: Path) -> dict[str, Path]:
-    """rule name -> its ``script:``, read from the workflow's rule files."""
+    """rule (or checkpoint) name -> its ``script:``, read from the workflow's rule files."""
     out = {}
     for smk in sorted((workdir / "workflow" / "rules").glob("*.smk")):
-        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), flags=re.M | re.S):
+        for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) |\Z)", smk.read_text(),
+                                     flags=re.M | re.S):
             script = re.search(r'^\s+script:\s*\n\s+"([^"]+)"', body, flags=re.M)
             if script:
                 out[name] = (smk.parent / script.group(1)).resolve()

@@ -46,6 +46,7 @@ def test_lint_is_clean():
     [
         ("methods={'lorra': ['default']}", "key 'lorra' under 'methods' is not allowed"),
         ("threads=0", "'threads' = 0: 0 is less than the minimum of 1"),
+        ("tuning={'grid': {'lr': [0.001]}}", "'tuning' grid key 'lr' of full/default is neither a training key"),
     ],
 )
 def test_bad_config_fails_before_any_job(tmp_path, override, expected):
@@ -295,6 +296,77 @@ def test_finetune_job_on_two_processes(tmp_path):
     assert list(runs["tags.rule"]) == ["finetune"] and list(runs["status"]) == ["FINISHED"]
 
 
+def _tuning_job_counts(res) -> dict[str, int]:
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    jobs = re.findall(r"^\s*(?:local)?(?:rule|checkpoint) (\w+):$", res.stdout + res.stderr, flags=re.M)
+    return {name: jobs.count(name) for name in set(jobs)}
+
+
+@pytest.mark.slow
+def test_tuning_is_a_stage_of_the_dag(tmp_path):
+    """A learning-rate grid per method: trials on the tuning seed (validation only), the
+    selection as a checkpoint, the final runs at the chosen point; a selection that reruns
+    and keeps its point retrains nothing, one that moves it retrains exactly that method."""
+    import yaml
+
+    work = workflow_copy(tmp_path)
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg |= {"methods": {"full": ["default"], "lora": ["default"]}, "seeds": [0],
+            "analyses": {"intrinsic_dimension": {"dims": []}, "gradient_sparsity": {"enabled": False}},
+            "tuning": {"methods": {"full": {"learning_rate": [1e-5, 1e-4]}, "lora": {"learning_rate": [1e-4, 3e-3]}},
+                       "training": {"max_steps": 4}}}
+    (work / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("-c2", "--configfile", "tune.yaml", "--replace-workflow-config")
+    counts = _tuning_job_counts(snakemake(*args, cwd=work))
+    assert (counts["tune_trial"], counts["tune_select"], counts["finetune"]) == (4, 2, 2)
+    results = work / "results"
+
+    def cell(method):
+        sel = json.loads((results / "tune" / f"minilm-l6/rotten_tomatoes/{method}/default/selected.json").read_text())
+        final = results / "finetune" / f"minilm-l6/rotten_tomatoes/{method}/default/seed0/result.json"
+        return sel, final
+
+    for method, grid in cfg["tuning"]["methods"].items():
+        sel, final = cell(method)
+        trials = [json.loads((results / "tune" / f"minilm-l6/rotten_tomatoes/{method}/default/trial{t}/seed0/"
+                                         "result.json").read_text()) for t in range(2)]
+        # each trial trained its own point at the tuning budget; the best validation score won
+        assert [t["config"]["training"]["learning_rate"] for t in trials] == grid["learning_rate"]
+        assert all(t["steps"] == 4 and t["run"]["trial"] == str(i) for i, t in enumerate(trials))
+        scores = [t["best_validation"]["accuracy"] for t in trials]
+        best = max(range(2), key=lambda i: (scores[i], -i))
+        assert sel["chosen"] == {"trial": best, "point": {"learning_rate": grid["learning_rate"][best]},
+                                 "validation": scores[best]}
+        record = json.loads(final.read_text())
+        assert record["config"]["training"]["learning_rate"] == grid["learning_rate"][best]
+        assert record["steps"] == 6 and record["config"]["tuned"]["source"].endswith(f"{method}/default/selected.json")
+    html = (work / "reports" / "comparison.html").read_text()
+    assert "<h2 id='tuning'>Tuning</h2>" in html and "Every method had the same effort: 2 trials." in html
+    sel, final = cell("lora")
+    chosen = sel["grid"][sel["chosen"]["trial"]]
+    assert f"<b>learning_rate={chosen['point']['learning_rate']:g}: {chosen['mean']:.4f}</b>" in html
+    runs = _mlflow_runs(work)
+    parents = runs[runs["tags.rule"] == "tune"].set_index("tags.method")["run_id"]
+    trials = runs[runs["tags.trial"].notna()]
+    assert len(parents) == 2 and len(trials) == 4
+    assert all(r["tags.mlflow.parentRunId"] == parents[r["tags.method"]] for _, r in trials.iterrows())
+
+    # the selection reruns and keeps its point: no final run retrains
+    stamp = final.stat().st_mtime_ns
+    counts = _tuning_job_counts(snakemake(*args, "--forcerun", "tune_select", cwd=work))
+    assert counts["tune_select"] == 2 and "finetune" not in counts and "tune_trial" not in counts
+    assert final.stat().st_mtime_ns == stamp
+    # the chosen point leaves the grid: its trial reruns and lora's final run retrains at the new choice
+    lora = cfg["tuning"]["methods"]["lora"]["learning_rate"]
+    lora[sel["chosen"]["trial"]] = 1e-2
+    (work / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    counts = _tuning_job_counts(snakemake(*args, cwd=work))
+    assert (counts["tune_trial"], counts["tune_select"], counts["finetune"]) == (1, 1, 1)
+    sel, final = cell("lora")
+    assert json.loads(final.read_text())["config"]["training"]["learning_rate"] == sel["chosen"]["point"][
+        "learning_rate"]
+
+
 def test_analyses_are_stages_of_the_dag(tmp_path):
     """Intrinsic dimension (grid + d90, which pulls in full fine-tuning) and gradient sparsity
     are jobs; a SIFT variant with mask_source: analysis trains on the sparsity stage's masks."""
@@ -361,3 +433,8 @@ def _holds_its_protocol(preset: str, cfg: dict) -> None:
         assert set(cfg["paper_results"]["metamathqa_gsm8k"]) == methods
     else:  # the CPU presets: every method
         assert methods == set(METHODS), preset
+    if preset == "tuned_rotten_tomatoes.yaml":  # every method tuned, with the same effort
+        from peftlab.tuning import tuned_variants
+
+        plan = tuned_variants(cfg)
+        assert {m for m, _ in plan} == methods and {len(p) for p in plan.values()} == {4}

@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # the rules whose jobs run the method named by their `method` wildcard
 METHOD_RULES = ("finetune", "evaluate")
 # pipeline order, for tables; rules not listed follow in alphabetical order
-RULE_ORDER = ("prepare_data", "gradient_sparsity", "intrinsic_dimension", "finetune", "evaluate",
+RULE_ORDER = ("prepare_data", "gradient_sparsity", "intrinsic_dimension", "tune_select", "finetune", "evaluate",
               "d90", "gift_view", "aggregate", "comparison_report")
 
 

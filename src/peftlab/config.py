@@ -682,10 +682,14 @@ class Experiment:
     training: TrainConfig
     method_params: dict
     files: tuple[str, ...]
+    # the tuning stage's settings over the files' (``tuning.tuned_settings``): a trial's grid
+    # point and budget, or the point a final run uses with where it was selected
+    tuned: dict | None = None
 
     def resolved(self) -> dict:
-        return {"method": self.method, "variant": self.variant,
-                "training": self.training.to_dict(), "method_params": self.method_params}
+        out = {"method": self.method, "variant": self.variant,
+               "training": self.training.to_dict(), "method_params": self.method_params}
+        return out | ({"tuned": self.tuned} if self.tuned else {})
 
 
 def experiment_files(experiments_dir: str | Path, method: str, variant: str) -> list[Path]:
@@ -713,10 +717,11 @@ def _experiment_part(path: Path, data: Any) -> dict:
 
 
 def load_experiment(experiments_dir: str | Path, method: str, variant: str,
-                    training: dict | None = None) -> Experiment:
+                    training: dict | None = None, tuned: dict | None = None) -> Experiment:
     """Merge defaults.yaml with ``<method>/<variant>.yaml`` and the config's ``training``
     (settings over every variant's) and type-check the result; an error names the file (or
-    the config key) that sets the bad value."""
+    the config key) that sets the bad value. ``tuned``: the tuning stage's settings, over
+    all of these (``tuning.tuned_settings``: ``{"training": ..., "method": ..., ...}``)."""
     from .method_configs import config_class  # torch-free: the DAG build validates every variant
 
     defaults_path, variant_path = experiment_files(experiments_dir, method, variant)
@@ -731,6 +736,10 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str,
     override = _experiment_part(variant_path, load_yaml(variant_path))
     overall = {"training": training} if training else {}
     merged = deep_merge(deep_merge(defaults, override), overall)
+    tuned_part = {k: (tuned or {}).get(k) for k in ("training", "method") if (tuned or {}).get(k)}
+    if tuned_part:
+        merged = deep_merge(merged, tuned_part)
+        overall = deep_merge(overall, tuned_part)
     validator = _schema_validator("experiment")
     error = _first_error(validator, merged)
     if error is not None:
@@ -758,7 +767,8 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str,
                 f"{culprit}: 'method.{k}' = {v!r}: no such file (from {Path.cwd()}); give an "
                 "existing file"
             )
-    return Experiment(method, variant, train_config, params, tuple(str(p) for p in (defaults_path, variant_path)))
+    return Experiment(method, variant, train_config, params, tuple(str(p) for p in (defaults_path, variant_path)),
+                      tuned or None)
 
 
 @dataclass(frozen=True)
@@ -774,6 +784,16 @@ class RunKey:
 
     def tags(self) -> dict[str, str]:
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TrialKey(RunKey):
+    """One trial of the tuning stage: a grid point (by its index) on one tuning seed."""
+
+    trial: int = 0
+
+    def path(self) -> str:
+        return f"{self.model}/{self.task}/{self.method}/{self.variant}/trial{self.trial}/seed{self.seed}"
 
 
 def iter_runs(config: dict) -> Iterator[RunKey]:

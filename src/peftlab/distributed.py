@@ -262,10 +262,12 @@ class ShardedBatches(torch.utils.data.Sampler):
 
 def finetune_processes(processes: int, key, model_entry: dict | None, experiments_dir, training: dict | None,
                        mask_path, data_dir, weights_path, record_path, threads: int | None, code: str = "",
-                       stream=None) -> dict:
-    """``train.finetune`` of ``key`` on ``processes`` processes; returns process 0's record."""
+                       stream=None, tuned: dict | None = None) -> dict:
+    """``train.finetune`` of ``key`` on ``processes`` processes; returns process 0's record.
+    ``tuned``: the tuning stage's settings (``load_experiment``'s)."""
     parallel_of(model_entry)  # a bad value fails here, not in every process
     job = {"key": [key.model, key.task, key.method, key.variant, key.seed], "model": model_entry,
+           "trial": getattr(key, "trial", None), "tuned": tuned,
            "experiments_dir": str(experiments_dir), "training": training, "mask_path": mask_path,
            "data_dir": str(data_dir), "weights_path": str(weights_path), "record_path": str(record_path),
            "threads": max(1, threads // processes) if threads else None,  # the job's CPUs, shared out
@@ -305,15 +307,17 @@ def launch(job: dict, processes: int, job_path: Path, stream=None) -> None:
 
 def worker(job_path: str) -> int:
     """One torchrun worker: the ``train.finetune`` call that ``job`` describes."""
-    from .config import RunKey, load_experiment
+    from .config import RunKey, TrialKey, load_experiment
     from .models import ModelSpec
     from .train import finetune
 
     job = json.loads(Path(job_path).read_text())
-    experiment = load_experiment(job["experiments_dir"], job["key"][2], job["key"][3], job["training"])
+    experiment = load_experiment(job["experiments_dir"], job["key"][2], job["key"][3], job["training"],
+                                 job.get("tuned"))
     if job.get("mask_path"):
         experiment.method_params["mask_path"] = job["mask_path"]
-    key = RunKey(*job["key"][:4], int(job["key"][4]))
+    ident = (*job["key"][:4], int(job["key"][4]))
+    key = RunKey(*ident) if job.get("trial") is None else TrialKey(*ident, trial=int(job["trial"]))
     spec = ModelSpec.from_config(job["key"][0], job["model"])
     finetune(key, spec, experiment, job["data_dir"], job["weights_path"], job["record_path"],
              threads=job.get("threads"), code_fingerprint=job.get("code", ""), parallel=parallel_of(job["model"]))

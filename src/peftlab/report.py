@@ -171,7 +171,11 @@ def summary_rows(finetune_paths: list[str], evaluate_paths: list[str], logs_dir:
             run = run_from_path(f)
             rd = "{model}/{task}/{method}/{variant}/seed{seed}".format(**run)
             logs = Path(logs_dir)
+            cell = "{model}/{task}/{method}/{variant}".format(**run)
             stage_logs = [("prepare_data", logs / "prepare_data" / run["model"] / f"{run['task']}.log"),
+                          # a tuned variant: its trials and its selection come first
+                          *sorted(("tune_trial", p) for p in (logs / "tune" / cell).glob("trial*/*.log")),
+                          ("tune_select", logs / "tune" / cell / "selected.json.log"),
                           ("finetune", logs / "finetune" / f"{rd}.log")]
             if ft is not None:
                 stage_logs = [("evaluate", logs / "evaluate" / f"{rd}.log")]
@@ -1076,6 +1080,91 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
     return parts
 
 
+def _grid_axis(rows: list[dict]) -> tuple[list, str, bool]:
+    """The x values of a grid's points: the value of a single numeric key (log scale when it
+    spans more than a decade), else the trial number."""
+    keys = list(rows[0]["point"]) if rows else []
+    values = [r["point"][keys[0]] for r in rows] if len(keys) == 1 else []
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        log = min(values) > 0 and max(values) / min(values) > 10
+        return values, keys[0].replace("_", " "), log
+    return [r["trial"] for r in rows], "trial (grid point)", False
+
+
+def figure_tuning(selections: list[dict], style: Style, title: str):
+    """Each tuned method's mean validation score over its grid, the chosen point starred."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 3.9))
+    xlabels, any_log = set(), False
+    for sel in selections:
+        label = _label(sel["run"]["method"], sel["run"]["variant"])
+        rows = [r for r in sel["grid"] if r["mean"] is not None]
+        xs, xlabel, log = _grid_axis(rows)
+        xlabels.add(xlabel)
+        any_log |= log
+        ax.plot(xs, [r["mean"] for r in rows], "-", marker=style.marker(label), color=style.color(label), label=label)
+        chosen = next(i for i, r in enumerate(rows) if r["trial"] == sel["chosen"]["trial"])
+        ax.plot([xs[chosen]], [rows[chosen]["mean"]], "*", ms=14, color=style.color(label), mec="black")
+    if any_log:
+        ax.set_xscale("log")
+    ax.set(xlabel=" / ".join(sorted(xlabels)), ylabel=f"validation {selections[0].get('metric') or 'score'}")
+    ax.set_title(title + " (star: chosen)", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def _grid_text(sel: dict) -> str:
+    """Each point's mean validation score, the chosen one in bold; failed points say so."""
+    out = []
+    for r in sel["grid"]:
+        point = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["point"].items())
+        score = "failed" if r["mean"] is None else f"{r['mean']:.4f}"
+        text = html.escape(f"{point}: {score}")
+        out.append(f"<b>{text}</b>" if r["trial"] == sel["chosen"]["trial"] else text)
+    return " · ".join(out)
+
+
+def tuning_section(selections: list[dict], runs: pd.DataFrame, style: Style, figures: Figures) -> list[str]:
+    """The tuning stage: per (model, task), every tuned method's grid with its validation
+    scores, the chosen point and the budget; the methods left on stored settings are named."""
+    if not selections:
+        return []
+    budgets = {json.dumps({k: s["budget"].get(k) for k in ("training", "seeds", "trials")}, sort_keys=True)
+               for s in selections}
+    first = selections[0]["budget"]
+    parts = ["<h2 id='tuning'>Tuning</h2>",
+             "<p class='note'>Each tuned method trained every point of its grid on the tuning seeds "
+             f"{first['seeds']} at the tuning budget (training overrides {html.escape(json.dumps(first['training']))}"
+             f"; up to {fmt(first.get('steps_per_trial'), 0)} steps per trial), and the point with the best mean "
+             "validation score was kept (a tie goes to the earlier point). Test data played no part. The final "
+             "runs above train at the chosen point. "
+             + (f"Every method had the same effort: {first['trials']} trials." if len(budgets) == 1 else
+                "<b>The methods did not have the same tuning effort</b> (see the trials column).") + "</p>"]
+    by_task: dict[tuple[str, str], list[dict]] = {}
+    for sel in selections:
+        by_task.setdefault((sel["run"]["model"], sel["run"]["task"]), []).append(sel)
+    for (model, task), sels in by_task.items():
+        parts.append(f"<h3>{html.escape(task)} · {html.escape(model)}</h3>")
+        rows = pd.DataFrame([{"method": _label(s["run"]["method"], s["run"]["variant"]), "trials": s["budget"]["trials"],
+                              "runs": s["budget"]["trial_runs"], "chosen": _grid_text(s),
+                              "validation": s["chosen"]["validation"]} for s in sels])
+        parts.append(_table(rows, [("method", "method", -1), ("trials", "grid points", 0),
+                                   ("runs", "trial runs", 0), ("chosen", "validation by grid point (chosen in bold)", -1),
+                                   ("validation", "chosen: validation", 4)],
+                            formatters={"chosen": lambda v: v}))
+        tuned = {(s["run"]["method"], s["run"]["variant"]) for s in sels}
+        here = runs[(runs["model"] == model) & (runs["task"] == task)]
+        untuned = sorted({_label(m, v) for m, v in zip(here["method"], here["variant"], strict=True)
+                          if (m, v) not in tuned})
+        if untuned:
+            parts.append("<p class='note'>Not tuned (stored settings of their variant files): "
+                         + html.escape(", ".join(untuned)) + ".</p>")
+        parts.append(_img(figures.add(figure_tuning(sels, style, f"{task} · {model}"), f"{model}--{task}--tuning"),
+                          f"validation score over each method's tuning grid, {task}, {model}"))
+    return parts
+
+
 def _problems_section(runs: pd.DataFrame, other: list[dict]) -> list[str]:
     """Failed and missing runs (and analyses), each with its reason: never silently dropped."""
     bad = runs[runs["status"] != COMPLETED] if len(runs) else runs
@@ -1266,9 +1355,10 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
 def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: dict,
                  analysis_records: list[dict] = (), gift_views: list[dict] = (), tracking: dict | None = None,
                  missing_other: list[dict] = (), partial: bool = False, figures: Figures | None = None,
-                 predictions: dict | None = None) -> str:
+                 predictions: dict | None = None, selections: list[dict] = ()) -> str:
     """The report's HTML from the summary rows and the records (no file access;
-    ``predictions``: ``read_predictions``'s, for the intervals and comparisons)."""
+    ``predictions``: ``read_predictions``'s, for the intervals and comparisons;
+    ``selections``: the tuning stage's records)."""
     figures = figures or Figures()
     if "status" not in runs:
         runs = runs.assign(status=COMPLETED)
@@ -1305,6 +1395,8 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
     nav = ["<a href='#glance'>at a glance</a>", "<a href='#setup'>setup</a>"]
     nav += [f"<a href='#task-{html.escape(m)}-{html.escape(t)}'>{html.escape(t)} · {html.escape(m)}</a>"
             for m, t in runs[["model", "task"]].drop_duplicates().itertuples(index=False)]
+    if selections:
+        nav.append("<a href='#tuning'>tuning</a>")
     if analyses:
         nav.append("<a href='#analyses'>analyses</a>")
     nav += ["<a href='#problems'>failed / missing</a>", "<a href='#runs'>all runs</a>"]
@@ -1314,6 +1406,7 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
     for (model, task), task_runs in runs.groupby(["model", "task"], sort=False):
         parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task)),
                                    config, generated_note(stats.get((model, task), {}))))
+    parts.extend(tuning_section(list(selections), runs, style, figures))
     parts.extend(analyses_section(analyses, cells, style, figures))
     parts.extend(_problems_section(runs, other))
 
@@ -1374,7 +1467,7 @@ def partial_path_for(html_path: str | Path) -> Path:
 def write_report(summary_path: str, stats_paths: list[str], config: dict, html_path: str,
                  finetune_paths: list[str] | None = None, analysis_paths: list[str] = (),
                  gift_paths: list[str] = (), mlflow_config: dict | None = None,
-                 figures_dir: str | Path | None = None) -> str:
+                 figures_dir: str | Path | None = None, tuning_paths: list[str] = ()) -> str:
     """Render the comparison report; returns the HTML written to ``html_path``. A stale
     partial report (from an earlier failed run) is removed: this one supersedes it."""
     runs = pd.read_parquet(summary_path)
@@ -1388,7 +1481,7 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
         Path(figures_dir).mkdir(parents=True, exist_ok=True)
     doc = build_report(runs, records, stats, config, [read_json(p) for p in analysis_paths],
                        [read_json(p) for p in gift_paths], _tracking_info(mlflow_config), figures=figures,
-                       predictions=read_predictions(runs, base))
+                       predictions=read_predictions(runs, base), selections=[read_json(p) for p in tuning_paths])
     if figures_dir is not None:  # leave only this report's figures in the folder
         for old in set(Path(figures_dir).glob("*.png")) - set(figures.written):
             old.unlink()
@@ -1400,6 +1493,7 @@ def write_report(summary_path: str, stats_paths: list[str], config: dict, html_p
 def expected_outputs(config: dict) -> dict[str, list[Path]]:
     """Every record the configured pipeline produces (what the rules of workflow/ write)."""
     from .config import iter_runs
+    from .tuning import tuned_variants
 
     results = Path(config["results_dir"])
     keys = list(iter_runs(config))
@@ -1407,6 +1501,8 @@ def expected_outputs(config: dict) -> dict[str, list[Path]]:
         "finetune": [results / "finetune" / k.path() / "result.json" for k in keys],
         "evaluate": [results / "evaluate" / k.path() / "metrics.json" for k in keys],
         "stats": [], "analyses": [], "gift": [],
+        "tuning": [results / "tune" / m / t / method / variant / "selected.json" for m in config["models"]
+                   for t in config["tasks"] for method, variant in tuned_variants(config)],
     }
     analyses = config.get("analyses") or {}
     for m in config["models"]:
@@ -1465,6 +1561,7 @@ def write_partial_report(config: dict, logs_dir: str | Path = "logs", mlflow_con
                       "reason": missing_reason(_analysis_logs(p, logs))})
     html_path = partial_path_for(config["report_path"])
     doc = build_report(runs, records, stats, config, analysis_records, gifts, _tracking_info(mlflow_config),
-                       missing_other=other, partial=True, predictions=read_predictions(runs, results))
+                       missing_other=other, partial=True, predictions=read_predictions(runs, results),
+                       selections=[rec for rec in map(_read, exp["tuning"]) if rec is not None])
     write_text(html_path, doc)
     return html_path

@@ -47,6 +47,9 @@ from .io import fingerprint, read_json, write_json
 log = logging.getLogger(__name__)
 
 IDENTITY_TAGS = ("model", "task", "method", "variant", "seed")
+# the extra tag of a tuning trial's queue entry: its selection's identity (JSON), resolved to
+# mlflow.parentRunId when the entry is logged
+PARENT_TAG = "peftlab.parent"
 PENDING = "mlflow_pending"
 # bounds so an unreachable server costs seconds, not MLflow's default minutes of retries
 PROBE_TIMEOUT_S = 5.0
@@ -121,6 +124,11 @@ def _metrics_of(record: dict) -> list[tuple[str, float, int]]:
             rows.append(("test_score_by_d", score, int(d)))
         for k in ("d90", "threshold", "reference", "d90_fraction_of_D"):
             rows.append((k, record.get(k), 0))
+    elif rule == "tune":  # the grid's mean validation score by trial, and the chosen one
+        for row in record.get("grid") or []:
+            rows.append(("validation_by_trial", row.get("mean"), row["trial"]))
+        rows.append(("chosen_validation", (record.get("chosen") or {}).get("validation"), 0))
+        rows.append(("chosen_trial", (record.get("chosen") or {}).get("trial"), 0))
     elif rule in ("finetune", "intrinsic_dimension"):
         if rule == "intrinsic_dimension":
             for k, v in (record.get("test") or {}).items():
@@ -167,8 +175,10 @@ def _params_of(record: dict) -> dict[str, Any]:
 
 
 def identity(record: dict) -> dict[str, str]:
-    """The run's identity tags; analyses carry their kind in ``method`` (tags stay comparable)."""
-    return {k: str(record["run"].get(k, "-")) for k in IDENTITY_TAGS} | {"rule": record["rule"]}
+    """The run's identity tags; analyses carry their kind in ``method`` (tags stay comparable);
+    a tuning trial adds its grid point's index."""
+    out = {k: str(record["run"].get(k, "-")) for k in IDENTITY_TAGS} | {"rule": record["rule"]}
+    return out | ({"trial": str(record["run"]["trial"])} if "trial" in record["run"] else {})
 
 
 def config_hash(record: dict) -> str:
@@ -179,6 +189,14 @@ def config_hash(record: dict) -> str:
                        {k: v for k, v in identity(record).items() if k not in ("seed",)})
 
 
+def _run_name(ident: dict[str, str]) -> str:
+    where = "{model}/{task}/{method}/{variant}".format(**ident)
+    if ident["rule"] == "tune":
+        return f"{where} [tuning]"
+    trial = f"/trial{ident['trial']}" if "trial" in ident else ""
+    return f"{where}{trial}/seed{ident['seed']} [{ident['rule']}]"
+
+
 def run_tags(record: dict, record_sha: str, extra: dict | None = None) -> dict[str, str]:
     ident = identity(record)
     failure = record.get("failure") or {}
@@ -187,7 +205,7 @@ def run_tags(record: dict, record_sha: str, extra: dict | None = None) -> dict[s
         "config_hash": config_hash(record),
         "status": str(record.get("status", "")),
         "record_sha256": record_sha,
-        "mlflow.runName": "{model}/{task}/{method}/{variant}/seed{seed} [{rule}]".format(**ident),
+        "mlflow.runName": _run_name(ident),
     }
     for key in ("device_name", "precision"):  # what the run's times and memory were measured on, and how
         if record.get(key):
@@ -206,7 +224,7 @@ def run_tags(record: dict, record_sha: str, extra: dict | None = None) -> dict[s
 
 
 def _entry_name(ident: dict[str, str]) -> str:
-    return "__".join(ident[k] for k in ("rule", *IDENTITY_TAGS)) + ".json"
+    return "__".join(ident[k] for k in ("rule", *IDENTITY_TAGS, *(["trial"] if "trial" in ident else []))) + ".json"
 
 
 def _sha256(path: Path) -> str:
@@ -233,7 +251,8 @@ def enqueue(record: dict, record_path: str | Path, mlflow_config: dict, artifact
 
 def pending_entries(mlflow_config: dict) -> list[Path]:
     d = pending_dir(mlflow_config)
-    return sorted(d.glob("*.json")) if d.is_dir() else []
+    # a tuning selection before its trials, which nest under it
+    return sorted(d.glob("*.json"), key=lambda p: (not p.name.startswith("tune__"), p.name)) if d.is_dir() else []
 
 
 def _store_lock(uri: str):
@@ -289,6 +308,10 @@ class StoreUnavailable(RuntimeError):
     """The MLflow store cannot be reached now; the entry stays queued."""
 
 
+class ParentNotLogged(LookupError):
+    """A tuning trial's selection is not in the store yet."""
+
+
 class BadEntry(ValueError):
     """A queued entry whose record cannot be logged (it stays queued, others go on)."""
 
@@ -326,18 +349,35 @@ class _Store:
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _runs_of(self, ident: dict[str, str]) -> list:
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in ident.items())
+        runs = self._retry(self.client.search_runs, [self.experiment_id], filter_string=query, max_results=1000)
+        # the record's identity tags only: a trial's ``trial`` tag must not match a final run
+        return [r for r in runs if ("trial" in ident) == ("trial" in r.data.tags)]
+
+    def _parent_id(self, extra_tags: dict) -> dict[str, str]:
+        """``mlflow.parentRunId`` of a tuning trial: its selection's run, which is logged first;
+        ParentNotLogged while it is not in the store yet (the entry waits)."""
+        parent = (extra_tags or {}).get(PARENT_TAG)
+        if not parent:
+            return {}
+        runs = self._runs_of(json.loads(parent))
+        if not runs:
+            raise ParentNotLogged(parent)
+        return {"mlflow.parentRunId": max(runs, key=lambda r: r.info.start_time).info.run_id}
+
     def log(self, record: dict, record_path: Path, record_sha: str, artifacts: list[str], extra_tags: dict) -> str:
         from mlflow.entities import Metric, Param
 
         c = self.client
-        ident = identity(record)
-        query = " and ".join(f"tags.{k} = '{v}'" for k, v in ident.items())
-        existing = self._retry(c.search_runs, [self.experiment_id], filter_string=query, max_results=1000)
+        existing = self._runs_of(identity(record))
+        parent = self._parent_id(extra_tags)
         done = [r for r in existing if r.data.tags.get("record_sha256") == record_sha
-                and r.info.status in ("FINISHED", "FAILED")]
+                and r.info.status in ("FINISHED", "FAILED")
+                and all(r.data.tags.get(k) == v for k, v in parent.items())]
         if len(done) == 1 and len(existing) == 1:
             return done[0].info.run_id  # already in the store, unchanged: nothing to do
-        tags = run_tags(record, record_sha, extra_tags)
+        tags = run_tags(record, record_sha, {k: v for k, v in (extra_tags or {}).items() if k != PARENT_TAG}) | parent
         run_id = self._retry(c.create_run, self.experiment_id, tags=tags).info.run_id
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, s) for k, v, s in _metrics_of(record)]
@@ -371,7 +411,10 @@ def _sync_entry(store: _Store, entry_path: Path) -> str | None:
         identity(record)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadEntry(f"{record_path} is not a result record ({type(exc).__name__}: {exc})") from exc
-    run_id = store.log(record, record_path, entry["record_sha256"], entry.get("artifacts", []), entry.get("tags"))
+    try:
+        run_id = store.log(record, record_path, entry["record_sha256"], entry.get("artifacts", []), entry.get("tags"))
+    except ParentNotLogged:
+        return None
     # dequeue unless a newer entry of this identity replaced it meanwhile; files the queue
     # owns (a merged model exported for the store only) go with it
     try:

@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from peftlab.config import retype_overrides, validate_config
 from peftlab.errors import PeftlabError
+from peftlab.tuning import check_tuning
 
 
 def _shown(path):
@@ -32,6 +33,7 @@ def config_name():
 try:
     retype_overrides(config, workflow.config_settings.config)
     validate_config(config, config_name())
+    check_tuning(config, config_name())
 except PeftlabError as exc:
     sys.exit(f"peftlab: {exc}")
 
@@ -44,6 +46,7 @@ from peftlab.config import (
 from peftlab.codegraph import METHOD_RULES, CodeGraph
 from peftlab.report import figures_dir_for
 from peftlab.tracking import default_store
+from peftlab.tuning import read_selection, trial_settings, tuned_variants
 
 RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))
@@ -60,6 +63,9 @@ SPARSITY = config["analyses"]["gradient_sparsity"]
 # SIFT variants whose masks come from the gradient-sparsity stage (mask_source: analysis)
 SIFT_ANALYSIS = sift_analysis_variants(config)
 MODEL_TASKS = [(m, t) for m in config["models"] for t in config["tasks"]]
+# tuning: (method, variant) -> its grid points, for the variants the config tunes
+TUNED = tuned_variants(config)
+TUNING_SEEDS = config["tuning"]["seeds"]
 # the report's figures as PNG files too (snakemake --report shows them)
 REPORT_FIGURES = str(figures_dir_for(config["report_path"]))
 
@@ -119,6 +125,66 @@ def code_of(name):
     if name in METHOD_RULES:
         return lambda wildcards: CODE.fingerprint(name, wildcards.method)
     return CODE.fingerprint(name)
+
+
+TRIAL_DIR = "{model}/{task}/{method}/{variant}/trial{trial}/seed{seed}"
+SELECTION = "{model}/{task}/{method}/{variant}/selected.json"
+
+
+def trial_point(wildcards):
+    """What one tuning trial trains with: its grid point over the tuning budget."""
+    return trial_settings(
+        config, wildcards.method, wildcards.variant, int(wildcards.trial)
+    )
+
+
+def trial_records(wildcards):
+    """Every trial record of one tuned (model, task, method, variant): per point, per seed."""
+    points = TUNED[(wildcards.method, wildcards.variant)]
+    return [
+        f"{RESULTS}/tune/{TRIAL_DIR}/result.json".format(
+            trial=i,
+            seed=s,
+            **{
+                k: getattr(wildcards, k) for k in ("model", "task", "method", "variant")
+            },
+        )
+        for i in range(len(points))
+        for s in TUNING_SEEDS
+    ]
+
+
+def _selection(wildcards):
+    """The tuning checkpoint of a final run's (model, task, method, variant), or None when
+    that variant is not tuned; raises Snakemake's incomplete-checkpoint signal until it ran.
+    """
+    if (wildcards.method, wildcards.variant) not in TUNED:
+        return None
+    return checkpoints.tune_select.get(
+        **{k: getattr(wildcards, k) for k in ("model", "task", "method", "variant")}
+    )
+
+
+def tuned_after(wildcards):
+    """A final run waits for its selection, but does not take the file as an input: the
+    selected point is a param, so a rerun of the selection that keeps the same point reruns
+    nothing downstream, and one that moves it reruns exactly these runs."""
+    _selection(wildcards)
+    return []
+
+
+def tuned_point(wildcards):
+    selection = _selection(wildcards)
+    return None if selection is None else read_selection(selection.output[0])
+
+
+def all_selections(wildcards=None):
+    """The selection records the report shows (one per tuned (model, task, method, variant))."""
+    return [
+        f"{RESULTS}/tune/{m}/{t}/{method}/{variant}/selected.json"
+        for m, t in MODEL_TASKS
+        for method, variant in TUNED
+    ]
 
 
 def all_finetune_records(wildcards):

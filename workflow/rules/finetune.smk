@@ -6,6 +6,7 @@ rule finetune:
         stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
         experiment=EXPERIMENT_FILES,
         mask=sift_mask_input,
+        tuned=tuned_after,
     output:
         weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
         record=f"{RESULTS}/finetune/{RUN_DIR}/result.json",
@@ -23,6 +24,8 @@ rule finetune:
     params:
         model=lambda w: config["models"][w.model],
         training=config["training"],
+        # the point tuning selected (None when this variant is not tuned)
+        tuned=tuned_point,
         mlflow=MLFLOW,
         code=code_of("finetune"),
     script:

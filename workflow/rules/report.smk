@@ -60,6 +60,8 @@ rule comparison_report:
         ),
         analyses=analysis_records,
         gift=gift_view_records,
+        # the tuning stage's selections (none when nothing is tuned)
+        tuning=all_selections,
     output:
         html=report(
             config["report_path"],

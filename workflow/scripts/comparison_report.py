@@ -17,5 +17,6 @@ run_step(
         gift_paths=list(sm.input.gift),
         mlflow_config=dict(sm.params.mlflow),
         figures_dir=sm.output.figures,
+        tuning_paths=list(sm.input.tuning),
     ),
 )

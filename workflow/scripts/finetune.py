@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 from peftlab.cli import run_step
-from peftlab.config import RunKey, load_experiment
+from peftlab.config import RunKey, TrialKey, load_experiment
 from peftlab.distributed import finetune_processes
 from peftlab.export import weights_to_log
 from peftlab.models import ModelSpec
@@ -15,10 +15,13 @@ w = sm.wildcards
 
 
 def main():
-    key = RunKey(w.model, w.task, w.method, w.variant, int(w.seed))
+    # a tuning trial (rule tune_trial) or a final run (rule finetune)
+    ident = (w.model, w.task, w.method, w.variant, int(w.seed))
+    key = TrialKey(*ident, trial=int(w.trial)) if "trial" in w.keys() else RunKey(*ident)
     # input.experiment = [<experiments_dir>/defaults.yaml, <experiments_dir>/<method>/<variant>.yaml]
     experiments_dir = Path(sm.input.experiment[0]).parent
-    experiment = load_experiment(experiments_dir, w.method, w.variant, sm.params.training)
+    tuned = sm.params.tuned  # the grid point (and budget) tuning gives this run, or None
+    experiment = load_experiment(experiments_dir, w.method, w.variant, sm.params.training, tuned)
     if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
         experiment.method_params["mask_path"] = sm.input.mask[0]
     spec = ModelSpec.from_config(w.model, sm.params.model)
@@ -27,10 +30,12 @@ def main():
     if processes > 1:  # torchrun starts one process per GPU; process 0 writes the outputs
         record = finetune_processes(processes, key, sm.params.model, experiments_dir, sm.params.training,
                                     sm.input.mask[0] if sm.input.mask else None, data_dir, sm.output.weights,
-                                    sm.output.record, sm.threads, sm.params.code, stream=sys.stderr)
+                                    sm.output.record, sm.threads, sm.params.code, stream=sys.stderr, tuned=tuned)
     else:
         record = finetune(key, spec, experiment, data_dir=data_dir, weights_path=sm.output.weights,
                           record_path=sm.output.record, threads=sm.threads, code_fingerprint=sm.params.code)
+    if sm.params.mlflow is None:  # a trial: its selection logs it to MLflow
+        return record
     # log_weights from the config, not params: changing it must not rerun training
     mlflow = dict(sm.params.mlflow, log_weights=sm.config["mlflow"].get("log_weights", "none"))
     weights = weights_to_log(mlflow, key, spec, record, data_dir, sm.output.weights)
