@@ -143,12 +143,28 @@ def test_said_needs_d_above_the_number_of_tensors(builtin_model_factory):
     assert did.n_directions == 50 and did.lambdas is None
 
 
-def test_training_moves_the_model_only_through_the_projection(builtin_model_factory, batch):
+def _reference_fastfood(x: torch.Tensor, D: int, B, Pi, G) -> torch.Tensor:
+    """The reference's per-tensor Fastfood (Aghajanyan et al.'s code, as in t-few's
+    intrinsic.py), written out with an explicit Hadamard matrix: H G Pi H B pad(x) over
+    LL = 2^ceil(log2 D), truncated to D rows, divided by sqrt(LL sum G^2) sqrt(D / LL)."""
+    from scipy.linalg import hadamard as scipy_hadamard
+
+    LL = 1 << (D - 1).bit_length()
+    H = torch.tensor(scipy_hadamard(LL), dtype=torch.float64)
+    x = torch.nn.functional.pad(x.double(), (0, LL - x.numel()))
+    out = (H @ (G.double() * (H @ (B.double() * x))[Pi]))[:D]
+    return out / (torch.sqrt(LL * G.double().pow(2).sum()) * (D / LL) ** 0.5)
+
+
+@pytest.mark.parametrize("normalisation", ["per_tensor", "global"])
+def test_training_moves_the_model_only_through_the_projection(builtin_model_factory, batch, normalisation):
     """A few AdamW steps on theta_d and lambda: the frozen theta0 is untouched, and every
-    effective tensor equals theta0 + lambda_i * M_i theta_d with M_i built explicitly."""
+    effective tensor equals theta0 + lambda_i * P_i theta_d, P_i the reference's per-tensor
+    Fastfood (per_tensor), or that times sqrt(D_i / D) (global)."""
     model = _fresh(builtin_model_factory)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    wrapped = subspace_method({"d": 200, "said": True}).apply(model)
+    total = sum(p.numel() for p in theta0.values())
+    wrapped = subspace_method({"d": 200, "said": True, "normalisation": normalisation}).apply(model)
     opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     wrapped.train()
     for _ in range(3):
@@ -162,14 +178,36 @@ def test_training_moves_the_model_only_through_the_projection(builtin_model_fact
     deltas = wrapped.deltas()
     checked = 0
     for i, name in enumerate(wrapped.names):
-        if theta0[name].numel() > 2048:  # explicit L x L matrices: the one-block tensors only
+        D = theta0[name].numel()
+        if not theta.numel() <= D <= 1024:  # one block over 2^ceil(log2 D) rows: the reference's own shape
             continue
-        explicit = wrapped.lambdas[i].detach() * wrapped.tensor_scales[i] * (wrapped.projections[i].matrix() @ theta)
-        assert torch.allclose(deltas[name].detach().reshape(-1), explicit, atol=1e-5, rtol=1e-4), name
+        proj = wrapped.projections[i]
+        ref = _reference_fastfood(theta, D, proj.B, proj.Pi, proj.G[0])
+        scale = 1.0 if normalisation == "per_tensor" else (D / total) ** 0.5
+        explicit = wrapped.lambdas[i].detach().double() * scale * ref
+        assert torch.allclose(deltas[name].detach().reshape(-1).double(), explicit, atol=1e-6, rtol=1e-4), name
         checked += 1
     assert checked >= 40  # biases, norms, the head
-    # the stacked projection has unit-norm columns over all D parameters
-    assert sum(s * s for s in wrapped.tensor_scales) == pytest.approx(1.0)
+
+
+def test_per_tensor_normalisation_moves_small_tensors_as_far_as_large_ones(builtin_model_factory):
+    """The same theta_d: under the reference's normalisation a LayerNorm's update is as long
+    as the word embeddings' (unit-norm columns each); under global it is sqrt(D_i / D) of it."""
+    theta = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    norms = {}
+    for normalisation in ("per_tensor", "global"):
+        wrapped = subspace_method({"d": 300, "said": False, "normalisation": normalisation}).apply(
+            _fresh(builtin_model_factory))
+        with torch.no_grad():
+            wrapped.theta_d.copy_(theta)
+            norms[normalisation] = {n: float(v.norm()) for n, v in wrapped.deltas().items()}
+    small, large = "bert.embeddings.LayerNorm.weight", "bert.embeddings.word_embeddings.weight"
+    ratio = norms["per_tensor"][small] / norms["per_tensor"][large]
+    assert 0.8 < ratio < 1.25 and 0.8 < norms["per_tensor"][small] / float(theta.norm()) < 1.25
+    model = _fresh(builtin_model_factory)
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    assert norms["global"][small] / norms["global"][large] == pytest.approx(
+        ratio * (sizes[small] / sizes[large]) ** 0.5, rel=1e-4)
 
 
 def test_save_load_and_merge_reproduce_outputs(builtin_model_factory, batch, tmp_path):
@@ -313,3 +351,24 @@ def test_diverged_subspace_run_is_recorded_as_failed(minilm_spec, tiny_task_dir,
     assert "analyses.intrinsic_dimension.training" in rec["failure"]["reason"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["metrics"] == {}
+
+
+def test_d90_states_both_budgets_and_warns_when_the_reference_trained_less():
+    """The d90 record carries the subspace runs' and the reference's budgets, as their records
+    state them; the report puts both beside d90 and says which way an unequal one biases it."""
+    from peftlab.intrinsic import training_budget
+    from peftlab.report import _budget_note
+
+    def rec(steps, epochs, status="completed"):
+        return {"status": status, "steps": steps, "config": {"training": {"epochs": epochs, "batch_size": 16}}}
+
+    subspace = training_budget([rec(189, 3.0), rec(189, 3.0), rec(12, 3.0, "failed")])
+    reference = training_budget([rec(63, 1.0), rec(63, 1.0)])
+    assert subspace == {"steps": 189, "epochs": [3.0], "batch_size": [16], "runs": 2}
+    assert reference == {"steps": 63, "epochs": [1.0], "batch_size": [16], "runs": 2}
+    note = _budget_note({"budgets": {"subspace": subspace, "reference": reference}})
+    assert "up to 189 steps (3 epochs), the full fine-tuning reference 63 steps (1 epoch)" in note
+    assert "reference trained less than the subspace runs" in note
+    equal = _budget_note({"budgets": {"subspace": reference, "reference": reference}})
+    assert "63 steps" in equal and "trained less" not in equal
+    assert _budget_note({}) == ""  # a record from before budgets were kept

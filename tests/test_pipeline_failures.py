@@ -134,6 +134,47 @@ def test_sigkilled_job_leaves_no_complete_output_and_reruns(work):
     assert "Nothing to be done" in (r := snakemake(work, "-n", target)).stdout + r.stderr
 
 
+def _kill_when_outputs_start(proc: subprocess.Popen, run_dir: Path) -> str:
+    """SIGKILL Snakemake and its job together (the node goes away: nothing is left to clean
+    up) the moment the job's first output appears in ``run_dir``: the weights' temporary file
+    (caught mid-write), or, were writes not atomic, the weights file itself mid-write.
+    Returns the name seen."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        names = [e.name for e in os.scandir(run_dir)] if run_dir.is_dir() else []
+        seen = [n for n in names if n.startswith((".trainable.safetensors.", "trainable.safetensors"))]
+        if seen:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return seen[0]
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.001)
+    raise AssertionError("the finetune job never wrote its outputs")
+
+
+def test_job_killed_while_writing_its_outputs_leaves_none_that_looks_complete(work):
+    """Killed after its outputs started to be written: whatever stands under an output's name
+    is whole (atomic writes), the job counts as not done, and the rerun completes it."""
+    from safetensors.torch import load_file
+
+    out = _outputs(work, "slow")
+    target = str(out["record"].relative_to(work))
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "-c1", "--configfile", "robust.yaml",
+                             "--replace-workflow-config", "--forcerun", target, target], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = _kill_when_outputs_start(proc, out["record"].parent)
+    console = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0, console[-3000:]
+    assert not out["record"].exists(), (seen, console[-3000:])
+    if out["weights"].exists():  # renamed into place before the kill: then it is the whole file
+        assert load_file(out["weights"]), seen
+    assert snakemake(work, "--unlock").returncode == 0
+    dry = snakemake(work, "-n", target)
+    assert dry.returncode == 0 and "rule finetune:" in dry.stdout + dry.stderr, dry.stdout  # to recompute
+    res = snakemake(work, target)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert json.loads(out["record"].read_text())["status"] == "completed" and load_file(out["weights"])
+
+
 def _run_lora(work: Path, seeds=(0, 1)) -> dict[int, dict]:
     targets = [str(_outputs(work, "default", s, "lora")["metrics"].relative_to(work)) for s in seeds]
     res = snakemake(work, "-c2", *targets)

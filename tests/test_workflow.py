@@ -124,6 +124,9 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     full = [json.loads((work / "results" / "evaluate" / k.path() / "metrics.json").read_text())["metrics"]["accuracy"]
             for k in keys if k.method == "full"]
     assert d90["reference"] == pytest.approx(sum(full) / len(full)) and d90["grid"] == [150, 600]
+    # both budgets as the runs' records state them (tiny.yaml: 3 subspace steps, 6 for full)
+    assert (d90["budgets"]["subspace"]["steps"], d90["budgets"]["reference"]["steps"]) == (3, 6)
+    assert "each subspace run trained up to 3 steps" in html and "the full fine-tuning reference 6 steps" in html
     sparsity = json.loads((analyses / "gradient_sparsity" / "sparsity.json").read_text())
     assert "Analyses of the tasks" in html and f"{sparsity['summary']['top1_share']:.3f}" in html
     nulls = sparsity["summary"]["null_top1_share"]  # beside the nulls it is read against

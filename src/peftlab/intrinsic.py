@@ -6,11 +6,13 @@ Every tensor theta_i of the model is reparametrised as
     theta_i = theta0_i + P_i(theta_d)                   (DID)
 
 with theta_d in R^d shared by all tensors and zero at the start (so step 0 is the pretrained
-model), and P_i: R^d -> R^{D_i} = sqrt(D_i / D) times a Fastfood transform F_i with unit-norm
-columns, so that the stacked P = [P_1; ...; P_m] has unit-norm columns over all D parameters
-(Li et al.'s normalisation: a step in theta_d spreads over the tensors in proportion to their
-size, as full fine-tuning's steps do, instead of moving a 384-entry LayerNorm as far as a
-12M-entry embedding). F_i stacks Fastfood blocks H G_b Pi H B pad(x) over L = a power of
+model), and P_i: R^d -> R^{D_i} a Fastfood transform F_i with unit-norm columns, one per tensor
+(``normalisation: per_tensor``, the default: Aghajanyan et al.'s code divides each tensor's
+transform by its own column norm, so a step in theta_d moves a 384-entry LayerNorm as far, in
+L2, as a 12M-entry embedding). ``normalisation: global`` scales each F_i by sqrt(D_i / D)
+instead, so that the stacked P = [P_1; ...; P_m] has unit-norm columns over all D parameters
+(Li et al.'s single projection of the whole parameter vector: a step spreads over the tensors
+in proportion to their size); its d90 is not comparable with Aghajanyan et al.'s. F_i stacks Fastfood blocks H G_b Pi H B pad(x) over L = a power of
 two >= d (Le et al.'s construction for D_i > d), truncated to D_i rows: H the unnormalised
 Walsh-Hadamard matrix (applied in O(L log L) without forming it), B a random +-1 diagonal
 and Pi a random permutation shared by a tensor's blocks, G_b independent Gaussian diagonals.
@@ -149,6 +151,8 @@ class DenseProjection(nn.Module):
 
 
 PROJECTIONS = {"fastfood": Fastfood, "dense": DenseProjection}
+# per_tensor: each P_i has unit-norm columns (the reference's); global: the stacked P has them
+NORMALISATIONS = ("per_tensor", "global")
 
 
 @dataclass
@@ -157,6 +161,7 @@ class SubspaceConfig(MethodConfig):
     said: bool = True             # one scale lambda_i per tensor (SAID) or none (DID)
     projection: str = "fastfood"  # fastfood | dense (dense: O(D d) memory, small models only)
     projection_seed: int = 0      # seeds B, Pi, G of every tensor (fixed across runs)
+    normalisation: str = "per_tensor"  # per_tensor (the reference's) | global (sqrt(D_i / D) per tensor)
 
     def __post_init__(self):
         check_positive_int("d", self.d)
@@ -166,6 +171,8 @@ class SubspaceConfig(MethodConfig):
             raise ValueError(f"projection must be one of {sorted(PROJECTIONS)}, got {self.projection!r}")
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int):
             raise ValueError(f"projection_seed must be an integer, got {self.projection_seed!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {list(NORMALISATIONS)}, got {self.normalisation!r}")
 
 
 class SubspaceModel(nn.Module):
@@ -189,8 +196,10 @@ class SubspaceModel(nn.Module):
         proj = PROJECTIONS[config.projection]
         self.projections = nn.ModuleList(proj(n_dirs, p.numel(), gen) for _, p in model.named_parameters())
         total = sum(p.numel() for p in model.parameters())
-        # sqrt(D_i / D): the stacked projection has unit-norm columns over all D parameters
-        self.tensor_scales = [math.sqrt(p.numel() / total) for p in model.parameters()]
+        # per_tensor: each P_i has unit-norm columns; global: sqrt(D_i / D), so the stacked
+        # projection has unit-norm columns over all D parameters
+        self.tensor_scales = [1.0 if config.normalisation == "per_tensor" else math.sqrt(p.numel() / total)
+                              for p in model.parameters()]
         self.theta_d = nn.Parameter(torch.zeros(n_dirs))
         self.lambdas = nn.Parameter(torch.ones(m)) if config.said else None
         self._cache: tuple | None = None
@@ -329,6 +338,7 @@ def run_subspace(
     projection_seed: int = 0,
     threads: int | None = None,
     lr_reference_d: int | None = None,
+    normalisation: str = "per_tensor",
 ) -> dict[str, Any]:
     """Train theta_d (and the SAID scales) for one d with the fine-tuning loop (model
     selection on validation), then score the selected point on the test split. Writes
@@ -343,7 +353,8 @@ def run_subspace(
 
     out = Path(out_dir)
     training = replace(training, learning_rate=subspace_learning_rate(training.learning_rate, d, lr_reference_d))
-    params = {"d": int(d), "said": said, "projection": projection, "projection_seed": projection_seed}
+    params = {"d": int(d), "said": said, "projection": projection, "projection_seed": projection_seed,
+              "normalisation": normalisation}
     task = read_json(Path(data_dir) / "stats.json")["task"]["name"]
     key = RunKey(model_spec.name, task, "said" if said else "did", subspace_variant(d), int(seed))
     experiment = Experiment(key.method, key.variant, training, params, ())
@@ -441,21 +452,36 @@ def _failure_of(record: dict) -> str:
     return f"{who}: {(record.get('failure') or {}).get('reason', 'failed')}"
 
 
+def training_budget(records: list[dict]) -> dict[str, Any]:
+    """The training budget of completed runs as their records state it: optimizer steps taken
+    (the largest), the configured epochs and batch size."""
+    done = [r for r in records if _completed(r)]
+    training = [(r.get("config") or {}).get("training") or {} for r in done]
+    return {"steps": max((r.get("steps") or 0 for r in done), default=None),
+            "epochs": sorted({t.get("epochs") for t in training} - {None}),
+            "batch_size": sorted({t.get("batch_size") for t in training} - {None}), "runs": len(done)}
+
+
 def d90_record(model_spec, data_dir, record_paths, reference_paths, out_path, settings: dict,
-               training, threads: int | None = None) -> dict[str, Any]:
+               training, threads: int | None = None, reference_run_paths=()) -> dict[str, Any]:
     """The d90 stage: read the grid's records and full fine-tuning's test metrics, bisect
-    when ``settings['refine']`` > 0 (runs under ``<out>/refine/d<d>/seed<s>/``), write d90.json."""
+    when ``settings['refine']`` > 0 (runs under ``<out>/refine/d<d>/seed<s>/``), write d90.json.
+    ``reference_run_paths``: the reference's finetune records, whose budget d90.json states
+    beside the subspace runs' (a reference trained less than them makes d90 come out low)."""
     from .io import read_json, write_json
 
     records = [read_json(p) for p in record_paths]
     reference = [read_json(p) for p in reference_paths]
+    budgets = {"subspace": training_budget(records),
+               "reference": training_budget([read_json(p) for p in reference_run_paths])}
     out_dir = Path(out_path).parent
 
     def run_more(d: int) -> list[dict]:
         return [run_subspace(model_spec, data_dir, out_dir / "refine" / subspace_variant(d) / f"seed{s}",
                              d, s, training, said=settings["kind"] == "said",
                              projection=settings["projection"], projection_seed=settings["projection_seed"],
-                             threads=threads, lr_reference_d=settings.get("lr_reference_d"))
+                             threads=threads, lr_reference_d=settings.get("lr_reference_d"),
+                             normalisation=settings.get("normalisation", "per_tensor"))
                 for s in settings["seeds"]]
 
     result = d90_stage(records, reference, settings["fraction"], settings["refine"], run_more)
@@ -467,7 +493,9 @@ def d90_record(model_spec, data_dir, record_paths, reference_paths, out_path, se
         "run": {"model": model_spec.name, "task": task, "method": "intrinsic_dimension", "variant": "d90",
                 "seed": "-"},
         "params": {"fraction": settings["fraction"], "reference": f"full/{settings['reference']}",
-                   "kind": settings["kind"], "projection": settings["projection"], "refine": settings["refine"]},
+                   "kind": settings["kind"], "projection": settings["projection"], "refine": settings["refine"],
+                   "normalisation": settings.get("normalisation", "per_tensor")},
+        "budgets": budgets,
         **result,
     }
     write_json(out_path, record)

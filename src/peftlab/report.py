@@ -1007,6 +1007,25 @@ def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
     return parts
 
 
+def _budget_text(b: dict) -> str:
+    epochs = "/".join(f"{e:g}" for e in b.get("epochs") or []) or "?"
+    return f"{fmt(b.get('steps'), 0)} steps ({epochs} epoch{'' if epochs == '1' else 's'})"
+
+
+def _budget_note(d90: dict) -> str:
+    """Both budgets beside d90: the subspace runs' and the full fine-tuning reference's."""
+    budgets = d90.get("budgets") or {}
+    sub, ref = budgets.get("subspace") or {}, budgets.get("reference") or {}
+    if not sub.get("steps") or not ref.get("steps"):
+        return ""
+    text = (f"Budgets: each subspace run trained up to {_budget_text(sub)}, the full fine-tuning reference "
+            f"{_budget_text(ref)}.")
+    if sub["steps"] > ref["steps"]:
+        text += (" <b>The reference trained less than the subspace runs</b>, so its score, and with it the "
+                 "threshold, is lower than at an equal budget: d90 comes out lower than it would.")
+    return f"<p class='note'>{text}</p>"
+
+
 def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures: Figures) -> list[str]:
     """HTML parts of the analyses section (empty when no analysis ran).
     ``analyses``: (model, task) -> {"d90": record, "sparsity": record} (completed records)."""
@@ -1029,6 +1048,7 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
                               f"{task} intrinsic dimension"))
             row.update(d90=d.get("d90"), d90_share=d.get("d90_fraction_of_D"),
                        grid=", ".join(f"{x:,}" for x in d["grid"]), reached=d["reached"])
+            parts.append(_budget_note(d))
             if not d["reached"]:
                 parts.append(f"<p class='note'>No d of the grid reached {d['fraction']:.0%} of full "
                              f"fine-tuning's {d['metric']} ({d['reference']:.4f}); d90 is above "

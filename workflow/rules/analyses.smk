@@ -73,6 +73,11 @@ rule d90:
             f"{RESULTS}/evaluate/{w.model}/{w.task}/full/{ID['reference']}/seed{s}/metrics.json"
             for s in config["seeds"]
         ],
+        # their training records: d90.json states the reference's budget beside the grid's
+        reference_runs=lambda w: [
+            f"{RESULTS}/finetune/{w.model}/{w.task}/full/{ID['reference']}/seed{s}/result.json"
+            for s in config["seeds"]
+        ],
         stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
     output:
         record=f"{RESULTS}/analyses/{{model}}/{{task}}/intrinsic_dimension/d90.json",

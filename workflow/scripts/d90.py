@@ -21,6 +21,7 @@ def main():
         settings=sm.params.settings,
         training=TrainConfig(**sm.params.training),
         threads=sm.threads,
+        reference_run_paths=sm.input.reference_runs,
     )
     log_record(record, sm.output.record, sm.params.mlflow)
     return record

@@ -25,6 +25,7 @@ def main():
         projection_seed=s["projection_seed"],
         threads=sm.threads,
         lr_reference_d=s.get("lr_reference_d"),
+        normalisation=s["normalisation"],
     )
     log_record(record, sm.output.record, sm.params.mlflow)
     return record
