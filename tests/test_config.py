@@ -125,6 +125,25 @@ def test_config_training_wins_over_every_variant(config):
     assert "\n" not in str(info.value)
 
 
+def test_a_task_of_its_own_settings_sits_between_the_variant_and_the_config(tmp_path, repo):
+    """A paper's per-task settings (``tasks:`` in a variant file): the run's task entry wins
+    over the variant's keys, the config's ``training`` and tuning's point win over it, and
+    other tasks keep the variant's."""
+    _write_variant(tmp_path, repo, "lora", "paper", {
+        "training": {"epochs": 30, "learning_rate": 4e-4}, "method": {"r": 8},
+        "tasks": {"rte": {"training": {"epochs": 80, "learning_rate": 5e-4}}, "cola": {"method": {"r": 4}}}})
+    rte = load_experiment(tmp_path, "lora", "paper", task="rte")
+    assert (rte.training.epochs, rte.training.learning_rate, rte.method_params["r"]) == (80, 5e-4, 8)
+    assert load_experiment(tmp_path, "lora", "paper", task="cola").method_params["r"] == 4
+    sst2 = load_experiment(tmp_path, "lora", "paper", task="sst2")
+    assert (sst2.training.epochs, sst2.training.learning_rate) == (30, 4e-4)
+    assert set(rte.task_settings) == {"rte", "cola"}
+    budget = load_experiment(tmp_path, "lora", "paper", {"epochs": 2}, task="rte")
+    assert (budget.training.epochs, budget.training.learning_rate) == (2, 5e-4)
+    tuned = load_experiment(tmp_path, "lora", "paper", None, {"training": {"learning_rate": 1e-3}}, task="rte")
+    assert (tuned.training.epochs, tuned.training.learning_rate) == (80, 1e-3)
+
+
 def _write_variant(tmp_path, repo, method, variant, body):
     (tmp_path / method).mkdir(parents=True, exist_ok=True)
     (tmp_path / "defaults.yaml").write_text((repo / "config/experiments/defaults.yaml").read_text())
@@ -140,6 +159,9 @@ def _write_variant(tmp_path, repo, method, variant, body):
         ("full", {"training": {"learning_rate": -1}}, "learning_rate"),
         ("full", {"training": {"lr_scheduler": "step"}}, "'step' is not allowed"),
         ("full", {"training": {"epochs": 2, "batchsize": 3}}, "batchsize"),
+        ("lora", {"tasks": {"rte": {"training": {"epochz": 80}}}}, "'epochz' under 'tasks.rte.training'"),
+        ("lora", {"tasks": {"rte": {"seeds": [1]}}}, "'tasks.rte.seeds' is not allowed"),
+        ("lora", {"tasks": ["rte"]}, "'tasks' must map task names"),
     ],
 )
 def test_bad_experiment_gives_one_line_error(tmp_path, repo, method, body, expected):

@@ -333,7 +333,9 @@ def validate_config(config: dict, where: str = "config") -> dict:
                     f"exist; create it or use one of the variants there: {have or 'none'}"
                     f"{did_you_mean(variant, have)}"
                 )
-            load_experiment(exp_dir, method, variant, config.get("training"))
+            exp = load_experiment(exp_dir, method, variant, config.get("training"))
+            for task in set(config["tasks"]) & set(exp.task_settings):  # each task's own settings
+                load_experiment(exp_dir, method, variant, config.get("training"), task=task)
     intrinsic = config["analyses"]["intrinsic_dimension"]
     if intrinsic["dims"]:
         analysis_training(config, where)
@@ -685,6 +687,8 @@ class Experiment:
     # the tuning stage's settings over the files' (``tuning.tuned_settings``): a trial's grid
     # point and budget, or the point a final run uses with where it was selected
     tuned: dict | None = None
+    # the tasks the files give settings of their own (``tasks:``)
+    task_settings: tuple[str, ...] = ()
 
     def resolved(self) -> dict:
         out = {"method": self.method, "variant": self.variant,
@@ -716,12 +720,25 @@ def _experiment_part(path: Path, data: Any) -> dict:
     return data
 
 
+def _check_task_overrides(per_task: Any, path: Path) -> None:
+    if not isinstance(per_task, dict) or not all(isinstance(v, dict) or v is None for v in per_task.values()):
+        raise ConfigError(f"{path}: 'tasks' must map task names to {{training: ..., method: ...}}, got "
+                          f"{short(per_task)}")
+    for name, entry in per_task.items():
+        extra = sorted(set(entry or {}) - {"training", "method"})
+        if extra:
+            raise ConfigError(f"{path}: 'tasks.{name}.{extra[0]}' is not allowed: a task's entry holds "
+                              "'training' and 'method' keys only")
+
+
 def load_experiment(experiments_dir: str | Path, method: str, variant: str,
-                    training: dict | None = None, tuned: dict | None = None) -> Experiment:
+                    training: dict | None = None, tuned: dict | None = None, task: str | None = None) -> Experiment:
     """Merge defaults.yaml with ``<method>/<variant>.yaml`` and the config's ``training``
     (settings over every variant's) and type-check the result; an error names the file (or
     the config key) that sets the bad value. ``tuned``: the tuning stage's settings, over
-    all of these (``tuning.tuned_settings``: ``{"training": ..., "method": ..., ...}``)."""
+    all of these (``tuning.tuned_settings``: ``{"training": ..., "method": ..., ...}``).
+    ``task``: the run's task, whose entry under the files' ``tasks:`` (its own ``training``
+    and ``method`` keys) applies over the variant's, under the config's and tuning's."""
     from .method_configs import config_class  # torch-free: the DAG build validates every variant
 
     defaults_path, variant_path = experiment_files(experiments_dir, method, variant)
@@ -735,7 +752,14 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str,
     defaults = _experiment_part(defaults_path, load_yaml(defaults_path))
     override = _experiment_part(variant_path, load_yaml(variant_path))
     overall = {"training": training} if training else {}
-    merged = deep_merge(deep_merge(defaults, override), overall)
+    merged = deep_merge(defaults, override)
+    per_task = merged.get("tasks")  # kept in place: the schema checks every task's entry
+    if per_task is not None:  # a paper's settings task by task: the run's task over the variant's
+        _check_task_overrides(per_task, variant_path if "tasks" in override else defaults_path)
+        if task in per_task:
+            merged = deep_merge(merged, per_task[task] or {})
+            override = deep_merge(override, per_task[task] or {})
+    merged = deep_merge(merged, overall)
     tuned_part = {k: (tuned or {}).get(k) for k in ("training", "method") if (tuned or {}).get(k)}
     if tuned_part:
         merged = deep_merge(merged, tuned_part)
@@ -768,7 +792,7 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str,
                 "existing file"
             )
     return Experiment(method, variant, train_config, params, tuple(str(p) for p in (defaults_path, variant_path)),
-                      tuned or None)
+                      tuned or None, tuple(per_task or ()))
 
 
 @dataclass(frozen=True)

@@ -313,7 +313,7 @@ def worker(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text())
     experiment = load_experiment(job["experiments_dir"], job["key"][2], job["key"][3], job["training"],
-                                 job.get("tuned"))
+                                 job.get("tuned"), task=job["key"][1])
     if job.get("mask_path"):
         experiment.method_params["mask_path"] = job["mask_path"]
     ident = (*job["key"][:4], int(job["key"][4]))

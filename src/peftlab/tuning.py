@@ -83,10 +83,10 @@ def check_tuning(config: dict, where: str = "config") -> None:
     plan = tuned_variants(config)
     for (method, variant), points in plan.items():
         _check_keys(points[0], method, variant, where)
-        for point in points:
+        for point, task in itertools.product(points, config["tasks"]):
             try:
                 load_experiment(config["experiments_dir"], method, variant, config.get("training"),
-                                tuned_settings(point, tuning.get("training")))
+                                tuned_settings(point, tuning.get("training")), task=task)
             except ConfigError as exc:
                 reason = str(exc).removeprefix("config: ")
                 raise ConfigError(f"{where}: 'tuning' point {short(point)} of {method}/{variant}: {reason}") from None

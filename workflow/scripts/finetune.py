@@ -21,7 +21,7 @@ def main():
     # input.experiment = [<experiments_dir>/defaults.yaml, <experiments_dir>/<method>/<variant>.yaml]
     experiments_dir = Path(sm.input.experiment[0]).parent
     tuned = sm.params.tuned  # the grid point (and budget) tuning gives this run, or None
-    experiment = load_experiment(experiments_dir, w.method, w.variant, sm.params.training, tuned)
+    experiment = load_experiment(experiments_dir, w.method, w.variant, sm.params.training, tuned, task=w.task)
     if sm.input.mask:  # SIFT on the gradient-sparsity stage's index sets
         experiment.method_params["mask_path"] = sm.input.mask[0]
     spec = ModelSpec.from_config(w.model, sm.params.model)
