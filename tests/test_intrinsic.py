@@ -372,3 +372,35 @@ def test_d90_states_both_budgets_and_warns_when_the_reference_trained_less():
     equal = _budget_note({"budgets": {"subspace": reference, "reference": reference}})
     assert "63 steps" in equal and "trained less" not in equal
     assert _budget_note({}) == ""  # a record from before budgets were kept
+
+
+@pytest.mark.slow
+def test_d90_stage_trains_its_bisection_point_for_real(minilm_spec, tiny_task_dir, tmp_path):
+    """The d90 job's refinement with real training: the grid's records bracket the threshold
+    (d = 150 below it, 600 above), so the stage trains d = 300 through the fine-tuning loop
+    and the evaluator, writes that run beside d90.json, and places d90 by its real score."""
+    from peftlab.config import TrainConfig
+    from peftlab.intrinsic import d90_record
+    from peftlab.io import write_json
+
+    def grid_record(d, score):
+        return {"status": "completed", "d": d, "test_main": score, "main_metric": "accuracy", "steps": 3,
+                "total_params": 22_713_216, "kind": "said", "config": {"training": {"epochs": 1.0}}}
+
+    paths = []
+    for d, score in ((150, 0.0), (600, 1.0)):
+        paths.append(tmp_path / f"d{d}.json")
+        write_json(paths[-1], grid_record(d, score))
+    reference = tmp_path / "reference.json"
+    write_json(reference, {"status": "completed", "main_metric": "accuracy", "metrics": {"accuracy": 0.5}})
+    settings = {"fraction": 0.9, "refine": 1, "seeds": [0], "kind": "said", "projection": "fastfood",
+                "projection_seed": 0, "reference": "default", "normalisation": "per_tensor"}
+    tc = TrainConfig(epochs=1, max_steps=3, batch_size=16, learning_rate=1e-3, weight_decay=0.0, evals_per_epoch=1)
+    out = tmp_path / "d90" / "d90.json"
+    rec = d90_record(minilm_spec, tiny_task_dir, paths, [reference], out, settings, tc, threads=1)
+    run = json.loads((tmp_path / "d90" / "refine" / "d300" / "seed0" / "result.json").read_text())
+    assert run["status"] == "completed" and run["trainable_params"] == 300 and run["steps"] == 3
+    assert rec["refined"] == [300] and rec["grid"] == [150, 300, 600]
+    assert rec["scores"]["300"] == run["test_main"]  # the real run's own test score
+    assert rec["d90"] == (300 if run["test_main"] >= rec["threshold"] else 600)
+    assert json.loads(out.read_text()) == rec
