@@ -312,10 +312,12 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
                 if diff is not None:
                     cells.at[i, "vs_full_diff"] = diff[0]
                     cells.at[i, "vs_full"] = _mark(diff, "above", "below", "tied")
-            if best is not None and not row["not_trained"]:
-                diff = None if me == best else _paired(scored, me, best, metric)
-                cells.at[i, "vs_best"] = "best" if me == best else None if diff is None else _mark(
-                    diff, "above", "below", "tied")
+            if best is None or row["not_trained"]:
+                continue
+            if me == best:
+                cells.at[i, "vs_best"] = "best"
+            elif (diff := _paired(scored, me, best, metric)) is not None:
+                cells.at[i, "vs_best"] = _mark(diff, "above", "below", "tied")
     return cells
 
 
@@ -755,10 +757,16 @@ def _img(uri: str, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='{uri}'>"
 
 
+def _interval_text(lo: float | None, hi: float | None, digits: int = 4) -> str | None:
+    """"[lo, hi]", or None where there is no interval."""
+    known = lo is not None and hi is not None and lo == lo and hi == hi
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if known else None
+
+
 def _ci_text(mean: float, lo: float | None, hi: float | None, digits: int = 4) -> str:
     """"mean [lo, hi]" (the mean alone where there is no interval)."""
-    known = lo is not None and hi is not None and lo == lo and hi == hi
-    return f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if known else "")
+    interval = _interval_text(lo, hi, digits)
+    return f"{mean:.{digits}f}" + (f" {interval}" if interval else "")
 
 
 def _cell_text(c) -> str:
@@ -1221,9 +1229,8 @@ def _metric_table(task_cells: pd.DataFrame, metric: str, paper: dict[str, dict])
     """The per-method table of a task; with published numbers, a 'paper' column beside ours and
     their sources under it."""
     table = task_cells.sort_values("test_mean", ascending=False)
-    table = table.assign(interval_text=[_ci_text(m, lo, hi).split(" ", 1)[1] if " " in _ci_text(m, lo, hi) else "–"
-                                        for m, lo, hi in zip(table["test_mean"], table["test_lo"], table["test_hi"],
-                                                             strict=True)],
+    table = table.assign(interval_text=[_interval_text(lo, hi) or "–"
+                                        for lo, hi in zip(table["test_lo"], table["test_hi"], strict=True)],
                          marks=[_marks(c) for _, c in table.iterrows()])
     columns = [("label", "method", -1), ("family", "family", -1), ("n_seeds", "seeds", 0),
                ("test_mean", f"test {metric} (mean)", 4), ("interval_text", "95% interval", -1),
