@@ -141,26 +141,10 @@ def evaluate(
     tokenizer = load_tokenizer(model_spec)
     if method is None:
         method = build_method(key.method, ft["config"]["method_params"], model_spec.targets)
-    # the base in the dtype it trained with (records written before it was a setting: fp32)
-    base = trained_base_dtype(ft)
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    model = method.load(model, weights_path)
-    cast_frozen(model, base)
-    model = model.to(dev)
+    model, base, amp = _trained_model(key, model_spec, method, ft, stats, weights_path, dev)
     batch_size = ft["config"]["training"]["eval_batch_size"]
-    # the training's precision (records written before it was a setting: auto); a bf16 base: bf16
-    amp = torch.bfloat16 if base == torch.bfloat16 else autocast_dtype(
-        ft["config"]["training"].get("precision", "auto"), dev)
     t0 = time.perf_counter()
-    if is_generative(stats):
-        metrics, rows, speed = evaluate_generative(model, tokenizer, test_df, stats["task"], batch_size, dev,
-                                                   autocast(dev, amp), desc="test")
-        metrics, sets = by_test_set(stats["task"], test_df, rows, metrics)
-    else:
-        loader = make_eval_loader(test_df, batch_size, collator_for(stats, tokenizer), pin_memory=dev.type == "cuda")
-        outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
-        metrics = compute_metrics(stats["problem_type"], outputs, labels)
-        rows, speed, sets = classifier_rows(test_df, outputs, labels, stats), None, None
+    metrics, rows, speed, sets = _score_test(model, tokenizer, test_df, stats, batch_size, dev, amp)
     elapsed = time.perf_counter() - t0
     inference = None
     if measure_inference:
@@ -195,6 +179,32 @@ def evaluate(
     }
     write_json(out_path, record)
     return record
+
+
+def _trained_model(key: RunKey, model_spec: ModelSpec, method, ft: dict, stats: dict, weights_path, dev):
+    """The base model with the run's stored tensors loaded, its frozen base in the dtype it
+    trained with (records written before that was a setting: fp32), on ``dev``; with the
+    base's dtype and the autocast dtype the training used (a bf16 base: bf16)."""
+    base = trained_base_dtype(ft)
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
+    model = method.load(model, weights_path)
+    cast_frozen(model, base)
+    amp = torch.bfloat16 if base == torch.bfloat16 else autocast_dtype(
+        ft["config"]["training"].get("precision", "auto"), dev)
+    return model.to(dev), base, amp
+
+
+def _score_test(model, tokenizer, test_df, stats: dict, batch_size: int, dev, amp):
+    """Test metrics, one row per example, generation speed (generative tasks) and per-set metrics."""
+    if is_generative(stats):
+        metrics, rows, speed = evaluate_generative(model, tokenizer, test_df, stats["task"], batch_size, dev,
+                                                   autocast(dev, amp), desc="test")
+        metrics, sets = by_test_set(stats["task"], test_df, rows, metrics)
+        return metrics, rows, speed, sets
+    loader = make_eval_loader(test_df, batch_size, collator_for(stats, tokenizer), pin_memory=dev.type == "cuda")
+    outputs, labels = predict(model, loader, dev, desc="test", dtype=amp)
+    metrics = compute_metrics(stats["problem_type"], outputs, labels)
+    return metrics, classifier_rows(test_df, outputs, labels, stats), None, None
 
 
 def trained_base_dtype(finetune_record: dict) -> torch.dtype:
