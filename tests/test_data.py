@@ -183,6 +183,28 @@ def test_glue_through_load_dataset_on_local_copy(tmp_path, minilm_tokenizer):
     assert stats["splits"]["test"]["size"] == 20
 
 
+def test_glue_model_selection_on_half_the_held_out_split(tmp_path, minilm_tokenizer):
+    """ReFT's protocol: a seeded half of GLUE's validation split selects the model, the other
+    half is the test split, and all of GLUE's train is training data."""
+    rt = load_raw(TaskSpec.from_config("rotten_tomatoes", {})).frame
+    _glue_copy(tmp_path / "glue", rt)
+    entry = {"source": "glue", "hub_path": str(tmp_path / "glue"), "heldout_validation": "half"}
+    splits = make_splits(load_raw(TaskSpec.from_config("sst2", entry)), TaskSpec.from_config("sst2", entry))
+    heldout = set(pd.read_parquet(tmp_path / "glue" / "sst2" / "validation-00000-of-00001.parquet")["sentence"])
+    assert (len(splits["validation"]), len(splits["test"]), len(splits["train"])) == (30, 30, 200)
+    assert set(splits["validation"]["text_a"]) | set(splits["test"]["text_a"]) == heldout
+    assert not set(splits["validation"]["text_a"]) & set(splits["test"]["text_a"])
+    again = make_splits(load_raw(TaskSpec.from_config("sst2", entry)), TaskSpec.from_config("sst2", entry))
+    assert list(again["validation"]["text_a"]) == list(splits["validation"]["text_a"])  # seeded by split_seed
+    rows = make_splits(load_raw(TaskSpec.from_config("sst2", entry | {"heldout_validation": 12})),
+                       TaskSpec.from_config("sst2", entry | {"heldout_validation": 12}))
+    assert (len(rows["validation"]), len(rows["test"])) == (12, 48)
+    with pytest.raises(DataError, match="leaves no test rows"):
+        load_raw(TaskSpec.from_config("sst2", entry | {"heldout_validation": 60}))
+    with pytest.raises(DataError, match="use 'half' or a number of rows"):
+        TaskSpec.from_config("sst2", entry | {"heldout_validation": "third"})
+
+
 def test_glue_unreachable_gives_one_line_error(tmp_path):
     spec = TaskSpec.from_config("rte", {"source": "glue", "hub_path": str(tmp_path / "nowhere")})
     with pytest.raises(DataError) as info:

