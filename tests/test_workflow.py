@@ -408,6 +408,38 @@ def test_paper_presets_build_a_dag(preset):
     _holds_its_protocol(preset, cfg)
 
 
+# each paper's stated GLUE average (%), which the preset's stored per-task numbers must give back
+GLUE_AVERAGES = {"base": {"lora": 87.2, "full": 86.4, "loreft": 84.2, "gift": 85.1},
+                 "large": {"lora": 89.0, "full": 88.9, "loreft": 88.2, "sift": 88.6, "gift": 87.5}}
+
+
+def _holds_the_glue_protocol(preset: str, cfg: dict) -> None:
+    from peftlab.config import load_experiment
+    from peftlab.report import paper_results_for
+
+    tasks = cfg["tasks"]
+    assert len(cfg["seeds"]) == 5 and all(t["source"] == "glue" for t in tasks.values())
+    assert set(tasks) == {"mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb"}
+    assert {"full", "loreft", "sift", "gift", "lora"} <= set(cfg["methods"])
+    for method in ("lora", "loreft", "sift"):  # the papers' settings differ task by task
+        (variant,) = cfg["methods"][method]
+        runs = {t: load_experiment(cfg["experiments_dir"], method, variant, task=t) for t in tasks}
+        assert set(runs["rte"].task_settings) == set(tasks), method
+        assert len({(r.training.epochs, r.training.learning_rate) for r in runs.values()}) > 1, method
+    # the stored numbers read back through the report, and average to each paper's own average
+    (model,) = cfg["models"]
+    size = model.split("-")[-1]
+    by_method: dict[str, list[float]] = {}
+    for task in tasks:
+        for method, entry in paper_results_for(cfg, model, task).items():
+            by_method.setdefault(method, []).append(entry["value"])
+            assert entry["source"] and "metric" not in entry  # on the task's main metric, the papers' one
+    assert tasks["mrpc"]["main_metric"] == tasks["qqp"]["main_metric"] == "accuracy"
+    assert set(by_method) == set(GLUE_AVERAGES[size])
+    for method, values in by_method.items():
+        assert 100 * sum(values) / len(values) == pytest.approx(GLUE_AVERAGES[size][method], abs=0.06), method
+
+
 def _holds_its_protocol(preset: str, cfg: dict) -> None:
     from peftlab.config import load_experiment
     from peftlab.data import TaskSpec, test_set_specs
@@ -418,9 +450,8 @@ def _holds_its_protocol(preset: str, cfg: dict) -> None:
     sets = {name: s for spec in specs.values() for name, s in test_set_specs(spec).items()}
     for task, by_method in (cfg.get("paper_results") or {}).items():  # published numbers sit beside runs
         assert (task in tasks or task in sets) and set(by_method) <= methods, (task, by_method)
-    if preset.startswith("glue_"):  # the papers' protocol: five seeds, GLUE tasks
-        assert len(cfg["seeds"]) == 5 and all(t["source"] == "glue" for t in tasks.values())
-        assert {"loreft", "sift", "gift", "lora"} <= methods
+    if preset.startswith("glue_"):  # the papers' protocol: five seeds, all 8 GLUE tasks, task by task
+        _holds_the_glue_protocol(preset, cfg)
     elif preset in ("commonsense_llama.yaml", "math_llama.yaml"):  # LoReFT / GIFT on LLM-Adapters' sets
         mixture, n_sets = ("commonsense_170k", 8) if preset.startswith("commonsense") else ("math_10k", 4)
         assert cfg["seeds"] == [42, 43, 44] and {"loreft", "gift", "lora"} <= methods
