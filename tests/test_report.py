@@ -451,3 +451,21 @@ def test_report_intervals_baseline_and_marks_come_from_the_predictions(tmp_path)
     assert "bitfit" not in front and "ia3" in front  # the fewest parameters, but it learned nothing
     assert "not trained at this budget" in doc and "percentile bootstrap (2000 draws)" in doc
     assert "No-learning baseline: 0.6000 test accuracy" in doc
+
+
+def test_model_size_view_shows_d90_against_parameters_when_several_models_ran():
+    """Aghajanyan et al.'s view: d90 per model against its size, for tasks with more than one
+    model; a d90 beyond the grid is shown as a lower bound, and one model alone shows nothing."""
+    from peftlab.report import Figures, _model_size_view, model_size_table
+
+    def d90(total, value, grid=(100, 1000, 10000)):
+        return {"d90": {"total_params": total, "d90": value, "reached": value is not None, "grid": list(grid)}}
+
+    analyses = {("big", "mrpc"): d90(355_000_000, 200), ("small", "mrpc"): d90(125_000_000, 1800),
+                ("tiny", "mrpc"): d90(22_700_000, None), ("small", "qqp"): d90(125_000_000, 7000)}
+    table = model_size_table(analyses)
+    assert list(table["model"]) == ["tiny", "small", "big"] and set(table["task"]) == {"mrpc"}
+    html = "".join(_model_size_view(analyses, Figures()))
+    assert "Intrinsic dimension and model size" in html and "data:image/png;base64," in html
+    assert "&gt; 10,000" in html and ">1,800<" in html and ">355,000,000<" in html
+    assert _model_size_view({("small", "qqp"): d90(125_000_000, 7000)}, Figures()) == []

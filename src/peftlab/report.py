@@ -1034,6 +1034,49 @@ def _budget_note(d90: dict) -> str:
     return f"<p class='note'>{text}</p>"
 
 
+def model_size_table(analyses: dict) -> pd.DataFrame:
+    """d90 per (task, model) beside the model's parameter count (Aghajanyan et al.'s view: larger
+    pre-trained models have lower intrinsic dimension); tasks with more than one model only."""
+    rows = [{"task": task, "model": model, "total_params": a["d90"].get("total_params"), "d90": a["d90"].get("d90"),
+             "reached": a["d90"].get("reached"), "grid_max": max(a["d90"]["grid"]) if a["d90"].get("grid") else None}
+            for (model, task), a in analyses.items() if "d90" in a]
+    frame = pd.DataFrame(rows)
+    if not len(frame):
+        return frame
+    frame = frame[frame.groupby("task")["model"].transform("nunique") > 1]
+    return frame.sort_values(["task", "total_params"]).reset_index(drop=True)
+
+
+def figure_model_size(table: pd.DataFrame):
+    """d90 against the model's parameter count (log-log), one line per task; a d90 beyond the
+    grid is drawn at the grid's top as an open marker (a lower bound)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 3.9))
+    for task, g in table.groupby("task", sort=False):
+        y = [d if reached else top for d, reached, top in zip(g["d90"], g["reached"], g["grid_max"], strict=True)]
+        line = ax.plot(g["total_params"], y, "-", label=task)[0]
+        for x, v, reached in zip(g["total_params"], y, g["reached"], strict=True):
+            ax.plot([x], [v], "o", color=line.get_color(), mfc=line.get_color() if reached else "none")
+    ax.set(xscale="log", yscale="log", xlabel="model parameters (log)", ylabel="d90 (log)")
+    ax.set_title("Intrinsic dimension against model size (open marker: above the grid)", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def _model_size_view(analyses: dict, figures: Figures) -> list[str]:
+    table = model_size_table(analyses)
+    if not len(table):
+        return []
+    table = table.assign(d90_text=[fmt(d, 0) if reached else f"> {top:,}"
+                                   for d, reached, top in zip(table["d90"], table["reached"], table["grid_max"],
+                                                              strict=True)])
+    return ["<h3 id='analyses-model-size'>Intrinsic dimension and model size</h3>",
+            _img(figures.add(figure_model_size(table), "d90_vs_model_size"), "d90 against model parameters"),
+            _table(table, [("task", "task", -1), ("model", "model", -1), ("total_params", "parameters", 0),
+                           ("d90_text", "d90", -1)])]
+
+
 def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures: Figures) -> list[str]:
     """HTML parts of the analyses section (empty when no analysis ran).
     ``analyses``: (model, task) -> {"d90": record, "sparsity": record} (completed records)."""
@@ -1097,6 +1140,7 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
             cols.append((c, t, dgt))
     parts.append("<h3 id='analyses-summary'>Summary and cross-analysis</h3>")
     parts.append(_table(frame, cols))
+    parts.extend(_model_size_view(analyses, figures))
     cross = cross_analysis_table(cells, analyses)
     if len(cross):
         parts.append(_img(figures.add(figure_cross_analysis(cross, style), "cross_analysis"), "cross-analysis"))
