@@ -201,6 +201,39 @@ def test_save_load_roundtrip(minilm_spec, minilm_tokenizer, tiny_task_dir, tmp_p
     assert torch.equal(ref, out)
 
 
+@pytest.mark.parametrize("merged", [True, False])
+def test_bias_adaptation_stores_what_the_paper_counts(merged, minilm_spec, minilm_tokenizer, tiny_task_dir, tmp_path):
+    """adapt: biases stores the trained FFN biases b' = b + A(b) and the head (the paper's
+    storage figure), each equal to the trained layer's own bias, and loading them gives the
+    plain base architecture computing what the trained model computes; store_merged_biases:
+    false stores the adapter instead."""
+    torch.manual_seed(1)
+    batch = _batch(tiny_task_dir, minilm_tokenizer)
+    params = {"r": 4, "adapt": "biases", "store_merged_biases": merged}
+    m = build_method("hiwi", params)
+    model = _train(m.apply(_fresh(minilm_spec)), batch)
+    with torch.no_grad():
+        ref = model(**_inputs(batch)).logits
+        trained = {f"{n}.bias": mod.bias + mod.hiwi(mod.bias.unsqueeze(0)).squeeze(0) for n, mod in _hiwi_modules(model)}
+    m.save(model, tmp_path / "w.safetensors")
+    stored = load_file(str(tmp_path / "w.safetensors"))
+    loaded = build_method("hiwi", params).load(_fresh(minilm_spec), tmp_path / "w.safetensors").eval()
+    with torch.no_grad():
+        out = loaded(**_inputs(batch)).logits
+    assert torch.allclose(ref, out, atol=1e-6)
+    if not merged:
+        assert all(".hiwi." in k for k in stored if not k.startswith("classifier."))
+        return
+    assert set(stored) == {f"{n}.bias" for n in FFN_IN + FFN_OUT} | {"classifier.weight", "classifier.bias"}
+    for name, bias in trained.items():
+        assert torch.allclose(stored[name], bias, atol=1e-7), name
+    n_stored = sum(t.numel() for t in stored.values())
+    assert n_stored == 6 * (1536 + 384) + HEAD  # every FFN bias and the head: 0.05% of MiniLM's 22.7M
+    assert n_stored < m.expected_trainable_parameters(_fresh(minilm_spec))  # fewer than the adapter trains
+    assert not any(isinstance(mod, HiwiLinear) for mod in loaded.modules())  # already the merged model
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
 def test_shared_adapter_sizes_must_agree(minilm_spec):
     # ffn_out of MiniLM has d_in 1536 in every layer: sharing is fine; a mixed override is not
     base = _fresh(minilm_spec)

@@ -20,6 +20,9 @@ class HiwiConfig(MethodConfig):
     share_across_layers: bool = False  # one adapter per role for all layers (default: per layer)
     activation: str = "relu"  # f in A(X) = f(X U + c) V + e
     adapter_bias: bool = True  # the adapter's own biases c and e
+    # adapt: biases: store the trained biases b' = b + A(b) (what the paper counts), not the
+    # adapter; false stores U, c, V, e. adapt: weights always stores the adapter (W' is whole matrices)
+    store_merged_biases: bool = True
 
     def __post_init__(self):
         check_positive_int("r", self.r)
@@ -32,3 +35,5 @@ class HiwiConfig(MethodConfig):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if not isinstance(self.adapter_bias, bool):
             raise ValueError(f"adapter_bias must be true or false, got {self.adapter_bias!r}")
+        if not isinstance(self.store_merged_biases, bool):
+            raise ValueError(f"store_merged_biases must be true or false, got {self.store_merged_biases!r}")

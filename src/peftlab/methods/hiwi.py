@@ -38,6 +38,11 @@ away: the merged model is the base architecture, with no added inference latency
 
 Trainable parameters: per adapter ``2 r d + (r + d if adapter_bias)``, d = d_in (weights) or
 d_out (biases); adapters = roles (shared) or (role, layer) pairs; plus the head.
+
+Storage: with ``adapt: biases`` the weights file holds what the paper counts, the trained
+biases b' of the target layers (and the head), not the adapter (``store_merged_biases: false``
+keeps U, c, V, e instead); loading it sets those biases in the plain base model, which is then
+already the merged model. ``adapt: weights`` stores the adapter (W' would be whole matrices).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..method_configs.hiwi import ACTIVATIONS, HiwiConfig
-from ..models import resolve_targets
+from ..models import head_module_names, resolve_targets
 from . import register
 from .base import Method, set_submodule
 
@@ -172,6 +177,48 @@ class Hiwi(Method):
                 set_submodule(model, name, HiwiLinear(model.get_submodule(name), adapter, cfg.adapt, role))
         self.unfreeze_head(model)
         return model
+
+    def _stores_biases(self) -> bool:
+        return self.config.adapt == "biases" and self.config.store_merged_biases
+
+    @torch.no_grad()
+    def trainable_state(self, model: nn.Module) -> dict:
+        """The adapter's tensors, or (biases, stored merged) b' of every target layer plus the head."""
+        if not self._stores_biases():
+            return super().trainable_state(model)
+        wrapped = {n: m for n, m in model.named_modules() if isinstance(m, HiwiLinear)}
+        state = {f"{n}.bias": m.effective()[1].detach().cpu().clone() for n, m in wrapped.items()}
+        adapters = tuple(f"{n}.hiwi." for n in wrapped)
+        return state | {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                        if p.requires_grad and not n.startswith(adapters)}
+
+    def save(self, model: nn.Module, path, state: dict | None = None) -> None:
+        if state is not None and self._stores_biases():  # gathered adapter tensors: into the model first
+            model.load_state_dict(state, strict=False)
+            state = None
+        super().save(model, path, state)
+
+    def load(self, model: nn.Module, path) -> nn.Module:
+        """A file of merged biases sets them in the plain base model (the merged model); an
+        adapter file restores the adapter."""
+        if not self._stores_biases():
+            return super().load(model, path)
+        from safetensors.torch import load_file
+
+        names = [n for group in self._groups(model).values() for n, _ in group]
+        state = load_file(str(path))
+        expected = {f"{n}.bias" for n in names} | set(self._head_names(model))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ConfigError(f"stored weights at {path} do not fit method 'hiwi' with this config (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}); rerun its finetune job")
+        self.freeze(model)
+        model.load_state_dict(state, strict=False)
+        return model
+
+    @staticmethod
+    def _head_names(model: nn.Module) -> list[str]:
+        return [f"{m}.{n}" for m in head_module_names(model) for n, _ in getattr(model, m).named_parameters()]
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:
