@@ -469,3 +469,6 @@ def test_model_size_view_shows_d90_against_parameters_when_several_models_ran():
     assert "Intrinsic dimension and model size" in html and "data:image/png;base64," in html
     assert "&gt; 10,000" in html and ">1,800<" in html and ">355,000,000<" in html
     assert _model_size_view({("small", "qqp"): d90(125_000_000, 7000)}, Figures()) == []
+    paper = {"big": {"mrpc": {"value": 207, "source": "Aghajanyan et al. 2021 Table 1"}}}
+    with_paper = "".join(_model_size_view(analyses, Figures(), paper))
+    assert ">207<" in with_paper and "big / mrpc: 207, Aghajanyan et al. 2021 Table 1" in with_paper

@@ -440,6 +440,21 @@ def _holds_the_glue_protocol(preset: str, cfg: dict) -> None:
         assert 100 * sum(values) / len(values) == pytest.approx(GLUE_AVERAGES[size][method], abs=0.06), method
 
 
+def _holds_the_intrinsic_dimension_protocol(cfg: dict) -> None:
+    """Aghajanyan et al.: MRPC and QQP on RoBERTa-base and -large, SAID, d90 at 90%."""
+    from peftlab.config import load_experiment
+
+    tasks = cfg["tasks"]
+    ident = cfg["analyses"]["intrinsic_dimension"]
+    assert set(tasks) == {"mrpc", "qqp"} and set(cfg["models"]) == {"roberta-base", "roberta-large"}
+    assert ident["kind"] == "said" and ident["normalisation"] == "per_tensor" and ident["fraction"] == 0.9
+    full = load_experiment(cfg["experiments_dir"], "full", ident["reference"]).training
+    assert ident["training"]["epochs"] == full.epochs  # the reference is not trained less
+    published = {(m, t): e["value"] for m, by in ident["paper_d90"].items() for t, e in by.items()}
+    assert published == {("roberta-base", "mrpc"): 896, ("roberta-base", "qqp"): 896,
+                         ("roberta-large", "mrpc"): 207, ("roberta-large", "qqp"): 774}
+
+
 def _holds_its_protocol(preset: str, cfg: dict) -> None:
     from peftlab.config import load_experiment
     from peftlab.data import TaskSpec, test_set_specs
@@ -452,6 +467,8 @@ def _holds_its_protocol(preset: str, cfg: dict) -> None:
         assert (task in tasks or task in sets) and set(by_method) <= methods, (task, by_method)
     if preset.startswith("glue_"):  # the papers' protocol: five seeds, all 8 GLUE tasks, task by task
         _holds_the_glue_protocol(preset, cfg)
+    elif preset == "intrinsic_dimension_roberta.yaml":
+        _holds_the_intrinsic_dimension_protocol(cfg)
     elif preset in ("commonsense_llama.yaml", "math_llama.yaml"):  # LoReFT / GIFT on LLM-Adapters' sets
         mixture, n_sets = ("commonsense_170k", 8) if preset.startswith("commonsense") else ("math_10k", 4)
         assert cfg["seeds"] == [42, 43, 44] and {"loreft", "gift", "lora"} <= methods

@@ -1034,11 +1034,14 @@ def _budget_note(d90: dict) -> str:
     return f"<p class='note'>{text}</p>"
 
 
-def model_size_table(analyses: dict) -> pd.DataFrame:
+def model_size_table(analyses: dict, paper: dict | None = None) -> pd.DataFrame:
     """d90 per (task, model) beside the model's parameter count (Aghajanyan et al.'s view: larger
-    pre-trained models have lower intrinsic dimension); tasks with more than one model only."""
+    pre-trained models have lower intrinsic dimension); tasks with more than one model only.
+    ``paper``: the config's ``paper_d90`` (model -> task -> {value, source}), shown beside."""
+    paper = paper or {}
     rows = [{"task": task, "model": model, "total_params": a["d90"].get("total_params"), "d90": a["d90"].get("d90"),
-             "reached": a["d90"].get("reached"), "grid_max": max(a["d90"]["grid"]) if a["d90"].get("grid") else None}
+             "reached": a["d90"].get("reached"), "grid_max": max(a["d90"]["grid"]) if a["d90"].get("grid") else None,
+             "paper_d90": (paper.get(model, {}).get(task) or {}).get("value")}
             for (model, task), a in analyses.items() if "d90" in a]
     frame = pd.DataFrame(rows)
     if not len(frame):
@@ -1064,8 +1067,8 @@ def figure_model_size(table: pd.DataFrame):
     return fig
 
 
-def _model_size_view(analyses: dict, figures: Figures) -> list[str]:
-    table = model_size_table(analyses)
+def _model_size_view(analyses: dict, figures: Figures, paper: dict | None = None) -> list[str]:
+    table = model_size_table(analyses, paper)
     if not len(table):
         return []
     table = table.assign(d90_text=[fmt(d, 0) if reached else f"> {top:,}"
@@ -1074,10 +1077,22 @@ def _model_size_view(analyses: dict, figures: Figures) -> list[str]:
     return ["<h3 id='analyses-model-size'>Intrinsic dimension and model size</h3>",
             _img(figures.add(figure_model_size(table), "d90_vs_model_size"), "d90 against model parameters"),
             _table(table, [("task", "task", -1), ("model", "model", -1), ("total_params", "parameters", 0),
-                           ("d90_text", "d90", -1)])]
+                           ("d90_text", "d90", -1), ("paper_d90", "paper's d90", 0)]),
+            *_paper_d90_sources(paper, table)]
 
 
-def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures: Figures) -> list[str]:
+def _paper_d90_sources(paper: dict | None, table: pd.DataFrame) -> list[str]:
+    shown = {(m, t) for m, t in zip(table["model"], table["task"], strict=True)}
+    items = [f"<li>{html.escape(m)} / {html.escape(t)}: {e['value']:,}, {html.escape(e['source'])}</li>"
+             for m, tasks in sorted((paper or {}).items()) for t, e in sorted(tasks.items()) if (m, t) in shown]
+    if not items:
+        return []
+    return ["<p class='note'>paper's d90: the published value (the config's <code>paper_d90</code>); a gap may "
+            "come from the protocol (budget, grid, normalisation), not the model.</p>", f"<ul class='note'>{''.join(items)}</ul>"]
+
+
+def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures: Figures,
+                     paper_d90: dict | None = None) -> list[str]:
     """HTML parts of the analyses section (empty when no analysis ran).
     ``analyses``: (model, task) -> {"d90": record, "sparsity": record} (completed records)."""
     if not analyses:
@@ -1140,7 +1155,7 @@ def analyses_section(analyses: dict, cells: pd.DataFrame, style: Style, figures:
             cols.append((c, t, dgt))
     parts.append("<h3 id='analyses-summary'>Summary and cross-analysis</h3>")
     parts.append(_table(frame, cols))
-    parts.extend(_model_size_view(analyses, figures))
+    parts.extend(_model_size_view(analyses, figures, paper_d90))
     cross = cross_analysis_table(cells, analyses)
     if len(cross):
         parts.append(_img(figures.add(figure_cross_analysis(cross, style), "cross_analysis"), "cross-analysis"))
@@ -1478,7 +1493,8 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
         parts.extend(_task_section(model, task, task_runs, cells, records, style, figures, gifts.get((model, task)),
                                    config, generated_note(stats.get((model, task), {}))))
     parts.extend(tuning_section(list(selections), runs, style, figures))
-    parts.extend(analyses_section(analyses, cells, style, figures))
+    parts.extend(analyses_section(analyses, cells, style, figures,
+                                  ((config.get("analyses") or {}).get("intrinsic_dimension") or {}).get("paper_d90")))
     parts.extend(_problems_section(runs, other))
 
     parts.append("<h2 id='runs'>All runs</h2>")
