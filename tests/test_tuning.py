@@ -54,6 +54,15 @@ def test_grid_points_are_every_combination_first_key_slowest():
     assert points == [{"learning_rate": lr, "r": r} for lr, r in itertools.product([1e-4, 1e-3], [4, 8, 16])]
 
 
+def test_a_choice_at_the_grids_edge_names_the_keys_to_widen():
+    from peftlab.tuning import edge_keys
+
+    points = grid_points({"learning_rate": [1e-4, 1e-3, 1e-2], "r": [4, 8], "targets": ["qv", "all"]})
+    assert edge_keys(points, {"learning_rate": 1e-3, "r": 8, "targets": "all"}) == ["r"]  # not the text key
+    assert edge_keys(points, {"learning_rate": 1e-2, "r": 4, "targets": "qv"}) == ["learning_rate", "r"]
+    assert edge_keys(grid_points({"learning_rate": [1e-3]}), {"learning_rate": 1e-3}) == []  # nothing searched
+
+
 def test_a_variant_entry_beats_its_method_entry_which_beats_the_default_grid():
     cfg = _config({"grid": {"learning_rate": [1e-4, 1e-3]},
                    "methods": {"sift": {"learning_rate": [1e-5, 1e-4]},
@@ -109,7 +118,8 @@ def test_selection_is_the_best_mean_over_the_tuning_seeds():
     points = [{"learning_rate": lr} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
     chosen = select(points, [[_trial(t, s, v) for s, v in enumerate(scores[t])] for t in range(4)])
     means = {t: sum(v) / len(v) for t, v in scores.items()}  # 0.65, 0.60, 0.625, 0.51
-    assert chosen["chosen"] == {"trial": 0, "point": points[0], "validation": pytest.approx(0.65)}
+    assert chosen["chosen"] == {"trial": 0, "point": points[0], "validation": pytest.approx(0.65),
+                                "at_edge": ["learning_rate"]}  # the smallest rate searched
     assert [row["mean"] for row in chosen["grid"]] == pytest.approx([means[t] for t in range(4)])
     # not the best single score (trial 1's 0.80 on seed 0) and not the last seed's best
 
@@ -118,6 +128,8 @@ def test_ties_go_to_the_earlier_point_and_failed_points_are_never_chosen():
     points = [{"learning_rate": lr} for lr in (1e-4, 1e-3, 1e-2)]
     tie = select(points, [[_trial(0, 0, 0.6)], [_trial(1, 0, 0.6)], [_trial(2, 0, 0.5)]])
     assert tie["chosen"]["trial"] == 0
+    inside = select(points, [[_trial(0, 0, 0.5)], [_trial(1, 0, 0.6)], [_trial(2, 0, 0.5)]])
+    assert inside["chosen"]["trial"] == 1 and inside["chosen"]["at_edge"] == []
     # a point whose second seed diverged is out, however good its first seed was
     mixed = select(points, [[_trial(0, 0, 0.6), _trial(0, 1, 0.6)], [_trial(1, 0, 0.95), _trial(1, 1, None)],
                             [_trial(2, 0, 0.5), _trial(2, 1, 0.5)]])

@@ -339,7 +339,7 @@ def test_tuning_is_a_stage_of_the_dag(tmp_path):
         scores = [t["best_validation"]["accuracy"] for t in trials]
         best = max(range(2), key=lambda i: (scores[i], -i))
         assert sel["chosen"] == {"trial": best, "point": {"learning_rate": grid["learning_rate"][best]},
-                                 "validation": scores[best]}
+                                 "validation": scores[best], "at_edge": ["learning_rate"]}  # 2 points: both edges
         record = json.loads(final.read_text())
         assert record["config"]["training"]["learning_rate"] == grid["learning_rate"][best]
         assert record["steps"] == 6 and record["config"]["tuned"]["source"].endswith(f"{method}/default/selected.json")

@@ -1235,11 +1235,17 @@ def tuning_section(selections: list[dict], runs: pd.DataFrame, style: Style, fig
         parts.append(f"<h3>{html.escape(task)} · {html.escape(model)}</h3>")
         rows = pd.DataFrame([{"method": _label(s["run"]["method"], s["run"]["variant"]), "trials": s["budget"]["trials"],
                               "runs": s["budget"]["trial_runs"], "chosen": _grid_text(s),
-                              "validation": s["chosen"]["validation"]} for s in sels])
+                              "validation": s["chosen"]["validation"],
+                              "edge": ", ".join(s["chosen"].get("at_edge") or []) or "–"} for s in sels])
         parts.append(_table(rows, [("method", "method", -1), ("trials", "grid points", 0),
                                    ("runs", "trial runs", 0), ("chosen", "validation by grid point (chosen in bold)", -1),
-                                   ("validation", "chosen: validation", 4)],
+                                   ("validation", "chosen: validation", 4), ("edge", "chosen at the grid's edge", -1)],
                             formatters={"chosen": lambda v: v}))
+        edge = sorted(r["method"] for _, r in rows.iterrows() if r["edge"] != "–")
+        if edge:
+            parts.append("<p class='note'><b>Chosen at the edge of the grid:</b> " + html.escape(", ".join(edge))
+                         + ". The best value may lie beyond the values searched; widen the grid that way before "
+                         "reading these methods' rank as settled.</p>")
         tuned = {(s["run"]["method"], s["run"]["variant"]) for s in sels}
         here = runs[(runs["model"] == model) & (runs["task"] == task)]
         untuned = sorted({_label(m, v) for m, v in zip(here["method"], here["variant"], strict=True)

@@ -147,7 +147,20 @@ def select(points: list[dict], records: list[list[dict]]) -> dict:
         raise TrainingError(f"every tuning trial failed ({reasons}); fix the grid or the budget in the "
                             "config's tuning section and rerun")
     best = max(ok, key=lambda r: (r["mean"], -r["trial"]))
-    return {"grid": rows, "chosen": {"trial": best["trial"], "point": best["point"], "validation": best["mean"]}}
+    return {"grid": rows, "chosen": {"trial": best["trial"], "point": best["point"], "validation": best["mean"],
+                                     "at_edge": edge_keys(points, best["point"])}}
+
+
+def edge_keys(points: list[dict], chosen: dict) -> list[str]:
+    """The grid's numeric keys whose chosen value is the smallest or largest searched: the
+    optimum may lie outside the grid, which should then be widened that way."""
+    out = []
+    for key, value in chosen.items():
+        values = sorted({p[key] for p in points})
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and len(values) > 1 and value in (values[0], values[-1]):
+            out.append(key)
+    return out
 
 
 def selection_record(run: dict, points: list[dict], records: list[list[dict]], budget: dict,
