@@ -4,7 +4,9 @@ Each method's default variant is copied once per learning rate of the grid into 
 experiments folder (only ``training.learning_rate`` changes), the fine-tuning stage of the
 pipeline runs every (method, rate, seed) through Snakemake (``--until finetune``: the test
 split is never touched), and the best validation score of each run is tabulated. The
-learning rates in ``config/experiments/<method>/default.yaml`` were chosen from this table.
+methods' stored rates now come from the pipeline's own tuning stage
+(``config/presets/tuned_rotten_tomatoes.yaml``); this script remains for the analyses' rate
+(``--intrinsic-d``), which that stage does not search.
 
     python bench/lr_sweep.py --out bench/out/lr_sweep -c 2
     python bench/lr_sweep.py --methods lora gift --seeds 0 1 --out /tmp/sweep

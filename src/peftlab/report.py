@@ -1201,6 +1201,16 @@ def figure_tuning(selections: list[dict], style: Style, title: str):
     return fig
 
 
+def _edge_of(sel: dict) -> list[str]:
+    """The keys whose chosen value is at the grid's edge (recomputed for records written before
+    the selection stored them)."""
+    from .tuning import edge_keys
+
+    if "at_edge" in sel["chosen"]:
+        return list(sel["chosen"]["at_edge"])
+    return edge_keys([r["point"] for r in sel["grid"]], sel["chosen"]["point"])
+
+
 def _grid_text(sel: dict) -> str:
     """Each point's mean validation score, the chosen one in bold; failed points say so."""
     out = []
@@ -1236,7 +1246,7 @@ def tuning_section(selections: list[dict], runs: pd.DataFrame, style: Style, fig
         rows = pd.DataFrame([{"method": _label(s["run"]["method"], s["run"]["variant"]), "trials": s["budget"]["trials"],
                               "runs": s["budget"]["trial_runs"], "chosen": _grid_text(s),
                               "validation": s["chosen"]["validation"],
-                              "edge": ", ".join(s["chosen"].get("at_edge") or []) or "–"} for s in sels])
+                              "edge": ", ".join(_edge_of(s)) or "–"} for s in sels])
         parts.append(_table(rows, [("method", "method", -1), ("trials", "grid points", 0),
                                    ("runs", "trial runs", 0), ("chosen", "validation by grid point (chosen in bold)", -1),
                                    ("validation", "chosen: validation", 4), ("edge", "chosen at the grid's edge", -1)],
