@@ -108,32 +108,6 @@ def _start_and_wait_for_training(work: Path, target: str, log: Path) -> tuple[su
     raise AssertionError("the finetune job never started training")
 
 
-def test_sigkilled_job_leaves_no_complete_output_and_reruns(work):
-    out = _outputs(work, "slow")
-    target = str(out["record"].relative_to(work))
-    # 1. the job's process is killed (the OOM killer, a cgroup at the end of the time limit)
-    proc, job = _start_and_wait_for_training(work, target, out["log"])
-    job.send_signal(signal.SIGKILL)
-    console = proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0, console[-3000:]
-    assert not out["record"].exists() and not out["weights"].exists(), console[-3000:]
-    # 2. the whole process group dies with it (the node goes away mid-training)
-    proc, job = _start_and_wait_for_training(work, target, out["log"])
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=300)
-    assert not out["record"].exists() and not out["weights"].exists()
-    # Snakemake's lock outlives a killed Snakemake: the user unlocks, as its message says
-    assert snakemake(work, "--unlock").returncode == 0
-    dry = snakemake(work, "-n", target)
-    assert dry.returncode == 0 and "rule finetune:" in dry.stdout + dry.stderr, dry.stdout  # to recompute
-    # 3. the rerun recomputes it
-    res = snakemake(work, target)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    record = json.loads(out["record"].read_text())
-    assert record["status"] == "completed" and record["steps"] == 24
-    assert "Nothing to be done" in (r := snakemake(work, "-n", target)).stdout + r.stderr
-
-
 def _kill_when_outputs_start(proc: subprocess.Popen, run_dir: Path) -> str:
     """SIGKILL Snakemake and its job together (the node goes away: nothing is left to clean
     up) the moment the job's first output appears in ``run_dir``: the weights' temporary file
@@ -151,28 +125,45 @@ def _kill_when_outputs_start(proc: subprocess.Popen, run_dir: Path) -> str:
     raise AssertionError("the finetune job never wrote its outputs")
 
 
-def test_job_killed_while_writing_its_outputs_leaves_none_that_looks_complete(work):
-    """Killed after its outputs started to be written: whatever stands under an output's name
-    is whole (atomic writes), the job counts as not done, and the rerun completes it."""
+def test_sigkilled_job_leaves_no_complete_output_and_reruns(work):
     from safetensors.torch import load_file
 
     out = _outputs(work, "slow")
     target = str(out["record"].relative_to(work))
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "-c1", "--configfile", "robust.yaml",
-                             "--replace-workflow-config", "--forcerun", target, target], cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = _kill_when_outputs_start(proc, out["record"].parent)
+    # 1. the job's process is killed (the OOM killer, a cgroup at the end of the time limit)
+    proc, job = _start_and_wait_for_training(work, target, out["log"])
+    job.send_signal(signal.SIGKILL)
     console = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0, console[-3000:]
-    assert not out["record"].exists(), (seen, console[-3000:])
+    assert not out["record"].exists() and not out["weights"].exists(), console[-3000:]
+    # 2. the whole process group dies with it (the node goes away mid-training)
+    proc, job = _start_and_wait_for_training(work, target, out["log"])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert not out["record"].exists() and not out["weights"].exists()
+    # Snakemake's lock outlives a killed Snakemake: the user unlocks, as its message says
+    assert snakemake(work, "--unlock").returncode == 0
+    dry = snakemake(work, "-n", target)
+    assert dry.returncode == 0 and "rule finetune:" in dry.stdout + dry.stderr, dry.stdout  # to recompute
+    # 3. killed again the moment its outputs start being written: whatever stands under an
+    # output's name is whole (atomic writes), and the job still counts as not done
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "-c1", "--configfile", "robust.yaml",
+                             "--replace-workflow-config", target], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = _kill_when_outputs_start(proc, out["record"].parent)
+    console = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and not out["record"].exists(), (seen, console[-3000:])
     if out["weights"].exists():  # renamed into place before the kill: then it is the whole file
         assert load_file(out["weights"]), seen
     assert snakemake(work, "--unlock").returncode == 0
     dry = snakemake(work, "-n", target)
-    assert dry.returncode == 0 and "rule finetune:" in dry.stdout + dry.stderr, dry.stdout  # to recompute
+    assert dry.returncode == 0 and "rule finetune:" in dry.stdout + dry.stderr, dry.stdout
+    # 4. the rerun recomputes it
     res = snakemake(work, target)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert json.loads(out["record"].read_text())["status"] == "completed" and load_file(out["weights"])
+    record = json.loads(out["record"].read_text())
+    assert record["status"] == "completed" and record["steps"] == 24
+    assert "Nothing to be done" in (r := snakemake(work, "-n", target)).stdout + r.stderr
 
 
 def _run_lora(work: Path, seeds=(0, 1)) -> dict[int, dict]:
