@@ -213,6 +213,7 @@ class Hiwi(Method):
             raise ConfigError(f"stored weights at {path} do not fit method 'hiwi' with this config (missing "
                               f"{missing[:3]}, unexpected {extra[:3]}); rerun its finetune job")
         self.freeze(model)
+        self.unfreeze_head(model)  # as apply leaves it: a bf16 base keeps its head fp32
         model.load_state_dict(state, strict=False)
         return model
 
