@@ -102,12 +102,15 @@ class Method:
 
         model = self.apply(model)
         state = load_file(str(path))
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.check_stored(state, {n for n, p in model.named_parameters() if p.requires_grad}, path)
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def check_stored(self, state: dict, expected: set[str], path: str | Path) -> None:
+        """A stored file holds exactly the tensors this method's config expects, else a one-line error."""
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ConfigError(
                 f"stored weights at {path} do not fit method '{self.name}' with this config "
                 f"(missing {missing[:3]}, unexpected {extra[:3]}); rerun its finetune job"
             )
-        model.load_state_dict(state, strict=False)
-        return model

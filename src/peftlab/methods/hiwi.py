@@ -207,11 +207,7 @@ class Hiwi(Method):
 
         names = [n for group in self._groups(model).values() for n, _ in group]
         state = load_file(str(path))
-        expected = {f"{n}.bias" for n in names} | set(self._head_names(model))
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ConfigError(f"stored weights at {path} do not fit method 'hiwi' with this config (missing "
-                              f"{missing[:3]}, unexpected {extra[:3]}); rerun its finetune job")
+        self.check_stored(state, {f"{n}.bias" for n in names} | set(self._head_names(model)), path)
         self.freeze(model)
         self.unfreeze_head(model)  # as apply leaves it: a bf16 base keeps its head fp32
         model.load_state_dict(state, strict=False)
