@@ -78,13 +78,14 @@ def test_a_variant_entry_beats_its_method_entry_which_beats_the_default_grid():
 def test_a_trial_trains_its_point_over_the_tuning_budget():
     cfg = _config({"grid": {"learning_rate": [1e-4, 1e-3]}, "methods": {"lora": {"r": [4, 16]}},
                    "training": {"max_steps": 5, "learning_rate": 7e-3}})
-    settings = trial_settings(cfg, "lora", "default", 1)
+    plan, budget = tuned_variants(cfg), cfg["tuning"]["training"]
+    settings = trial_settings(plan[("lora", "default")], budget, 1)
     exp = load_experiment(cfg["experiments_dir"], "lora", "default", cfg.get("training"), settings)
     stored = load_experiment(cfg["experiments_dir"], "lora", "default", cfg.get("training"))
     assert exp.method_params["r"] == 16 and stored.method_params["r"] != 16
     # the budget's keys apply, the point's own keys win over them, and the record says so
     assert exp.training.max_steps == 5 and exp.training.learning_rate == 7e-3
-    full = load_experiment(cfg["experiments_dir"], "full", "default", None, trial_settings(cfg, "full", "default", 1))
+    full = load_experiment(cfg["experiments_dir"], "full", "default", None, trial_settings(plan[("full", "default")], budget, 1))
     assert full.training.learning_rate == 1e-3 and full.training.max_steps == 5
     assert exp.resolved()["tuned"]["trial"] == 1 and "tuned" not in stored.resolved()
     assert tuned_settings({"learning_rate": 1e-3, "r": 4}) == {

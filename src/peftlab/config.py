@@ -333,9 +333,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
                     f"exist; create it or use one of the variants there: {have or 'none'}"
                     f"{did_you_mean(variant, have)}"
                 )
-            exp = load_experiment(exp_dir, method, variant, config.get("training"))
-            for task in set(config["tasks"]) & set(exp.task_settings):  # each task's own settings
-                load_experiment(exp_dir, method, variant, config.get("training"), task=task)
+            load_for_tasks(exp_dir, method, variant, config.get("training"), config["tasks"])
     intrinsic = config["analyses"]["intrinsic_dimension"]
     if intrinsic["dims"]:
         analysis_training(config, where)
@@ -793,6 +791,16 @@ def load_experiment(experiments_dir: str | Path, method: str, variant: str,
             )
     return Experiment(method, variant, train_config, params, tuple(str(p) for p in (defaults_path, variant_path)),
                       tuned or None, tuple(per_task or ()))
+
+
+def load_for_tasks(experiments_dir: str | Path, method: str, variant: str, training: dict | None, tasks,
+                   tuned: dict | None = None) -> Experiment:
+    """``load_experiment`` as a run of any of ``tasks`` would: once without a task, then once
+    for each of those tasks the files give settings of their own (the others merge the same)."""
+    exp = load_experiment(experiments_dir, method, variant, training, tuned)
+    for task in set(tasks) & set(exp.task_settings):
+        load_experiment(experiments_dir, method, variant, training, tuned, task=task)
+    return exp
 
 
 @dataclass(frozen=True)

@@ -1600,12 +1600,13 @@ def expected_outputs(config: dict) -> dict[str, list[Path]]:
 
     results = Path(config["results_dir"])
     keys = list(iter_runs(config))
+    tuned = tuned_variants(config)
     out: dict[str, list[Path]] = {
         "finetune": [results / "finetune" / k.path() / "result.json" for k in keys],
         "evaluate": [results / "evaluate" / k.path() / "metrics.json" for k in keys],
         "stats": [], "analyses": [], "gift": [],
         "tuning": [results / "tune" / m / t / method / variant / "selected.json" for m in config["models"]
-                   for t in config["tasks"] for method, variant in tuned_variants(config)],
+                   for t in config["tasks"] for method, variant in tuned],
     }
     analyses = config.get("analyses") or {}
     for m in config["models"]:

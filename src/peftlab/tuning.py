@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, load_experiment, short
+from .config import ConfigError, TrainConfig, load_for_tasks, short
 from .errors import TrainingError
 
 TRAINING_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -65,10 +65,10 @@ def tuned_settings(point: dict[str, Any], budget: dict | None = None, **provenan
     return {"point": dict(point), "training": training, "method": method} | provenance
 
 
-def trial_settings(config: dict, method: str, variant: str, trial: int) -> dict:
-    """What trial ``trial`` of ``method``/``variant`` trains with."""
-    points = tuned_variants(config)[(method, variant)]
-    return tuned_settings(points[trial], config["tuning"].get("training"), trial=trial)
+def trial_settings(points: list[dict[str, Any]], budget: dict | None, trial: int) -> dict:
+    """What trial ``trial`` of a variant whose grid points are ``points`` trains with, at the
+    tuning budget ``budget`` (``tuning.training``)."""
+    return tuned_settings(points[trial], budget, trial=trial)
 
 
 def check_tuning(config: dict, where: str = "config") -> None:
@@ -83,10 +83,10 @@ def check_tuning(config: dict, where: str = "config") -> None:
     plan = tuned_variants(config)
     for (method, variant), points in plan.items():
         _check_keys(points[0], method, variant, where)
-        for point, task in itertools.product(points, config["tasks"]):
+        for point in points:
             try:
-                load_experiment(config["experiments_dir"], method, variant, config.get("training"),
-                                tuned_settings(point, tuning.get("training")), task=task)
+                load_for_tasks(config["experiments_dir"], method, variant, config.get("training"), config["tasks"],
+                               tuned_settings(point, tuning.get("training")))
             except ConfigError as exc:
                 reason = str(exc).removeprefix("config: ")
                 raise ConfigError(f"{where}: 'tuning' point {short(point)} of {method}/{variant}: {reason}") from None

@@ -131,10 +131,17 @@ TRIAL_DIR = "{model}/{task}/{method}/{variant}/trial{trial}/seed{seed}"
 SELECTION = "{model}/{task}/{method}/{variant}/selected.json"
 
 
+def _cell(wildcards):
+    """The (model, task, method, variant) wildcards of a job, by name."""
+    return {k: getattr(wildcards, k) for k in ("model", "task", "method", "variant")}
+
+
 def trial_point(wildcards):
     """What one tuning trial trains with: its grid point over the tuning budget."""
     return trial_settings(
-        config, wildcards.method, wildcards.variant, int(wildcards.trial)
+        TUNED[(wildcards.method, wildcards.variant)],
+        config["tuning"]["training"],
+        int(wildcards.trial),
     )
 
 
@@ -143,11 +150,7 @@ def trial_records(wildcards):
     points = TUNED[(wildcards.method, wildcards.variant)]
     return [
         f"{RESULTS}/tune/{TRIAL_DIR}/result.json".format(
-            trial=i,
-            seed=s,
-            **{
-                k: getattr(wildcards, k) for k in ("model", "task", "method", "variant")
-            },
+            trial=i, seed=s, **_cell(wildcards)
         )
         for i in range(len(points))
         for s in TUNING_SEEDS
@@ -160,9 +163,7 @@ def _selection(wildcards):
     """
     if (wildcards.method, wildcards.variant) not in TUNED:
         return None
-    return checkpoints.tune_select.get(
-        **{k: getattr(wildcards, k) for k in ("model", "task", "method", "variant")}
-    )
+    return checkpoints.tune_select.get(**_cell(wildcards))
 
 
 def tuned_after(wildcards):
