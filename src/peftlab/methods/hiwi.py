@@ -101,10 +101,14 @@ class HiwiLinear(nn.Module):
         self.role = role
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W', b'): the parameters this layer computes with."""
+        """(W', b'): the parameters this layer computes with, in the adapter's dtype (a bf16
+        base has fp32 adapters, so W' or b' is formed, stored and merged at fp32)."""
+        dtype = self.hiwi.down.dtype
         if self.adapt == "weights":
-            return self.weight + self.hiwi(self.weight), self.bias
-        return self.weight, self.bias + self.hiwi(self.bias.unsqueeze(0)).squeeze(0)
+            weight = self.weight.to(dtype)
+            return weight + self.hiwi(weight), self.bias
+        bias = self.bias.to(dtype)
+        return self.weight, bias + self.hiwi(bias.unsqueeze(0)).squeeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.effective()
