@@ -12,8 +12,8 @@ import torch
 from peftlab.data import load_split
 from peftlab.errors import ConfigError
 from peftlab.methods import build_method
-from peftlab.methods.loreft import FIRST, LAST, NONE, LoreftEdit, intervention_positions, transformer_blocks
-from peftlab.models import count_parameters, load_model
+from peftlab.methods.loreft import FIRST, LAST, NONE, LoreftEdit, intervention_positions
+from peftlab.models import count_parameters, load_model, transformer_blocks
 from peftlab.train import Collator, _optimizer, make_loader
 
 HEAD = 384 * 2 + 2  # MiniLM classifier: d x 2 + 2

@@ -28,6 +28,7 @@ from peftlab.models import (
     load_tokenizer,
     resolve_model_path,
     resolve_targets,
+    transformer_blocks,
 )
 
 SENTENCES = [
@@ -167,6 +168,16 @@ def test_all_roles_together_are_disjoint(builtin):
     names = resolve_targets(builtin.model, list(ROLES))
     per_layer = 7 if exp.model_type == "llama" else 6  # Llama has gate_proj and up_proj
     assert len(names) == exp.layers * per_layer
+
+
+def test_transformer_blocks_are_the_layer_list_and_a_model_without_one_is_named(builtin):
+    blocks = transformer_blocks(builtin.model)
+    assert len(blocks) == EXPECTED[builtin.name].layers
+    assert all(type(b).__name__.endswith(("Layer", "DecoderLayer")) for b in blocks)
+    flat = nn.Sequential(nn.Linear(4, 4))
+    flat.config = type("C", (), {"num_hidden_layers": 3, "model_type": "toy"})()
+    with pytest.raises(ModelError, match="found no list of 3 transformer blocks in model type 'toy'"):
+        transformer_blocks(flat)
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from .errors import ModelError, TrainingError
+from .models import transformer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -196,21 +197,14 @@ def shard(model: nn.Module) -> nn.Module:
     for its forward and backward only), the root holding the rest (embeddings, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in transformer_blocks(model):
+    try:
+        blocks = transformer_blocks(model)
+    except ModelError:  # no block list found: the root alone is one unit
+        blocks = []
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
     return model
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the classes transformers keeps whole when it splits a model
-    (``_no_split_modules``: LlamaDecoderLayer, ...), or else the longest ``nn.ModuleList``'s items."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 @contextlib.contextmanager

@@ -625,6 +625,19 @@ def head_module_names(model: nn.Module) -> list[str]:
     ]
 
 
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The backbone's transformer blocks (encoder or decoder layers): its ``nn.ModuleList`` of
+    ``config.num_hidden_layers`` modules. LoReFT edits their outputs; FSDP shards each one."""
+    from torch import nn
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in getattr(model, "base_model", model).named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelError(f"found no list of {n} transformer blocks in model type "
+                     f"'{getattr(model.config, 'model_type', '?')}'")
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     seen: set[int] = set()
     total = 0

@@ -38,6 +38,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ..errors import ConfigError
 from ..method_configs.loreft import LoreftConfig
+from ..models import transformer_blocks
 from . import register
 from .base import Method
 
@@ -191,18 +192,6 @@ class LoreftLayer(nn.Module):
         if hasattr(output, "last_hidden_state"):
             raise TypeError("loreft: a block returning a ModelOutput is not supported")
         return self.edit(output)
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of the backbone (encoder or decoder layers)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.base_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ConfigError(
-        f"loreft: found no list of {n} transformer blocks in model type "
-        f"'{getattr(model.config, 'model_type', '?')}'"
-    )
 
 
 @register
