@@ -372,6 +372,8 @@ def test_d90_states_both_budgets_and_warns_when_the_reference_trained_less():
     equal = _budget_note({"budgets": {"subspace": reference, "reference": reference}})
     assert "63 steps" in equal and "trained less" not in equal
     assert _budget_note({}) == ""  # a record from before budgets were kept
+    capped = training_budget([rec(63, 3.0) | {"epochs": 63 / 62.5}])  # max_steps stopped it in epoch 2
+    assert capped["epochs"] == [1.01]  # what ran, not the configured 3
 
 
 @pytest.mark.slow

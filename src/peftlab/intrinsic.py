@@ -382,6 +382,7 @@ def run_subspace(
         "best_validation": ft["best_validation"],
         "curves": ft["curves"],
         "steps": ft["steps"],
+        "epochs": ft.get("epochs"),
         "train_time_s": ft["train_time_s"],
         "peak_memory": ft["peak_memory"],
         "config": ft["config"],
@@ -454,11 +455,13 @@ def _failure_of(record: dict) -> str:
 
 def training_budget(records: list[dict]) -> dict[str, Any]:
     """The training budget of completed runs as their records state it: optimizer steps taken
-    (the largest), the configured epochs and batch size."""
+    (the largest), the epochs those steps made (the configured epochs for a record that
+    predates ``epochs``: a ``max_steps`` run stops before them) and the batch size."""
     done = [r for r in records if _completed(r)]
     training = [(r.get("config") or {}).get("training") or {} for r in done]
+    run = [round(r["epochs"], 2) if r.get("epochs") is not None else t.get("epochs") for r, t in zip(done, training, strict=True)]
     return {"steps": max((r.get("steps") or 0 for r in done), default=None),
-            "epochs": sorted({t.get("epochs") for t in training} - {None}),
+            "epochs": sorted(set(run) - {None}),
             "batch_size": sorted({t.get("batch_size") for t in training} - {None}), "runs": len(done)}
 
 
