@@ -280,8 +280,14 @@ def cell_interval(g: pd.DataFrame, metric: str, runs: list[list[dict] | None], t
             "interval": uncertainty.STUDENT_T if ci else None, "baseline": base, "_scores": None}
 
 
-def _paired(scored: dict, a: tuple, b: tuple, metric: str) -> tuple[float, float, float] | None:
-    """``a``'s mean minus ``b``'s over their common seeds, with its paired bootstrap interval."""
+def _paired(scored: dict, a: tuple, b: tuple, metric: str, memo: dict | None = None) -> tuple[float, float, float] | None:
+    """``a``'s mean minus ``b``'s over their common seeds, with its paired bootstrap interval;
+    ``memo`` keeps each pair's result (the best method is often full fine-tuning, and the
+    bootstrap is the report's slowest step)."""
+    if memo is not None:
+        if (a, b) not in memo:
+            memo[(a, b)] = _paired(scored, a, b, metric)
+        return memo[(a, b)]
     sa, sb = scored.get(a), scored.get(b)
     seeds = sorted(set(sa or ()) & set(sb or ()))
     if not seeds or not uncertainty.same_examples([sa[seeds[0]], sb[seeds[0]]]):
@@ -300,6 +306,7 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
     cells = cells.assign(not_trained=[b is not None and b == b and low <= b for b, low in zip(cells["baseline"], lo,
                                                                                               strict=True)],
                          vs_full=None, vs_full_diff=None, vs_best=None)
+    memo: dict = {}
     for _, g in cells.groupby(["model", "task"], sort=False):
         metric = g["main_metric"].iloc[0]
         full = g[(g["method"] == "full") & ~g["not_trained"]]
@@ -308,7 +315,7 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
         for i, row in g.iterrows():
             me = tuple(row[key])
             if len(full) and me != tuple(full.iloc[0][key]):
-                diff = _paired(scored, me, tuple(full.iloc[0][key]), metric)
+                diff = _paired(scored, me, tuple(full.iloc[0][key]), metric, memo)
                 if diff is not None:
                     cells.at[i, "vs_full_diff"] = diff[0]
                     cells.at[i, "vs_full"] = _mark(diff, "above", "below", "tied")
@@ -316,7 +323,7 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
                 continue
             if me == best:
                 cells.at[i, "vs_best"] = "best"
-            elif (diff := _paired(scored, me, best, metric)) is not None:
+            elif (diff := _paired(scored, me, best, metric, memo)) is not None:
                 cells.at[i, "vs_best"] = _mark(diff, "above", "below", "tied")
     return cells
 
