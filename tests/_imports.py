@@ -54,7 +54,8 @@ def module_closure(module: str, src: Path) -> set[Path]:
 
 
 def rule_scripts(workdir: Path) -> dict[str, Path]:
-    """rule (or checkpoint) name -> its ``script:``, read from the workflow's rule files."""
+    """rule (or checkpoint) name -> its ``script:``, read from the workflow's rule files (a rule
+    made by ``use rule A as B`` runs A's)."""
     out = {}
     for smk in sorted((workdir / "workflow" / "rules").glob("*.smk")):
         for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) |\Z)", smk.read_text(),
@@ -62,6 +63,9 @@ def rule_scripts(workdir: Path) -> dict[str, Path]:
             script = re.search(r'^\s+script:\s*\n\s+"([^"]+)"', body, flags=re.M)
             if script:
                 out[name] = (smk.parent / script.group(1)).resolve()
+    for smk in sorted((workdir / "workflow" / "rules").glob("*.smk")):  # use rule A as B: B runs A's script
+        for base, name in re.findall(r"^use rule (\w+) as (\w+)", smk.read_text(), flags=re.M):
+            out[name] = out[base]
     return out
 
 

@@ -109,6 +109,17 @@ EXPERIMENT_FILES = [
 ]
 
 
+# what a fine-tuning job reads, for a final run (rule finetune, which adds the selection it
+# trains at) and for a tuning trial (rule tune_trial)
+TRAIN_INPUT = dict(
+    train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
+    validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
+    stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+    experiment=EXPERIMENT_FILES,
+    mask=sift_mask_input,
+)
+
+
 # the code the jobs of each rule run (its script plus the closure of the script's imports inside
 # src/peftlab, and of the job's method module for finetune and evaluate); each file is read
 # and hashed once per DAG build (src/peftlab/codegraph.py)

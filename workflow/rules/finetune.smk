@@ -1,11 +1,7 @@
 rule finetune:
     """Fine-tune one (model, task, method, variant, seed); keep the best validation step."""
     input:
-        train=f"{RESULTS}/data/{{model}}/{{task}}/train.parquet",
-        validation=f"{RESULTS}/data/{{model}}/{{task}}/validation.parquet",
-        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
-        experiment=EXPERIMENT_FILES,
-        mask=sift_mask_input,
+        **TRAIN_INPUT,
         tuned=tuned_after,
     output:
         weights=f"{RESULTS}/finetune/{RUN_DIR}/trainable.safetensors",
@@ -30,3 +26,22 @@ rule finetune:
         code=code_of("finetune"),
     script:
         "../scripts/finetune.py"
+
+
+# One point of a method's tuning grid, at the tuning budget, on one tuning seed: a finetune job
+# (the same resources, script and code) that reads no selection, keeps only its record (the
+# weights go once it is recorded) and reaches MLflow nested under its selection (tune_select
+# logs it). Params not named here are finetune's.
+use rule finetune as tune_trial with:
+    input:
+        **TRAIN_INPUT,
+    output:
+        weights=temp(f"{RESULTS}/tune/{TRIAL_DIR}/trainable.safetensors"),
+        record=f"{RESULTS}/tune/{TRIAL_DIR}/result.json",
+    log:
+        f"logs/tune/{TRIAL_DIR}.log",
+    benchmark:
+        f"benchmarks/tune/{TRIAL_DIR}.tsv"
+    params:
+        tuned=trial_point,
+        mlflow=None,
