@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import html
 import io
 import json
@@ -280,14 +281,8 @@ def cell_interval(g: pd.DataFrame, metric: str, runs: list[list[dict] | None], t
             "interval": uncertainty.STUDENT_T if ci else None, "baseline": base, "_scores": None}
 
 
-def _paired(scored: dict, a: tuple, b: tuple, metric: str, memo: dict | None = None) -> tuple[float, float, float] | None:
-    """``a``'s mean minus ``b``'s over their common seeds, with its paired bootstrap interval;
-    ``memo`` keeps each pair's result (the best method is often full fine-tuning, and the
-    bootstrap is the report's slowest step)."""
-    if memo is not None:
-        if (a, b) not in memo:
-            memo[(a, b)] = _paired(scored, a, b, metric)
-        return memo[(a, b)]
+def _paired(scored: dict, a: tuple, b: tuple, metric: str) -> tuple[float, float, float] | None:
+    """``a``'s mean minus ``b``'s over their common seeds, with its paired bootstrap interval."""
     sa, sb = scored.get(a), scored.get(b)
     seeds = sorted(set(sa or ()) & set(sb or ()))
     if not seeds or not uncertainty.same_examples([sa[seeds[0]], sb[seeds[0]]]):
@@ -306,16 +301,17 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
     cells = cells.assign(not_trained=[b is not None and b == b and low <= b for b, low in zip(cells["baseline"], lo,
                                                                                               strict=True)],
                          vs_full=None, vs_full_diff=None, vs_best=None)
-    memo: dict = {}
     for _, g in cells.groupby(["model", "task"], sort=False):
         metric = g["main_metric"].iloc[0]
+        # once per pair: "vs full" and "vs best" are one pair when full fine-tuning is best
+        paired = functools.cache(lambda a, b, metric=metric: _paired(scored, a, b, metric))
         full = g[(g["method"] == "full") & ~g["not_trained"]]
         trained = g[~g["not_trained"]].sort_values("test_mean", ascending=False)
         best = tuple(trained.iloc[0][key]) if len(trained) else None
         for i, row in g.iterrows():
             me = tuple(row[key])
             if len(full) and me != tuple(full.iloc[0][key]):
-                diff = _paired(scored, me, tuple(full.iloc[0][key]), metric, memo)
+                diff = paired(me, tuple(full.iloc[0][key]))
                 if diff is not None:
                     cells.at[i, "vs_full_diff"] = diff[0]
                     cells.at[i, "vs_full"] = _mark(diff, "above", "below", "tied")
@@ -323,7 +319,7 @@ def compare_cells(cells: pd.DataFrame, scored: dict) -> pd.DataFrame:
                 continue
             if me == best:
                 cells.at[i, "vs_best"] = "best"
-            elif (diff := _paired(scored, me, best, metric, memo)) is not None:
+            elif (diff := paired(me, best)) is not None:
                 cells.at[i, "vs_best"] = _mark(diff, "above", "below", "tied")
     return cells
 
