@@ -14,19 +14,28 @@ PACKAGE = "peftlab"
 
 
 class _PackageFinder(modulefinder.ModuleFinder):
-    """Follows imports inside the package only (the rest is neither code of ours nor cheap)."""
+    """Follows imports inside the package only (the rest is neither code of ours nor cheap),
+    plus the ``local`` modules a script imports from its own folder (Snakemake puts a script's
+    folder on ``sys.path``)."""
+
+    def __init__(self, path, local=()):
+        super().__init__(path=path)
+        self.local = set(local)
+
+    def _ours(self, name):
+        return name.split(".")[0] == PACKAGE or name in self.local
 
     def import_hook(self, name, caller=None, fromlist=None, level=-1):
         # an absolute import from outside the package is skipped without being recorded as
         # a bad module: modulefinder would then also skip a relative import of the same name
         # (`import io` and `from .io import ...` in one module)
-        if level == 0 and name.split(".")[0] != PACKAGE:
+        if level == 0 and not self._ours(name):
             return None
         return super().import_hook(name, caller, fromlist, level)
 
     def find_module(self, name, path, parent=None):
         fqname = f"{parent.__name__}.{name}" if parent else name
-        if fqname.split(".")[0] != PACKAGE and name != "__init__":  # a package's own __init__
+        if not self._ours(fqname) and name != "__init__":  # a package's own __init__
             raise ImportError(fqname)
         return super().find_module(name, path, parent)
 
@@ -34,21 +43,23 @@ class _PackageFinder(modulefinder.ModuleFinder):
 def _files(finder: _PackageFinder) -> set[Path]:
     out = set()
     for name, module in finder.modules.items():
-        if name.split(".")[0] == PACKAGE and module.__file__:
+        if finder._ours(name) and module.__file__:
             path = Path(module.__file__).resolve()
             out.add(path)
     return out
 
 
 def script_closure(script: Path, src: Path) -> set[Path]:
-    """The package's files that running ``script`` may import (at import or call time)."""
-    finder = _PackageFinder(path=[str(src)])
+    """The files that running ``script`` may import (at import or call time): the package's,
+    and the modules of the script's own folder."""
+    local = {p.stem for p in script.parent.glob("*.py") if p != script}
+    finder = _PackageFinder([str(src), str(script.parent)], local)
     finder.run_script(str(script))
     return _files(finder)
 
 
 def module_closure(module: str, src: Path) -> set[Path]:
-    finder = _PackageFinder(path=[str(src)])
+    finder = _PackageFinder([str(src)])
     finder.import_hook(module)
     return _files(finder)
 

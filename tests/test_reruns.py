@@ -162,3 +162,19 @@ def test_shared_helpers_rerun_the_methods_that_use_them(complete_run):
     assert first("src/peftlab/report.py") == {("aggregate", None)}
     assert first("src/peftlab/methods/lora.py") == {("finetune", "lora"), ("finetune", "dora")}
     assert first("src/peftlab/methods/sift.py") == {("gradient_sparsity", None), ("finetune", "sift")}
+
+
+def test_jobs_run_the_workflows_own_code(tmp_path):
+    """A job imports peftlab from the workflow's own src/, the code its rerun fingerprint
+    hashes, not from the peftlab installed beside it (here: the checkout, installed editable)."""
+    (tmp_path / "copy").mkdir()
+    work = workflow_copy(tmp_path / "copy")
+    init = work / "src" / "peftlab" / "__init__.py"
+    probe = tmp_path / "imported.txt"  # each importing process: its script, this __init__
+    init.write_text(init.read_text() + f"\nimport sys as _s\nopen({str(probe)!r}, 'a').write(f'{{_s.argv[0]}} {{__file__}}\\n')\n")
+    res = subprocess.run([*SNAKEMAKE, "results/data/minilm-l6/rotten_tomatoes/stats.json", "-c1", "--configfile",
+                          "tests/configs/tiny.yaml"], cwd=work, capture_output=True, text=True,
+                         timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    jobs = [line.split() for line in probe.read_text().splitlines() if "prepare_data" in line]
+    assert jobs and all(Path(file) == init for _, file in jobs), probe.read_text()

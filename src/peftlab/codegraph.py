@@ -1,8 +1,8 @@
 """What code each workflow rule runs, so that a job reruns when that code changes, and only then.
 
 A rule's job runs its script, ``workflow/scripts/<rule>.py``, and through it modules of this
-package. The rule's *code* is that script plus the closure of its imports inside
-``src/peftlab``:
+package. The rule's *code* is that script, the helpers it imports from ``workflow/scripts``
+(files whose names start with ``_``), and the closure of its imports inside ``src/peftlab``:
 
 - every ``import`` and ``from ... import`` of a module, at its top or inside a function (a
   lazy import runs when the function does; ``if TYPE_CHECKING:`` imports are counted too);
@@ -147,8 +147,11 @@ class CodeGraph:
         for path in sorted(src.rglob("*.py")):
             name = _package_name(path, src)
             self.modules[name] = parse_module(path, name, self.root)
-        self.scripts = {p.stem: parse_module(p, f"<script {p.stem}>", self.root)
-                        for p in sorted((self.root / "workflow" / "scripts").glob("*.py"))}
+        scripts = {p.stem: parse_module(p, f"<script {p.stem}>", self.root)
+                   for p in sorted((self.root / "workflow" / "scripts").glob("*.py"))}
+        # a script whose name starts with `_` is a helper the rules' scripts import, not a rule's
+        self.helpers = {n: m for n, m in scripts.items() if n.startswith("_")}
+        self.scripts = {n: m for n, m in scripts.items() if n not in self.helpers}
         self.method_modules = {m: mod.name for mod in self.modules.values() for m in mod.methods}
         self._hashes: dict[Path, bytes] = {}
         self._rule_files: dict[tuple[str, str | None], list[Path]] = {}
@@ -199,7 +202,9 @@ class CodeGraph:
         if key not in self._rule_files:
             modules = [self.modules[n] for n in sorted(self.rule_modules(*key))]
             data = {p for m in modules for p in m.data}
-            self._rule_files[key] = [self.script(rule).path, *(m.path for m in modules), *sorted(data)]
+            script = self.script(rule)
+            helpers = [h.path for n, h in sorted(self.helpers.items()) if n in script.imports]
+            self._rule_files[key] = [script.path, *helpers, *(m.path for m in modules), *sorted(data)]
         return self._rule_files[key]
 
     def script(self, rule: str) -> Module:
@@ -243,7 +248,8 @@ class CodeGraph:
     def files(self) -> list[Path]:
         """Every file some rule's code may include: modules, scripts, declared data files."""
         data = {p for m in self.modules.values() for p in m.data}
-        return [m.path for m in self.modules.values()] + [s.path for s in self.scripts.values()] + sorted(data)
+        scripts = [*self.scripts.values(), *self.helpers.values()]
+        return [m.path for m in self.modules.values()] + [s.path for s in scripts] + sorted(data)
 
     def reruns(self, path: str | Path) -> list[tuple[str, tuple[str, ...] | None]]:
         """The rules whose jobs an edit of ``path`` reruns directly (their dependants follow):

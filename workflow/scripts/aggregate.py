@@ -1,4 +1,6 @@
 # Thin wrapper: aggregate -> peftlab.report.aggregate (after syncing queued MLflow records)
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.report import aggregate
 from peftlab.tracking import sync_pending

@@ -1,4 +1,6 @@
 # Thin wrapper: comparison_report -> peftlab.report.write_report
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.report import write_report
 

@@ -1,6 +1,8 @@
 # Thin wrapper: d90[model,task] -> peftlab.intrinsic.d90_stage (bisection runs included)
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.config import TrainConfig
 from peftlab.intrinsic import d90_record

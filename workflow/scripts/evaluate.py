@@ -1,6 +1,8 @@
 # Thin wrapper: evaluate[model,task,method,variant,seed] -> peftlab.evaluate.evaluate
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.config import RunKey
 from peftlab.evaluate import evaluate

@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.config import RunKey, TrialKey, load_experiment
 from peftlab.distributed import finetune_processes

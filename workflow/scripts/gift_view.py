@@ -1,6 +1,8 @@
 # Thin wrapper: gift_view[model,task] -> peftlab.gift_view.gift_token_view
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.gift_view import gift_token_view
 from peftlab.models import ModelSpec

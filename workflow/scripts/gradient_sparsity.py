@@ -1,6 +1,8 @@
 # Thin wrapper: gradient_sparsity[model,task] -> peftlab.sparsity.gradient_sparsity
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.models import ModelSpec
 from peftlab.sparsity import gradient_sparsity

@@ -1,6 +1,8 @@
 # Thin wrapper: intrinsic_dimension[model,task,d,seed] -> peftlab.intrinsic.run_subspace
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.config import TrainConfig
 from peftlab.intrinsic import run_subspace

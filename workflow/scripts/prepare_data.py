@@ -1,6 +1,8 @@
 # Thin wrapper: prepare_data[model,task] -> peftlab.data.prepare_task
 from pathlib import Path
 
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.data import TaskSpec, prepare_task
 from peftlab.models import ModelSpec, load_tokenizer

@@ -1,4 +1,6 @@
 # Thin wrapper: tune_select[model,task,method,variant] -> peftlab.tuning.write_selection
+import _workflow_src  # noqa: F401  (this workflow's src/ first on sys.path)
+
 from peftlab.cli import run_step
 from peftlab.tuning import write_selection
 
