@@ -321,6 +321,38 @@ def test_local_folder_loads_like_the_builtin(minilm, tmp_path):
     assert torch.allclose(_logits(mine, SENTENCES)[0], _logits(minilm, SENTENCES)[0], atol=1e-6)
 
 
+def test_a_new_head_is_said_once_and_other_load_news_keeps_transformers_report(minilm, tmp_path, caplog):
+    """Only the new task head missing: peftlab's one line instead of transformers' table. A
+    checkpoint with something else (here an extra tensor) keeps transformers' report."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    reports = []  # what transformers' loader logs, as its own handlers receive it
+    seen = logging.Handler()
+    seen.emit = lambda record: reports.append(record.getMessage())
+    logging.getLogger("transformers.modeling_utils").addHandler(seen)
+    caplog.set_level("INFO", logger="peftlab.models")
+    try:
+        load_model(minilm.spec, 2, "single_label_classification", seed=0)
+        ours = [r.getMessage() for r in caplog.records if "new task head" in r.getMessage()]
+        assert ours == ["minilm-l6: new task head (classifier.bias, classifier.weight), not in the checkpoint: "
+                        "as expected, fine-tuning trains it"]
+        assert not [m for m in reports if "LOAD REPORT" in m]
+
+        copy = tmp_path / "extra"
+        shutil.copytree(resolve_model_path(minilm.spec), copy)
+        weights = load_file(copy / "model.safetensors")
+        save_file(weights | {"extra.weight": torch.zeros(2)}, copy / "model.safetensors", metadata={"format": "pt"})
+        caplog.clear()
+        load_model(ModelSpec.from_config("extra", {"pretrained": str(copy)}), 2, "single_label_classification", seed=0)
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(seen)
+    shown = [m for m in reports if "LOAD REPORT" in m]
+    assert len(shown) == 1 and "extra.weight" in shown[0] and "classifier.weight" in shown[0]
+    assert not [r for r in caplog.records if "new task head" in r.getMessage()]
+
+
 def test_builtin_spec_from_config_keeps_entry_fields():
     spec = ModelSpec.from_config("minilm-l6", {"targets": {"query": r"self\.query$"}})
     assert spec.pretrained is None

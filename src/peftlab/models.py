@@ -21,6 +21,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -461,14 +462,16 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     kwargs = {} if causal else {"num_labels": num_labels, "problem_type": problem_type}
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
-        model = auto.from_pretrained(
-            path,
-            revision=spec.revision,
-            dtype=torch.float32,
-            use_safetensors=None if spec.allow_pickle else True,
-            trust_remote_code=spec.trust_remote_code,
-            **kwargs,
-        )
+        with _held_load_report() as reports:
+            model, info = auto.from_pretrained(
+                path,
+                revision=spec.revision,
+                dtype=torch.float32,
+                use_safetensors=None if spec.allow_pickle else True,
+                trust_remote_code=spec.trust_remote_code,
+                output_loading_info=True,
+                **kwargs,
+            )
     except (OSError, ValueError) as exc:
         if causal and "Unrecognized configuration class" in str(exc):
             raise ModelError(f"model '{spec.name}' has no causal-LM head, so it cannot generate: use a decoder "
@@ -479,7 +482,49 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
         model.config.pad_token_id = tok.pad_token_id
     model.peftlab_model_name = spec.name  # named in target-resolution errors
     model.peftlab_causal_lm = causal  # no task head: methods train nothing of the output layer
+    _report_load(spec, model, info, reports)
     return model
+
+
+class _HeldReports(logging.Filter):
+    """Holds back transformers' load report (its table of missing, unexpected and mismatched
+    weights) so that ``_report_load`` decides whether it is news."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _held_load_report():
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldReports()
+    logger.addFilter(held)
+    try:
+        yield held.records
+    finally:
+        logger.removeFilter(held)
+
+
+def _report_load(spec: ModelSpec, model, info: dict, reports: list[logging.LogRecord]) -> None:
+    """A new task head is what fine-tuning expects: it is said once, in one line. Any other
+    departure from the checkpoint (unexpected, mismatched or other missing weights) keeps
+    transformers' own report."""
+    missing = set(info.get("missing_keys") or ())
+    heads = set(head_module_names(model))
+    if missing and not info.get("unexpected_keys") and not info.get("mismatched_keys") \
+            and all(key.split(".")[0] in heads for key in missing):
+        log.info("%s: new task head (%s), not in the checkpoint: as expected, fine-tuning trains it",
+                 spec.name, ", ".join(sorted(missing)))
+        return
+    for record in reports:
+        logging.getLogger(record.name).handle(record)
 
 
 def is_decoder_spec(spec: ModelSpec) -> bool | None:
