@@ -26,3 +26,12 @@ def test_workflow_extra_pins_equal_dev(repo):
     workflow, dev = _pins(extras["workflow"]), _pins(extras["dev"])
     assert {"snakemake", "snakemake-executor-plugin-slurm", "snakemake-executor-plugin-slurm-jobstep"} <= set(workflow)
     assert all(dev[name] == version for name, version in workflow.items())
+
+
+def test_the_package_installs_on_the_pythons_users_run(repo):
+    """3.11 (CI's full run), 3.12 and 3.13 (CI checks 3.12: .ci/check-python)."""
+    from packaging.specifiers import SpecifierSet
+
+    supported = SpecifierSet(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert all(supported.contains(v) for v in ("3.11.7", "3.12.1", "3.13.0"))
+    assert "bash .ci/check-python 3.12" in (repo / ".ci" / "run").read_text()
