@@ -37,6 +37,7 @@ include: "workflow/rules/analyses.smk"
 include: "workflow/rules/tuning.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -4,8 +4,10 @@
   pipeline was stopped) to ``<report>.partial.html``, naming the missing runs and why.
 - ``sync-mlflow``: log the records queued while the MLflow store was unreachable.
 - ``reruns``: which rules an edit of each file of the workflow's code reruns.
+- ``export``: a completed run's standard artifacts (a peft adapter folder, a merged
+  transformers model folder, or peftlab's own folder), each checked against the run.
 
-``report`` and ``sync-mlflow`` read the configuration the pipeline reads:
+``report``, ``sync-mlflow`` and ``export`` read the configuration the pipeline reads:
 ``config/config.yaml``, or, when ``--configfile`` is given, those files instead (merged in
 order), as ``snakemake --configfile`` does.
 """
@@ -76,17 +78,47 @@ def _reruns(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .artifacts import export_run
+    from .config import RunKey
+    from .models import ModelSpec
+
+    config = _config(args)
+    results = Path(config["results_dir"])
+    run = Path(args.run)
+    parts = run.parts[-5:]
+    if len(parts) < 5 or not parts[4].startswith("seed") or not parts[4][4:].isdigit():
+        raise PeftlabError(f"'{args.run}' is not a run: give its folder, "
+                           "results/finetune/<model>/<task>/<method>/<variant>/seed<N>")
+    key = RunKey(*parts[:4], int(parts[4][4:]))
+    if key.model not in config["models"]:
+        raise PeftlabError(f"model '{key.model}' of run {args.run} is not in the config: pass the --configfile "
+                           "the run was made with")
+    run_dir = run if run.is_dir() else results / "finetune" / key.path()
+    out = Path(args.out) if args.out else results / "export" / key.path()
+    manifest = export_run(run_dir, ModelSpec.from_config(key.model, config["models"][key.model]),
+                          results / "data" / key.model / key.task, out)
+    for form, entry in manifest["forms"].items():
+        print(f"{out / entry['path']}: {form} form, max |logit difference| from the run "
+              f"{entry['max_abs_logit_diff']:.2g} on {manifest['verified_on']}; load: {entry['load']}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m peftlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("report", "report of whatever results exist (partial report)"),
-                       ("sync-mlflow", "log records queued while the MLflow store was unreachable")):
+                       ("sync-mlflow", "log records queued while the MLflow store was unreachable"),
+                       ("export", "a completed run's standard artifacts, checked against the run")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--configfile", action="append",
                        help="config file used instead of config/config.yaml (given twice or more: merged in order)")
         p.add_argument("--replace", action="store_true", help=argparse.SUPPRESS)  # deprecated, does nothing
         if name == "report":
             p.add_argument("--logs", default="logs", help="the jobs' log folder (default: logs)")
+        elif name == "export":
+            p.add_argument("run", help="the run's folder: results/finetune/<model>/<task>/<method>/<variant>/seed<N>")
+            p.add_argument("--out", help="where to write (default: results/export/<model>/<task>/<method>/<variant>/seed<N>)")
         else:
             p.add_argument("--tracking-uri", help="send the queued records to this store instead")
     text = "which rules an edit of each file reruns (their dependants follow)"
@@ -96,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"report": _report, "sync-mlflow": _sync_mlflow, "reruns": _reruns}
+COMMANDS = {"report": _report, "sync-mlflow": _sync_mlflow, "reruns": _reruns, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,18 @@ def run_path(stage, key, name):
 
 
 def all_targets():
-    return [config["report_path"], f"{RESULTS}/summary.csv"] + analysis_records()
+    return (
+        [config["report_path"], f"{RESULTS}/summary.csv"]
+        + analysis_records()
+        + exports()
+    )
+
+
+def exports():
+    """The export folders of every final run (config export: all), else none."""
+    if config["export"] != "all":
+        return []
+    return [f"{RESULTS}/export/{key.path()}" for key in RUNS]
 
 
 def analysis_records(wildcards=None):
