@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -42,8 +43,6 @@ def _expected_forms(method: str) -> set[str]:
 @pytest.fixture(scope="module")
 def minilm_task(tiny_task_dir, tmp_path_factory):
     """The tiny rotten_tomatoes task under a folder named after the task (runs are keyed by it)."""
-    import shutil
-
     out = tmp_path_factory.mktemp("data") / "rotten_tomatoes"
     shutil.copytree(tiny_task_dir, out)
     return out
@@ -168,3 +167,26 @@ def test_the_export_rule_exports_a_final_run_of_the_pipeline(tmp_path):
     assert all(entry["max_abs_logit_diff"] <= 1e-5 for entry in manifest["forms"].values()), manifest["forms"]
     assert (work / target / "peft" / "adapter_model.safetensors").exists()
     assert (work / target / "merged" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_export_command(minilm_spec, minilm_task, tmp_path, repo, capsys):
+    """``python -m peftlab export <run folder>`` with the pipeline's config: the forms land under
+    results/export/<run>, each named with its check; a folder that is no run is a one-line error."""
+    import yaml
+
+    from peftlab.__main__ import main
+
+    results = tmp_path / "results"
+    shutil.copytree(minilm_task, results / "data" / "minilm-l6" / "rotten_tomatoes")
+    run = _train(repo, minilm_spec, minilm_task, results, "bitfit")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": {"minilm-l6": {}}, "tasks": {"rotten_tomatoes": {}}, "methods": {"bitfit": ["default"]}, "seeds": [0],
+        "results_dir": str(results), "experiments_dir": str(repo / "config" / "experiments")}))
+    assert main(["export", str(run), "--configfile", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{results}/export/minilm-l6/rotten_tomatoes/bitfit/default/seed0/merged: merged form")
+    assert (results / "export" / "minilm-l6" / "rotten_tomatoes" / "bitfit" / "default" / "seed0" / "export.json").exists()
+    assert main(["export", str(run.parent), "--configfile", str(config)]) == 1
+    assert "is not a run: give its folder" in capsys.readouterr().err

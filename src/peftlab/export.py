@@ -57,4 +57,3 @@ def weights_to_log(mlflow_config: dict, key, model_spec, record: dict, data_dir:
             log.warning("merged export of %s failed (%s: %s); logging the trainable tensors only",
                         key.path(), type(exc).__name__, exc)
     return files
-
