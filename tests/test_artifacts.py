@@ -190,3 +190,16 @@ def test_the_export_command(minilm_spec, minilm_task, tmp_path, repo, capsys):
     assert (results / "export" / "minilm-l6" / "rotten_tomatoes" / "bitfit" / "default" / "seed0" / "export.json").exists()
     assert main(["export", str(run.parent), "--configfile", str(config)]) == 1
     assert "is not a run: give its folder" in capsys.readouterr().err
+
+
+def test_the_export_rule_on_a_failed_run_writes_why_and_goes_on(minilm_spec, minilm_task, tmp_path):
+    from peftlab.artifacts import export_stage
+
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"status": "failed", "run": {"method": "lora"},
+                                                 "failure": {"reason": "non-finite loss", "step": 3}}))
+    manifest = export_stage(run, minilm_spec, minilm_task, tmp_path / "out")
+    assert manifest["forms"] == {} and "non-finite loss" in manifest["not_exported"]
+    assert json.loads((tmp_path / "out" / "export.json").read_text()) == manifest
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json"]
