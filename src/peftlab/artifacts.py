@@ -42,8 +42,8 @@ def export_run(run_dir: str | Path, model_spec, data_dir: str | Path, out_dir: s
       from the run itself on the first test examples (checked against ``VERIFY_RTOL``).
     """
     from .config import RunKey
-    from .methods import build_method
-    from .models import load_model, load_tokenizer
+    from .methods import build_method, load_trained
+    from .models import load_tokenizer
 
     run_dir = Path(run_dir)
     record = _completed_record(run_dir)
@@ -53,8 +53,7 @@ def export_run(run_dir: str | Path, model_spec, data_dir: str | Path, out_dir: s
     tokenizer = load_tokenizer(model_spec)
     batch = _probe_batch(data_dir, stats, tokenizer, verify_examples)
     method = build_method(key.method, params, model_spec.targets)
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    trained = method.load(model, run_dir / "trainable.safetensors").eval()
+    trained = load_trained(method, model_spec, stats, run_dir / "trainable.safetensors", key.seed).eval()
     reference = _logits(trained, batch)
     manifest = {"schema": EXPORT_SCHEMA, "run": record["run"], "method_params": params,
                 "base": _base_entry(model_spec), "task": _task_entry(stats),
@@ -91,15 +90,14 @@ def export_stage(run_dir: str | Path, model_spec, data_dir: str | Path, out_dir:
 def load_exported(folder: str | Path):
     """The model of a ``peftlab/`` export folder (LoReFT, the adapter): the base model with
     the method applied and the trained tensors restored, in eval mode."""
-    from .methods import build_method
-    from .models import ModelSpec, load_model
+    from .methods import build_method, load_trained
+    from .models import ModelSpec
 
     folder = Path(folder)
     meta = read_json(folder / "peftlab_run.json")
     spec = ModelSpec.from_config(meta["model"]["name"], meta["model"])
     method = build_method(meta["method"], meta["method_params"], spec.targets)
-    model = load_model(spec, meta["task"]["num_labels"], meta["task"]["problem_type"], seed=meta["seed"])
-    return method.load(model, folder / "trainable.safetensors").eval()
+    return load_trained(method, spec, meta["task"], folder / "trainable.safetensors", meta["seed"]).eval()
 
 
 def _completed_record(run_dir: Path) -> dict:
@@ -151,19 +149,10 @@ def _is_peft(model) -> bool:
 
 
 def _auto_class(stats: dict):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The auto class and head arguments the run's model loaded with (``models.load_model``'s)."""
+    from .models import auto_model_class
 
-    from .models import GENERATIVE_PROBLEMS
-
-    return AutoModelForCausalLM if stats["problem_type"] in GENERATIVE_PROBLEMS else AutoModelForSequenceClassification
-
-
-def _head_kwargs(stats: dict) -> dict:
-    from .models import GENERATIVE_PROBLEMS
-
-    if stats["problem_type"] in GENERATIVE_PROBLEMS:
-        return {}
-    return {"num_labels": stats["num_labels"], "problem_type": stats["problem_type"]}
+    return auto_model_class(stats["num_labels"], stats["problem_type"])
 
 
 def _base_id(spec) -> str:
@@ -190,16 +179,16 @@ def _write_peft(model, folder: Path, spec, stats: dict, tokenizer, batch: dict, 
     from peft import PeftModel
     from transformers import AutoConfig
 
-    from .models import _held_load_report, resolve_model_path
+    from .models import held_load_report, resolve_model_path
 
     config = model.peft_config[model.active_adapter]
     config.base_model_name_or_path, config.revision = _base_id(spec), spec.revision
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    path, auto, kwargs = resolve_model_path(spec), _auto_class(stats), _head_kwargs(stats)
+    path, (auto, kwargs) = resolve_model_path(spec), _auto_class(stats)
     if AutoConfig.from_pretrained(path).pad_token_id is None:  # peftlab set it from the tokenizer
         kwargs["pad_token_id"] = model.config.pad_token_id
-    with _held_load_report():  # the base's head is new: the adapter's trained copy replaces it
+    with held_load_report():  # the base's head is new: the adapter's trained copy replaces it
         base = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
     diff = _checked("peft", PeftModel.from_pretrained(base, folder), batch, reference)
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
@@ -214,7 +203,7 @@ def _write_merged(merged, folder: Path, tokenizer, stats: dict, batch: dict, ref
 
     merged.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    auto = _auto_class(stats)
+    auto, _ = _auto_class(stats)
     diff = _checked("merged", auto.from_pretrained(folder, dtype=torch.float32), batch, reference)
     return {"path": "merged", "load": f"{auto.__name__}.from_pretrained(folder)", "max_abs_logit_diff": diff}
 

@@ -16,7 +16,7 @@ from .data import REGRESSION, load_split
 from .generation import evaluate_generative, generate, left_padded, prompts_of, rescore
 from .io import read_json, write_json
 from .memory import cast_frozen
-from .methods import build_method
+from .methods import build_method, load_trained
 from .metrics import compute_metrics
 from .models import ModelSpec, load_model, load_tokenizer
 from .provenance import device, device_name, git_commit, set_seed, versions
@@ -186,8 +186,7 @@ def _trained_model(key: RunKey, model_spec: ModelSpec, method, ft: dict, stats: 
     trained with (records written before that was a setting: fp32), on ``dev``; with the
     base's dtype and the autocast dtype the training used (a bf16 base: bf16)."""
     base = trained_base_dtype(ft)
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    model = method.load(model, weights_path)
+    model = load_trained(method, model_spec, stats, weights_path, key.seed)
     cast_frozen(model, base)
     amp = torch.bfloat16 if base == torch.bfloat16 else autocast_dtype(
         ft["config"]["training"].get("precision", "auto"), dev)

@@ -21,15 +21,13 @@ def export_merged(model_spec, key, experiment_params: dict, data_dir: str | Path
     """Write the merged model's state dict; False when the method cannot be merged."""
     from safetensors.torch import save_model
 
-    from .methods import build_method
-    from .models import load_model
+    from .methods import build_method, load_trained
 
     stats = read_json(Path(data_dir) / "stats.json")
     method = build_method(key.method, experiment_params, model_spec.targets)
     if not method.mergeable:
         return False
-    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=key.seed)
-    merged = method.merge(method.load(model, weights_path))
+    merged = method.merge(load_trained(method, model_spec, stats, weights_path, key.seed))
     with atomic_path(out_path, suffix=".safetensors") as tmp:
         save_model(merged, str(tmp), metadata={"method": key.method, "merged": "true"})
     return True

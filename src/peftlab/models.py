@@ -453,16 +453,14 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     model runs only with ``trust_remote_code``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(spec)
     if seed is not None:
         torch.manual_seed(seed)
     causal = problem_type in GENERATIVE_PROBLEMS
-    kwargs = {} if causal else {"num_labels": num_labels, "problem_type": problem_type}
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    auto, kwargs = auto_model_class(num_labels, problem_type)
     try:
-        with _held_load_report() as reports:
+        with held_load_report() as reports:
             model, info = auto.from_pretrained(
                 path,
                 revision=spec.revision,
@@ -486,6 +484,17 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     return model
 
 
+def auto_model_class(num_labels: int, problem_type: str):
+    """The transformers auto class a task's model loads with, and its head arguments: the causal
+    LM itself for ``generation`` and ``multiple_choice`` (no arguments), else a sequence
+    classifier with ``num_labels`` outputs of ``problem_type``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if problem_type in GENERATIVE_PROBLEMS:
+        return AutoModelForCausalLM, {}
+    return AutoModelForSequenceClassification, {"num_labels": num_labels, "problem_type": problem_type}
+
+
 class _HeldReports(logging.Filter):
     """Holds back transformers' load report (its table of missing, unexpected and mismatched
     weights) so that ``_report_load`` decides whether it is news."""
@@ -502,7 +511,7 @@ class _HeldReports(logging.Filter):
 
 
 @contextmanager
-def _held_load_report():
+def held_load_report():
     logger = logging.getLogger("transformers.modeling_utils")
     held = _HeldReports()
     logger.addFilter(held)

@@ -31,6 +31,15 @@ def build_method(name: str, params: dict | None, target_overrides: dict | None =
     return cls(cls.config_cls.from_dict(name, params), target_overrides)
 
 
+def load_trained(method: Method, model_spec, stats: dict, weights_path, seed: int):
+    """A run's trained model: the task's base model (``stats``: the task's stats.json, the head
+    initialised from ``seed``) with the run's stored tensors restored by ``method``."""
+    from ..models import load_model
+
+    model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=seed)
+    return method.load(model, weights_path)
+
+
 def _discover() -> None:
     """Import every module of this package: each registers its method on import."""
     import importlib
