@@ -81,3 +81,11 @@ def tiny_task_dir(tmp_path_factory, minilm_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("tiny_task")
     prepare_task(spec, minilm_tokenizer, out, model_name="minilm-l6")
     return out
+
+
+@pytest.fixture(scope="session")
+def minilm_task(tiny_task_dir, tmp_path_factory):
+    """The tiny rotten_tomatoes task under a folder named after the task (runs are keyed by it)."""
+    out = tmp_path_factory.mktemp("data") / "rotten_tomatoes"
+    shutil.copytree(tiny_task_dir, out)
+    return out

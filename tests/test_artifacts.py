@@ -4,7 +4,6 @@ would (peft and transformers alone for the standard forms) and matching the run'
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -15,24 +14,13 @@ import sys
 import pytest
 import torch
 
+from _runs import train_run
 from _workflow_copy import workflow_copy
 from peftlab.artifacts import export_run, load_exported
-from peftlab.config import RunKey, load_experiment
 from peftlab.errors import PeftlabError
 from peftlab.methods import METHODS, build_method
-from peftlab.train import finetune
 
 PEFT_BACKED = {"lora", "dora", "ia3", "vera", "prompt_tuning"}
-
-
-def _train(repo, spec, data_dir, results, method, variant="default", steps=2, **training):
-    exp = load_experiment(repo / "config" / "experiments", method, variant)
-    exp = dataclasses.replace(exp, training=dataclasses.replace(exp.training, max_steps=steps, **training))
-    key = RunKey(spec.name, data_dir.name, method, variant, 0)
-    run = results / "finetune" / key.path()
-    rec = finetune(key, spec, exp, data_dir, run / "trainable.safetensors", run / "result.json", threads=2)
-    assert rec["status"] == "completed"
-    return run
 
 
 def _expected_forms(method: str) -> set[str]:
@@ -40,18 +28,10 @@ def _expected_forms(method: str) -> set[str]:
     return forms or {"peftlab"}
 
 
-@pytest.fixture(scope="module")
-def minilm_task(tiny_task_dir, tmp_path_factory):
-    """The tiny rotten_tomatoes task under a folder named after the task (runs are keyed by it)."""
-    out = tmp_path_factory.mktemp("data") / "rotten_tomatoes"
-    shutil.copytree(tiny_task_dir, out)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_exports_forms_that_reload_to_the_runs_logits(method, minilm_spec, minilm_task, tmp_path, repo):
-    run = _train(repo, minilm_spec, minilm_task, tmp_path / "results", method)
+    run = train_run(repo, minilm_spec, minilm_task, tmp_path / "results", method)
     out = tmp_path / "export"
     manifest = export_run(run, minilm_spec, minilm_task, out)
     assert set(manifest["forms"]) == _expected_forms(method)
@@ -78,7 +58,7 @@ def test_standard_forms_load_without_peftlab(minilm_spec, minilm_task, tmp_path,
     from peftlab.artifacts import _logits, _probe_batch
     from peftlab.models import load_model, load_tokenizer, resolve_model_path
 
-    run = _train(repo, minilm_spec, minilm_task, tmp_path / "results", "lora", steps=4, learning_rate=1e-2)
+    run = train_run(repo, minilm_spec, minilm_task, tmp_path / "results", "lora", steps=4, learning_rate=1e-2)
     out = tmp_path / "export"
     export_run(run, minilm_spec, minilm_task, out)
     batch = _probe_batch(minilm_task, {"problem_type": "single_label_classification", "kind": "classification"},
@@ -134,7 +114,7 @@ def test_a_causal_lm_exports_and_reloads(method, smollm, tmp_path_factory, tmp_p
     data = tmp_path_factory.mktemp("gen") / "asdiv"
     prepare_task(TaskSpec.from_config("asdiv", {"max_train_examples": 8, "max_eval_examples": 4}), tok, data,
                  "smollm2-135m")
-    run = _train(repo, spec, data, tmp_path / "results", method, batch_size=4, eval_batch_size=4, evals_per_epoch=1)
+    run = train_run(repo, spec, data, tmp_path / "results", method, batch_size=4, eval_batch_size=4, evals_per_epoch=1)
     manifest = export_run(run, spec, data, tmp_path / "export")
     assert set(manifest["forms"]) == _expected_forms(method)
     diffs = {form: entry["max_abs_logit_diff"] for form, entry in manifest["forms"].items()}
@@ -179,7 +159,7 @@ def test_the_export_command(minilm_spec, minilm_task, tmp_path, repo, capsys):
 
     results = tmp_path / "results"
     shutil.copytree(minilm_task, results / "data" / "minilm-l6" / "rotten_tomatoes")
-    run = _train(repo, minilm_spec, minilm_task, results, "bitfit")
+    run = train_run(repo, minilm_spec, minilm_task, results, "bitfit")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "models": {"minilm-l6": {}}, "tasks": {"rotten_tomatoes": {}}, "methods": {"bitfit": ["default"]}, "seeds": [0],

@@ -50,7 +50,7 @@ def test_the_cases_that_were_stale(graph):
 
     peft_backed = ("dora", "ia3", "lora", "prompt_tuning", "vera")
     assert reruns("src/peftlab/methods/_peft_common.py") == {"finetune": peft_backed, "evaluate": peft_backed}
-    assert set(reruns("src/peftlab/report.py")) == {"aggregate", "comparison_report"}
+    assert set(reruns("src/peftlab/report.py")) == {"aggregate", "mlflow_models", "comparison_report"}
     models = reruns("src/peftlab/models.py")
     assert models["gradient_sparsity"] is None and models["intrinsic_dimension"] is None
     assert reruns("src/peftlab/methods/lora.py")["finetune"] == ("dora", "lora")

@@ -70,6 +70,7 @@ def tiny_run(tmp_path_factory):
     work = workflow_copy(tmp_path_factory.mktemp("tiny"))
     cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
     cfg["methods"] = {"full": ["default"], "lora": ["default"], "gift": ["default"]}
+    cfg["mlflow"] = {"log_model": "all"}  # every run's model logged, the best one registered
     (work / TINY).write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = snakemake("-c2", *TINY_ARGS, cwd=work)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -151,6 +152,49 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     ev_runs = runs[runs["tags.rule"] == "evaluate"].set_index(["tags.method", "tags.seed"])
     for _, r in ft_runs.iterrows():
         assert ev_runs.loc[(r["tags.method"], r["tags.seed"]), "tags.config_hash"] == r["tags.config_hash"]
+
+
+@pytest.mark.slow
+def test_the_runs_models_and_the_registered_winner_are_in_the_store(tiny_run):
+    """log_model: all: every completed run has a READY model on its finetune MLflow run; the
+    report's best method, at its best-validation seed, is version 1 of the registered model
+    (alias best) with the report's numbers as tags, and it loads and predicts label names.
+    The report's all-runs table links every run to its finetune and evaluate MLflow runs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from peftlab.tracking import default_store
+
+    work = tiny_run
+    uri = f"sqlite:///{default_store(work / 'results')}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = _mlflow_runs(work)
+    ft = runs[runs["tags.rule"] == "finetune"].set_index(["tags.method", "tags.seed"])["run_id"]
+    record = json.loads((work / "results" / "mlflow_models" / "minilm-l6" / "rotten_tomatoes.json").read_text())
+    models = client.search_logged_models([client.get_experiment_by_name("peftlab").experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(ft) and {m.status.name for m in models} == {"READY"}
+    assert {e["flavour"] for e in record["logged"]} == {"transformers"}  # full, LoRA, GIFT: merged
+    assert sorted(e["model_id"] for e in record["logged"]) == sorted(m.model_id for m in models)
+
+    html = (work / "reports" / "comparison.html").read_text()
+    blob = json.loads(re.search(r"<script type='application/json' id='peftlab-data'>(.*?)</script>", html).group(1))
+    best = max((c for c in blob["cells"] if not c["not_trained"]), key=lambda c: c["test_mean"])
+    chosen = record["selection"]["chosen"]
+    assert chosen["method"] == best["method"] == "gift"
+    seeds = [r for r in blob["runs"] if r["method"] == best["method"]]
+    assert chosen["seed"] == max(seeds, key=lambda r: (r["validation_main"], -r["seed"]))["seed"]
+    version = client.get_model_version_by_alias("peftlab-minilm-l6-rotten_tomatoes", "best")
+    assert version.version == "1" and version.run_id == ft[("gift", str(chosen["seed"]))]
+    assert float(version.tags["test_mean"]) == pytest.approx(best["test_mean"])
+    assert version.tags["test_ci95"] == f"[{best['test_lo']}, {best['test_hi']}]"
+    assert "best validation accuracy" in version.tags["selection_rule"]
+    mlflow.set_tracking_uri(uri)
+    answers = mlflow.transformers.load_model("models:/peftlab-minilm-l6-rotten_tomatoes@best")(["a warm, funny film"])
+    assert answers[0]["label"] in ("negative", "positive")
+
+    for run_id in runs.loc[runs["tags.rule"].isin(["finetune", "evaluate"]), "run_id"]:
+        assert html.count(f"/runs/{run_id}'") == 1
+    assert "mlflow ui --backend-store-uri sqlite:///" in html
 
 
 @pytest.mark.slow

@@ -201,6 +201,13 @@ def _write_merged(merged, folder: Path, tokenizer, stats: dict, batch: dict, ref
     with transformers alone and checked against the run."""
     import torch
 
+    from .models import GENERATIVE_PROBLEMS
+
+    names = stats.get("label_names") or []
+    if stats["problem_type"] not in GENERATIVE_PROBLEMS and len(names) == merged.config.num_labels:
+        # a classification pipeline then answers with the task's label names
+        merged.config.id2label = dict(enumerate(names))
+        merged.config.label2id = {n: i for i, n in enumerate(names)}
     merged.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     auto, _ = _auto_class(stats)

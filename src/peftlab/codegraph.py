@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 METHOD_RULES = ("finetune", "evaluate")
 # pipeline order, for tables; rules not listed follow in alphabetical order
 RULE_ORDER = ("prepare_data", "gradient_sparsity", "intrinsic_dimension", "tune_select", "finetune", "evaluate",
-              "export", "d90", "gift_view", "aggregate", "comparison_report")
+              "export", "d90", "gift_view", "aggregate", "mlflow_models", "comparison_report")
 
 
 @dataclass(frozen=True)

@@ -930,6 +930,7 @@ def _setup_provenance(config: dict, runs: pd.DataFrame, records: list[dict], any
                      "method, variant, seed, rule"
                      + (f"; <b>{pending} record(s) not yet in the store</b> (they sync when it is reachable: "
                         "<code>python -m peftlab sync-mlflow</code>)" if pending else "") + "</li>")
+        parts.append(_links_note(tracking))
     parts.append("</ul>")
     return parts
 
@@ -1457,6 +1458,21 @@ def _task_section(model: str, task: str, task_runs: pd.DataFrame, cells: pd.Data
     return parts
 
 
+def _links_note(tracking: dict) -> str:
+    """Where the table's MLflow links lead, and how to open that UI."""
+    if tracking.get("links_error"):
+        return (f"<li>no MLflow links: the store did not answer when this report was built "
+                f"({html.escape(tracking['links_error'])})</li>")
+    if not tracking.get("links"):
+        return "<li>no MLflow links: the store holds no run of this experiment yet</li>"
+    serve = ""
+    if tracking["uri"].startswith("sqlite:"):
+        serve = (f" (start it with <code>mlflow ui --backend-store-uri {html.escape(tracking['uri'])}</code>; "
+                 "<code>mlflow.ui_url</code> names another address)")
+    return (f"<li>the <a href='#runs'>all-runs table</a> links each run to its finetune and evaluate MLflow runs "
+            f"in the MLflow UI at <code>{html.escape(tracking['ui'])}</code>{serve}</li>")
+
+
 def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: dict,
                  analysis_records: list[dict] = (), gift_views: list[dict] = (), tracking: dict | None = None,
                  missing_other: list[dict] = (), partial: bool = False, figures: Figures | None = None,
@@ -1518,13 +1534,16 @@ def build_report(runs: pd.DataFrame, records: list[dict], stats: dict, config: d
 
     parts.append("<h2 id='runs'>All runs</h2>")
     metric_cols = [c for c in runs.columns if c.startswith("test_") and c != "test_main"]
-    parts.append(_table(runs, [
+    links = (tracking or {}).get("links") or {}
+    shown = runs.assign(mlflow=[_mlflow_cell(links, r) for r in runs.itertuples()]) if links else runs
+    parts.append(_table(shown, [
         ("model", "model", -1), ("task", "task", -1), ("method", "method", -1), ("variant", "variant", -1),
         ("seed", "seed", 0), ("status", "status", -1), *[(c, c.replace("_", " "), 4) for c in metric_cols],
         ("validation_main", "best validation", 4), ("best_validation_step", "best step", 0),
         ("steps", "steps", 0), ("trainable_params", "trainable params", 0),
-        ("train_time_s", "train time (s)", 1)],
-        row_id="run-{model}-{task}-{method}-{variant}-{seed}", row_class="status"))
+        ("train_time_s", "train time (s)", 1), *([("mlflow", "MLflow run", -1)] if links else [])],
+        row_id="run-{model}-{task}-{method}-{variant}-{seed}", row_class="status",
+        formatters={"mlflow": lambda v: v or "–"}))
     data = {"runs": json.loads(runs.to_json(orient="records")),
             "cells": json.loads(cells.to_json(orient="records")) if len(cells) else []}
     blob = json.dumps(data).replace("<", "\\u003c")  # safe inside <script>
@@ -1551,12 +1570,26 @@ def read_predictions(runs: pd.DataFrame, results_dir: str | Path) -> dict[tuple,
 
 
 def _tracking_info(mlflow_config: dict | None) -> dict | None:
+    """The store, its experiment, what is still queued, and each run's MLflow UI address (none,
+    with the reason, when the store does not answer: the report is built either way)."""
     if not mlflow_config:
         return None
-    from .tracking import display_uri, pending_entries, tracking_uri
+    from .tracking import display_uri, pending_entries, run_links, tracking_uri, ui_url
 
-    return {"uri": display_uri(tracking_uri(mlflow_config)), "experiment": mlflow_config.get("experiment", "peftlab"),
-            "pending": len(pending_entries(mlflow_config))}
+    info = {"uri": display_uri(tracking_uri(mlflow_config)), "experiment": mlflow_config.get("experiment", "peftlab"),
+            "pending": len(pending_entries(mlflow_config)), "ui": ui_url(mlflow_config), "links": {}}
+    try:
+        info["links"] = run_links(mlflow_config)
+    except Exception as exc:  # noqa: BLE001 - the report never fails because of the store
+        info["links_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return info
+
+
+def _mlflow_cell(links: dict, r) -> str | None:
+    """The run's finetune and evaluate MLflow runs, as links."""
+    found = [(rule, links.get((rule, *map(str, (r.model, r.task, r.method, r.variant, r.seed)))))
+             for rule in ("finetune", "evaluate")]
+    return " · ".join(f"<a href='{html.escape(url)}'>{rule}</a>" for rule, url in found if url) or None
 
 
 def figures_dir_for(html_path: str | Path) -> Path:

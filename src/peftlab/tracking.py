@@ -545,3 +545,35 @@ def runs_table(mlflow_config: dict, tracking_uri_override: str | None = None):
         if not token:
             break
     return pd.DataFrame(rows)
+
+
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_url(mlflow_config: dict) -> str:
+    """The MLflow UI runs are linked to: config ``mlflow.ui_url``, else the tracking URI when it
+    is a server's (without credentials), else ``mlflow ui``'s default address."""
+    if mlflow_config.get("ui_url"):
+        return str(mlflow_config["ui_url"]).rstrip("/")
+    uri = tracking_uri(mlflow_config)
+    return display_uri(uri).rstrip("/") if urlsplit(uri).scheme in ("http", "https") else MLFLOW_UI_DEFAULT
+
+
+def run_links(mlflow_config: dict) -> dict:
+    """Each run's MLflow UI address by (rule, model, task, method, variant, seed), for the
+    report; raises StoreUnavailable when the store does not answer."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(mlflow_config)
+    if not reachable(uri):
+        raise StoreUnavailable(f"nothing answers at {display_uri(uri)}")
+    with _bounded_http():
+        exp = MlflowClient(uri).get_experiment_by_name(mlflow_config.get("experiment", "peftlab"))
+        runs = runs_table(mlflow_config) if exp is not None else None
+    base, out = ui_url(mlflow_config), {}
+    for r in (runs.to_dict("records") if runs is not None and len(runs) else []):
+        if isinstance(r.get("tags.trial"), str):  # a tuning trial: not a run of the report
+            continue
+        key = tuple(str(r.get(f"tags.{k}")) for k in ("rule", *IDENTITY_TAGS))
+        out[key] = f"{base}/#/experiments/{exp.experiment_id}/runs/{r['run_id']}"
+    return out

@@ -51,10 +51,17 @@ from peftlab.tuning import read_selection, trial_settings, tuned_variants
 RESULTS = config["results_dir"]
 RUNS = list(iter_runs(config))
 # config.yaml's mlflow section plus the embedded default store (absolute: jobs may run
-# on other nodes of a shared filesystem), without log_weights: the jobs' params must not
-# change with it (finetune reads it from the config), so it never reruns training
-MLFLOW = {k: v for k, v in config["mlflow"].items() if k != "log_weights"}
+# on other nodes of a shared filesystem), without log_weights and log_model: the jobs' params
+# must not change with them (finetune reads log_weights from the config; log_model is the
+# mlflow_models rule's own param), so they never rerun training
+MLFLOW = {
+    k: v
+    for k, v in config["mlflow"].items()
+    if k not in ("log_weights", "log_model", "ui_url")
+}
 MLFLOW["default_store"] = default_store(RESULTS)
+# the report's: plus the MLflow UI its run links lead to
+MLFLOW_REPORT = MLFLOW | {"ui_url": config["mlflow"]["ui_url"]}
 NAME = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 # analyses: intrinsic dimension (on when it has a grid of d) and gradient sparsity
 ID = config["analyses"]["intrinsic_dimension"]
@@ -82,6 +89,7 @@ def all_targets():
         [config["report_path"], f"{RESULTS}/summary.csv"]
         + analysis_records()
         + exports()
+        + mlflow_models_records()
     )
 
 
@@ -90,6 +98,22 @@ def exports():
     if config["export"] != "all":
         return []
     return [f"{RESULTS}/export/{key.path()}" for key in RUNS]
+
+
+def mlflow_models_records():
+    """Each task's MLflow models record (config mlflow.log_model: best or all), else none."""
+    if config["mlflow"]["log_model"] == "none":
+        return []
+    return [f"{RESULTS}/mlflow_models/{m}/{t}.json" for m, t in MODEL_TASKS]
+
+
+def task_run_files(wildcards, stage, name):
+    """One file of every final run of the task (model, task) in the wildcards."""
+    return [
+        run_path(stage, k, name)
+        for k in RUNS
+        if (k.model, k.task) == (wildcards.model, wildcards.task)
+    ]
 
 
 def analysis_records(wildcards=None):
@@ -252,7 +276,7 @@ def on_pipeline_error():
         from peftlab.tracking import sync_pending
 
         sync_pending(MLFLOW)
-        path = write_partial_report(config, "logs", MLFLOW)
+        path = write_partial_report(config, "logs", MLFLOW_REPORT)
         print(
             f"peftlab: some jobs failed; report of what finished, with the missing runs and "
             f"their reasons: {path}",

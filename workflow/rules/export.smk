@@ -21,3 +21,38 @@ rule export:
         code=code_of("export"),
     script:
         "../scripts/export.py"
+
+
+rule mlflow_models:
+    """The runs' MLflow models and the registered best run of a task (config mlflow.log_model:
+    best or all): each run's export logged on its finetune run, the best one registered.
+    """
+    input:
+        summary=f"{RESULTS}/summary.parquet",
+        stats=f"{RESULTS}/data/{{model}}/{{task}}/stats.json",
+        test=f"{RESULTS}/data/{{model}}/{{task}}/test.parquet",
+        predictions=lambda w: task_run_files(w, "evaluate", "predictions.jsonl"),
+        weights=lambda w: task_run_files(w, "finetune", "trainable.safetensors"),
+        # the export rule's folders when exports are on (else each logged run exports itself)
+        exports=lambda w: [
+            p
+            for p in exports()
+            if p.startswith(f"{RESULTS}/export/{w.model}/{w.task}/")
+        ],
+    output:
+        record=f"{RESULTS}/mlflow_models/{{model}}/{{task}}.json",
+    log:
+        "logs/mlflow_models/{model}/{task}.log",
+    conda:
+        "../../envs/peftlab.yaml"
+    threads: config["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        model=lambda w: config["models"][w.model],
+        mode=config["mlflow"]["log_model"],
+        mlflow=MLFLOW,
+        code=code_of("mlflow_models"),
+    script:
+        "../scripts/mlflow_models.py"

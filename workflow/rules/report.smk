@@ -81,7 +81,7 @@ rule comparison_report:
         "../../envs/peftlab.yaml"
     params:
         config=config,
-        mlflow=MLFLOW,
+        mlflow=MLFLOW_REPORT,
         code=code_of("comparison_report"),
     script:
         "../scripts/comparison_report.py"
