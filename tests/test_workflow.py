@@ -154,47 +154,82 @@ def test_tiny_pipeline_end_to_end(tiny_run):
         assert ev_runs.loc[(r["tags.method"], r["tags.seed"]), "tags.config_hash"] == r["tags.config_hash"]
 
 
-@pytest.mark.slow
-def test_the_runs_models_and_the_registered_winner_are_in_the_store(tiny_run):
-    """log_model: all: every completed run has a READY model on its finetune MLflow run; the
-    report's best method, at its best-validation seed, is version 1 of the registered model
-    (alias best) with the report's numbers as tags, and it loads and predicts label names.
-    The report's all-runs table links every run to its finetune and evaluate MLflow runs."""
-    import mlflow
+def _store_client(work: Path):
     from mlflow.tracking import MlflowClient
 
     from peftlab.tracking import default_store
 
-    work = tiny_run
     uri = f"sqlite:///{default_store(work / 'results')}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _report_data(work: Path) -> tuple[str, dict]:
+    html = (work / "reports" / "comparison.html").read_text()
+    blob = json.loads(re.search(r"<script type='application/json' id='peftlab-data'>(.*?)</script>", html).group(1))
+    return html, blob
+
+
+@pytest.mark.slow
+def test_every_runs_model_is_logged_and_the_report_links_its_mlflow_runs(tiny_run):
+    """log_model: all: every completed run has a READY model on its finetune MLflow run. No
+    method learned at this budget, so nothing is registered and the record says why. The
+    report's all-runs table links every run to its finetune and evaluate MLflow runs."""
+    work = tiny_run
+    _, client = _store_client(work)
     runs = _mlflow_runs(work)
-    ft = runs[runs["tags.rule"] == "finetune"].set_index(["tags.method", "tags.seed"])["run_id"]
+    ft = runs[runs["tags.rule"] == "finetune"]["run_id"]
     record = json.loads((work / "results" / "mlflow_models" / "minilm-l6" / "rotten_tomatoes.json").read_text())
     models = client.search_logged_models([client.get_experiment_by_name("peftlab").experiment_id])
     assert sorted(m.source_run_id for m in models) == sorted(ft) and {m.status.name for m in models} == {"READY"}
     assert {e["flavour"] for e in record["logged"]} == {"transformers"}  # full, LoRA, GIFT: merged
     assert sorted(e["model_id"] for e in record["logged"]) == sorted(m.model_id for m in models)
-
-    html = (work / "reports" / "comparison.html").read_text()
-    blob = json.loads(re.search(r"<script type='application/json' id='peftlab-data'>(.*?)</script>", html).group(1))
-    best = max((c for c in blob["cells"] if not c["not_trained"]), key=lambda c: c["test_mean"])
-    chosen = record["selection"]["chosen"]
-    assert chosen["method"] == best["method"] == "gift"
-    seeds = [r for r in blob["runs"] if r["method"] == best["method"]]
-    assert chosen["seed"] == max(seeds, key=lambda r: (r["validation_main"], -r["seed"]))["seed"]
-    version = client.get_model_version_by_alias("peftlab-minilm-l6-rotten_tomatoes", "best")
-    assert version.version == "1" and version.run_id == ft[("gift", str(chosen["seed"]))]
-    assert float(version.tags["test_mean"]) == pytest.approx(best["test_mean"])
-    assert version.tags["test_ci95"] == f"[{best['test_lo']}, {best['test_hi']}]"
-    assert "best validation accuracy" in version.tags["selection_rule"]
-    mlflow.set_tracking_uri(uri)
-    answers = mlflow.transformers.load_model("models:/peftlab-minilm-l6-rotten_tomatoes@best")(["a warm, funny film"])
-    assert answers[0]["label"] in ("negative", "positive")
-
+    html, blob = _report_data(work)
+    assert all(c["not_trained"] for c in blob["cells"])
+    assert record["registered"] is None and "no-learning baseline" in record["selection"]["reason"]
+    assert not client.search_registered_models()
     for run_id in runs.loc[runs["tags.rule"].isin(["finetune", "evaluate"]), "run_id"]:
         assert html.count(f"/runs/{run_id}'") == 1
     assert "mlflow ui --backend-store-uri sqlite:///" in html
+
+
+@pytest.mark.slow
+def test_the_reports_best_run_is_registered_with_its_numbers(tmp_path):
+    """log_model: best on a task the tiny runs learn (bbc_news): the report's best method, at
+    its best-validation seed, is the one logged model and version 1 of the registered model
+    (alias best), with the report's numbers as tags; it loads and answers with label names."""
+    import mlflow
+    import yaml
+
+    work = workflow_copy(tmp_path)
+    cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg |= {"tasks": {"bbc_news": {"max_train_examples": 96, "max_eval_examples": 64, "max_length": 48}},
+            "methods": {"lora": ["default"], "gift": ["default"]},
+            "analyses": {"intrinsic_dimension": {"dims": []}, "gradient_sparsity": {"enabled": False}},
+            "mlflow": {"log_model": "best"}}
+    (work / "best.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = snakemake("-c2", "--configfile", "best.yaml", "--replace-workflow-config", cwd=work)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    uri, client = _store_client(work)
+    runs = _mlflow_runs(work)
+    ft = runs[runs["tags.rule"] == "finetune"].set_index(["tags.method", "tags.seed"])["run_id"]
+    _, blob = _report_data(work)
+    best = max((c for c in blob["cells"] if not c["not_trained"]), key=lambda c: c["test_mean"])
+    seeds = [r for r in blob["runs"] if r["method"] == best["method"]]
+    seed = max(seeds, key=lambda r: (r["validation_main"], -r["seed"]))["seed"]
+    record = json.loads((work / "results" / "mlflow_models" / "minilm-l6" / "bbc_news.json").read_text())
+    assert record["selection"]["chosen"] == {"model": "minilm-l6", "task": "bbc_news", "method": best["method"],
+                                             "variant": "default", "seed": seed}
+    (model,) = client.search_logged_models([client.get_experiment_by_name("peftlab").experiment_id])
+    assert model.source_run_id == ft[(best["method"], str(seed))]
+    version = client.get_model_version_by_alias("peftlab-minilm-l6-bbc_news", "best")
+    assert int(version.version) == 1 and version.run_id == model.source_run_id
+    assert float(version.tags["test_mean"]) == pytest.approx(best["test_mean"])
+    assert version.tags["test_ci95"] == f"[{best['test_lo']}, {best['test_hi']}]"
+    assert version.tags["method"] == best["method"] and "best validation accuracy" in version.tags["selection_rule"]
+    mlflow.set_tracking_uri(uri)
+    answers = mlflow.transformers.load_model("models:/peftlab-minilm-l6-bbc_news@best")(["The striker scored twice"])
+    stats = json.loads((work / "results" / "data" / "minilm-l6" / "bbc_news" / "stats.json").read_text())
+    assert answers[0]["label"] in stats["label_names"]
 
 
 @pytest.mark.slow

@@ -199,11 +199,13 @@ def register(client, name: str, entry: dict, run_id: str, selection: dict) -> di
         version = latest
     else:
         chosen = selection["chosen"]
-        version = client.create_model_version(
-            name, source=entry["model_uri"], run_id=run_id, tags=version_tags(selection), model_id=entry["model_id"],
-            description=f"{chosen['method']}/{chosen['variant']} seed {chosen['seed']}: mean test "
-                        f"{selection['metric']} {selection['cell']['test_mean']:.4f} over "
-                        f"{selection['cell']['n_seeds']} seed(s)")
+        with _fluent_uri(client.tracking_uri):  # MLflow resolves a models:/ source through it
+            version = client.create_model_version(
+                name, source=entry["model_uri"], run_id=run_id, tags=version_tags(selection),
+                model_id=entry["model_id"],
+                description=f"{chosen['method']}/{chosen['variant']} seed {chosen['seed']}: mean test "
+                            f"{selection['metric']} {selection['cell']['test_mean']:.4f} over "
+                            f"{selection['cell']['n_seeds']} seed(s)")
     client.set_registered_model_alias(name, ALIAS, version.version)
     return {"name": name, "version": int(version.version), "alias": ALIAS, "uri": f"models:/{name}@{ALIAS}"}
 
