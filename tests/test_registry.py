@@ -57,6 +57,8 @@ def test_the_registry_gets_the_reports_best_method_and_its_best_validation_seed(
 
     nothing = select_best(runs, cells.assign(not_trained=True))
     assert nothing["chosen"] is None and "no-learning baseline" in nothing["reason"]
+    failed = select_best(runs.assign(status="failed"), pd.DataFrame())  # cell_table of no completed run
+    assert failed["chosen"] is None and "no run of this task completed" in failed["reason"]
 
 
 @pytest.fixture
@@ -140,9 +142,12 @@ def test_a_merged_run_is_a_transformers_pipeline_registered_with_its_numbers(
     reg = register(client, "peftlab-minilm-l6-rotten_tomatoes", entry, run_id, selection)
     assert reg == {"name": "peftlab-minilm-l6-rotten_tomatoes", "version": 1, "alias": "best",
                    "uri": "models:/peftlab-minilm-l6-rotten_tomatoes@best"}
+    # the same model again (a later report, one more seed): the same version, its numbers updated
+    selection["cell"] |= {"test_mean": 0.81, "n_seeds": 2}
     assert register(client, reg["name"], entry, run_id, selection)["version"] == 1
     version = client.get_model_version_by_alias(reg["name"], "best")
-    assert version.tags["method"] == "lora" and version.tags["test_mean"] == "0.8" and version.run_id == run_id
+    assert version.tags["method"] == "lora" and version.tags["test_mean"] == "0.81" and version.run_id == run_id
+    assert version.tags["n_seeds"] == "2" and len(client.search_model_versions(f"name = '{reg['name']}'")) == 1
 
     stats, texts, probs = _texts_and_reference(run, minilm_task, minilm_spec)
     mlflow.set_tracking_uri(client.tracking_uri)

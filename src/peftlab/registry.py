@@ -52,8 +52,11 @@ def registered_name(model: str, task: str) -> str:
 def select_best(task_runs: pd.DataFrame, cells: pd.DataFrame) -> dict:
     """The run to register and the numbers behind it (``report.cell_table``'s cells of one
     task); ``{"chosen": None, "reason": ...}`` when no method learned."""
-    trained = cells[~cells["not_trained"].astype(bool)].sort_values("test_mean", ascending=False, kind="stable")
     metric = str(cells["main_metric"].iloc[0]) if len(cells) else "score"
+    if not len(cells):
+        return {"chosen": None, "rule": SELECTION_RULE.format(metric=metric),
+                "reason": "no run of this task completed: nothing is registered (the report lists why)"}
+    trained = cells[~cells["not_trained"].astype(bool)].sort_values("test_mean", ascending=False, kind="stable")
     if not len(trained):
         return {"chosen": None, "rule": SELECTION_RULE.format(metric=metric),
                 "reason": "no method's 95% interval clears the no-learning baseline at this budget: nothing "
@@ -183,8 +186,8 @@ def logged_model_of(client, experiment_id: str, run_id: str, sha: str):
 
 
 def register(client, name: str, entry: dict, run_id: str, selection: dict) -> dict:
-    """A new version of ``name`` for the chosen run's model (reused when the latest version
-    already is that model), with the selection's tags, and alias ``best`` on it."""
+    """A new version of ``name`` for the chosen run's model (the latest version when it already
+    is that model, its tags brought up to date), with the selection's tags, and alias ``best``."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -196,7 +199,10 @@ def register(client, name: str, entry: dict, run_id: str, selection: dict) -> di
     versions = client.search_model_versions(f"name = '{name}'")
     latest = max(versions, key=lambda v: int(v.version)) if versions else None
     if latest is not None and latest.source == entry["model_uri"]:
-        version = latest
+        version = latest  # the same model: its tags follow the report's current numbers
+        for key, value in version_tags(selection).items():
+            if latest.tags.get(key) != value:
+                client.set_model_version_tag(name, latest.version, key, value)
     else:
         chosen = selection["chosen"]
         with _fluent_uri(client.tracking_uri):  # MLflow resolves a models:/ source through it
