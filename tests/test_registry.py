@@ -4,6 +4,7 @@ logged flavour loading back through MLflow with the run's own outputs."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from peftlab.registry import (
     logged_model_of,
     register,
     select_best,
+    using_tracking_uri,
     version_tags,
     weights_sha256,
 )
@@ -113,8 +115,8 @@ def test_a_run_without_a_merged_form_is_a_pyfunc_that_predicts_the_runs_labels(
     assert logged_model_of(client, st.experiment_id, run_id, "other weights") is None
 
     stats, texts, probs = _texts_and_reference(run, minilm_task, minilm_spec)
-    mlflow.set_tracking_uri(client.tracking_uri)
-    predicted = mlflow.pyfunc.load_model(entry["model_uri"]).predict(pd.DataFrame({"text": texts}))
+    with using_tracking_uri(client.tracking_uri):  # not left set: it is exported to later jobs
+        predicted = mlflow.pyfunc.load_model(entry["model_uri"]).predict(pd.DataFrame({"text": texts}))
     names = stats["label_names"]
     assert list(predicted["label"]) == [names[i] for i in probs.argmax(-1).tolist()]
     assert np.allclose(predicted["score"], probs.max(-1).values.numpy(), atol=1e-5)
@@ -150,9 +152,10 @@ def test_a_merged_run_is_a_transformers_pipeline_registered_with_its_numbers(
     assert version.tags["n_seeds"] == "2" and len(client.search_model_versions(f"name = '{reg['name']}'")) == 1
 
     stats, texts, probs = _texts_and_reference(run, minilm_task, minilm_spec)
-    mlflow.set_tracking_uri(client.tracking_uri)
-    answers = mlflow.transformers.load_model(reg["uri"])(texts)
+    with using_tracking_uri(client.tracking_uri):
+        answers = mlflow.transformers.load_model(reg["uri"])(texts)
     assert [a["label"] for a in answers] == [stats["label_names"][i] for i in probs.argmax(-1).tolist()]
     assert np.allclose([a["score"] for a in answers], probs.max(-1).values.numpy(), atol=1e-5)
     assert json.loads(json.dumps(entry))["model_uri"].startswith("models:/")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # put back as it was: later jobs log where they should
 

@@ -200,6 +200,8 @@ def test_the_reports_best_run_is_registered_with_its_numbers(tmp_path):
     import mlflow
     import yaml
 
+    from peftlab.registry import using_tracking_uri
+
     work = workflow_copy(tmp_path)
     cfg = yaml.safe_load((work / "tests" / "configs" / "tiny.yaml").read_text())
     cfg |= {"tasks": {"bbc_news": {"max_train_examples": 96, "max_eval_examples": 64, "max_length": 48}},
@@ -228,8 +230,8 @@ def test_the_reports_best_run_is_registered_with_its_numbers(tmp_path):
     assert float(version.tags["test_mean"]) == pytest.approx(best["test_mean"])
     assert version.tags["test_ci95"] == f"[{best['test_lo']}, {best['test_hi']}]"
     assert version.tags["method"] == best["method"] and "best validation accuracy" in version.tags["selection_rule"]
-    mlflow.set_tracking_uri(uri)
-    answers = mlflow.transformers.load_model("models:/peftlab-minilm-l6-bbc_news@best")(["The striker scored twice"])
+    with using_tracking_uri(uri):  # not left set: MLflow exports it to the later tests' jobs
+        answers = mlflow.transformers.load_model("models:/peftlab-minilm-l6-bbc_news@best")(["The striker scored twice"])
     stats = json.loads((work / "results" / "data" / "minilm-l6" / "bbc_news" / "stats.json").read_text())
     assert answers[0]["label"] in stats["label_names"]
 

@@ -119,8 +119,10 @@ def serving_requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def _fluent_uri(uri: str):
-    """MLflow's flavour ``log_model`` calls write through the process-wide tracking URI."""
+def using_tracking_uri(uri: str):
+    """MLflow's flavour ``log_model`` and ``models:/`` lookups go through the process-wide tracking
+    URI, which MLflow also exports as ``MLFLOW_TRACKING_URI`` (and peftlab's jobs obey that
+    variable): set for the block only, then put back as it was."""
     import mlflow
 
     old = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
@@ -145,7 +147,7 @@ def log_exported(client, experiment_id: str, run_id: str, export_dir: Path, sha:
     flavour = "transformers" if "merged" in forms else "pyfunc"
     logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                         tags={WEIGHTS_TAG: sha, "peftlab.flavour": flavour})
-    with _fluent_uri(client.tracking_uri):
+    with using_tracking_uri(client.tracking_uri):
         if flavour == "transformers":
             info = mlflow.transformers.log_model(_pipeline(export_dir / "merged", manifest["task"]), name=MODEL_NAME,
                                                  model_id=logged.model_id, pip_requirements=serving_requirements())
@@ -205,7 +207,7 @@ def register(client, name: str, entry: dict, run_id: str, selection: dict) -> di
                 client.set_model_version_tag(name, latest.version, key, value)
     else:
         chosen = selection["chosen"]
-        with _fluent_uri(client.tracking_uri):  # MLflow resolves a models:/ source through it
+        with using_tracking_uri(client.tracking_uri):  # MLflow resolves a models:/ source through it
             version = client.create_model_version(
                 name, source=entry["model_uri"], run_id=run_id, tags=version_tags(selection),
                 model_id=entry["model_id"],
