@@ -19,7 +19,6 @@ the ``mlflow_models`` rule (config ``mlflow.log_model: best | all``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -103,7 +102,9 @@ def version_tags(selection: dict) -> dict[str, str]:
 
 
 def weights_sha256(run_dir: str | Path) -> str:
-    return hashlib.sha256((Path(run_dir) / "trainable.safetensors").read_bytes()).hexdigest()
+    from .tracking import _sha256
+
+    return _sha256(Path(run_dir) / "trainable.safetensors")
 
 
 def serving_requirements() -> list[str]:
@@ -266,7 +267,10 @@ def models_stage(summary_path, stats_path, model: str, task: str, model_spec, mo
 
 
 def _run_id(r) -> str:
-    return f"{r.model}/{r.task}/{r.method}/{r.variant}/seed{int(r.seed)}"
+    """The run folder of a summary row (``RunKey.path``)."""
+    from .config import RunKey
+
+    return RunKey(r.model, r.task, r.method, r.variant, int(r.seed)).path()
 
 
 def _same_run(r, chosen: dict) -> bool:
