@@ -357,8 +357,9 @@ def test_builtin_spec_from_config_keeps_entry_fields():
     spec = ModelSpec.from_config("minilm-l6", {"targets": {"query": r"self\.query$"}})
     assert spec.pretrained is None
     assert spec.targets == {"query": r"self\.query$"}
-    # Gemma-3-270M is built in for generative tasks only: its own test below
-    assert set(BUILTIN_MODELS) == set(EXPECTED) | {"gemma3-270m"}
+    # Gemma-3-270M is built in for generative tasks only (its own test below), DINOv2-S for
+    # image tasks (tests/test_dinov2.py, tests/test_images.py)
+    assert set(BUILTIN_MODELS) == set(EXPECTED) | {"gemma3-270m", "dinov2-s"}
 
 
 @pytest.mark.parametrize("entry", [{}, None, {"revision": "main"}])

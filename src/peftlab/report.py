@@ -682,6 +682,38 @@ def figure_gift_tokens(view: dict, title: str):
     return fig
 
 
+def _overlay(rgb: np.ndarray, cluster_map: list[list[int]], colors: list[str], alpha: float = 0.5) -> np.ndarray:
+    """An image with each patch tinted by its cluster's colour (the cluster map upsampled to the image)."""
+    grid = np.asarray(cluster_map)
+    cell = np.kron(grid, np.ones((rgb.shape[0] // grid.shape[0], rgb.shape[1] // grid.shape[1]), dtype=int))
+    palette = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colors], dtype=float)
+    tint = palette[cell % len(palette)]
+    return (rgb[:cell.shape[0], :cell.shape[1]] * (1 - alpha) + tint * alpha).astype(np.uint8)
+
+
+def figure_gift_patches(view: dict, title: str):
+    """Per image: the image, GIFT's patch clusters over it, and the frozen model's (the control)."""
+    from PIL import Image
+
+    plt = _plt()
+    images, colors = view["images"], view["colors"]
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.2, 2.45 * len(images)), squeeze=False)
+    for row, v in zip(axes, images, strict=True):
+        rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(v["png"]))).convert("RGB"))
+        label = f" [{v['label']}; predicted {v['predicted']}]" if v.get("label") is not None else ""
+        panels = [(rgb, f"{v['source']}{label}"),
+                  (_overlay(rgb, v["gift"]["map"], colors), f"GIFT W·φ: k={v['gift']['k']} (sil. {v['gift']['silhouette']:.2f})"),
+                  (_overlay(rgb, v["control"]["map"], colors),
+                   f"frozen model: k={v['control']['k']} (sil. {v['control']['silhouette']:.2f})")]
+        for ax, (img, text) in zip(row, panels, strict=True):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(text, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    return fig
+
+
 # ---------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------
@@ -852,17 +884,19 @@ def _setup_data(stats: dict) -> list[str]:
     parts, task_rows, split_rows = [], [], []
     for (model, task), s in sorted(stats.items()):
         t = s.get("task", {})
+        image = s.get("image_shape")
         task_rows.append({"model": model, "task": task, "source": generated_note(s) or t.get("source", "–"),
                           "problem": _problem_text(s), "metric": s.get("main_metric"),
                           "labels": ", ".join(s.get("label_names") or []) or "–",
-                          "max_length": t.get("max_length"), "raw": s.get("raw_examples"),
+                          "max_length": None if image else t.get("max_length"), "raw": s.get("raw_examples"),
                           "fingerprint": s.get("fingerprint")})
         for split, v in s["splits"].items():
             balance = v.get("label_balance") or v.get("test_sets") or {}
+            lengths = v.get("length_tokens") or {}
             split_rows.append({"model": model, "task": task, "split": split, "size": v["size"],
                                "labels": ", ".join(f"{k}: {n}" for k, n in balance.items()),
-                               "p50": v["length_tokens"]["p50"], "p95": v["length_tokens"]["p95"],
-                               "truncated": v["truncated_share"], "fingerprint": v["fingerprint"]})
+                               "p50": lengths.get("p50"), "p95": lengths.get("p95"),
+                               "truncated": v.get("truncated_share"), "fingerprint": v["fingerprint"]})
     if task_rows:
         parts.append("<h3>Tasks</h3>" + _table(pd.DataFrame(task_rows), [
             ("task", "task", -1), ("model", "tokenized for", -1), ("source", "source", -1),
@@ -944,6 +978,11 @@ def _problem_text(stats: dict) -> str:
     """A task's kind as the report states it; generative kinds with their scoring and loss."""
     kind = stats.get("kind") or stats.get("problem_type")
     t = stats.get("task", {})
+    if stats.get("image_shape"):
+        c, h, w = stats["image_shape"]
+        grid = stats.get("patch_grid")
+        patches = f", {grid[0]}x{grid[1]} patches" if grid else ""
+        return f"{kind} ({c}x{h}x{w} pixels{patches}, through the model's image processor)"
     if kind not in ("generation", "multiple_choice"):
         return str(kind)
     loss = "loss on prompt + target" if t.get("train_on_prompt") else "loss on target only"
@@ -985,9 +1024,28 @@ def _examples_section(done: pd.DataFrame, per_kind: int = 2) -> list[str]:
                                         ("output", "output", -1), ("answer", "answer", -1)])]
 
 
+def _gift_patch_section(view: dict, figures: Figures, name: str) -> list[str]:
+    run = view["run"]
+    return [f"<h3 id='gift-{html.escape(run['model'])}-{html.escape(run['task'])}'>GIFT: what its first "
+            "projection sees in the patches</h3>",
+            f"<p class='note'>GIFT generates its weights as W' = W (I + φψ), one (φ, ψ) per target role shared by all "
+            f"layers. In layer {view['layer'] + 1} of {view['n_layers']}, each patch token's frozen output y = xWᵀ + b "
+            f"is projected by the first linear map, y·W·φ (role <code>{html.escape(view['role'])}</code>, "
+            f"r = {view['r']}), of the trained run <code>{html.escape(run['variant'])}/seed{run['seed']}</code>, and "
+            "each image's patch projections (L2-normalised) are clustered with k-means, k from 2 to 6 by silhouette: "
+            "the middle column, the image counterpart of the GIFT paper's figure. The right column is the control: "
+            "the same clustering of the same module's output in the frozen pretrained model (no GIFT, full width). "
+            "Test images come first (labels in turn, at the task's image size), then two real photos at 224 px "
+            "(scikit-learn's samples, unlabelled, read by the same trained model).</p>",
+            _img(figures.add(figure_gift_patches(view, f"{run['task']} · {run['model']}: GIFT patch clusters"), name),
+                 f"{run['task']} GIFT patch clusters")]
+
+
 def _gift_section(view: dict, figures: Figures, name: str) -> list[str]:
     if view.get("status") != COMPLETED:
         return [f"<p class='note'>GIFT token view not available: {html.escape(_failure_of(view)['reason'])}</p>"]
+    if view.get("kind") == "image":
+        return _gift_patch_section(view, figures, name)
     run = view["run"]
     parts = [f"<h3 id='gift-{html.escape(run['model'])}-{html.escape(run['task'])}'>GIFT: what its first "
              "projection sees in the tokens</h3>",

@@ -21,9 +21,14 @@ import mlflow.pyfunc
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
+def is_image_task(task: dict) -> bool:
+    return task.get("kind") == "image_classification"
+
+
 def signature(task: dict):
-    """Input: a ``text`` column; output: ``label`` and ``score`` (classification), ``score``
-    (regression) or ``text`` (generative tasks)."""
+    """Input: a ``text`` column (an image task: an ``image`` column of encoded image bytes);
+    output: ``label`` and ``score`` (classification), ``score`` (regression) or ``text``
+    (generative tasks)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -36,7 +41,8 @@ def signature(task: dict):
     else:
         out = [ColSpec("string", "label"), ColSpec("double", "score")]
     params = ParamSchema([ParamSpec("max_new_tokens", "long", task.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)])
-    return ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(out), params=params)
+    inputs = ColSpec("binary", "image") if is_image_task(task) else ColSpec("string", "text")
+    return ModelSignature(inputs=Schema([inputs]), outputs=Schema(out), params=params)
 
 
 class PeftlabModel(mlflow.pyfunc.PythonModel):
@@ -55,7 +61,8 @@ class PeftlabModel(mlflow.pyfunc.PythonModel):
 
         from .models import GENERATIVE_PROBLEMS
 
-        texts = list(model_input["text"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
+        column = "image" if is_image_task(self.task) else "text"
+        texts = list(model_input[column]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         if self.task["problem_type"] in GENERATIVE_PROBLEMS:
             limit = int((params or {}).get("max_new_tokens") or self.task.get("max_new_tokens")
                         or DEFAULT_MAX_NEW_TOKENS)
@@ -80,10 +87,16 @@ def _load(folder: Path, manifest: dict):
     from .models import auto_model_class
 
     task = manifest["task"]
-    auto, kwargs = auto_model_class(task["num_labels"], task["problem_type"])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    auto, kwargs = auto_model_class(task["num_labels"], task["problem_type"], is_image_task(task))
+    if is_image_task(task):
+        from transformers import AutoImageProcessor
+
+        tokenizer = AutoImageProcessor.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
     base = auto.from_pretrained(manifest["base"]["name_or_path"], revision=manifest["base"].get("revision"),
-                                dtype=torch.float32, pad_token_id=tokenizer.pad_token_id, **kwargs)
+                                dtype=torch.float32, **kwargs)
     return PeftModel.from_pretrained(base, folder).eval(), tokenizer
 
 
@@ -91,7 +104,13 @@ def _classify(model, tokenizer, texts: list[str], task: dict):
     import pandas as pd
     import torch
 
-    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    if is_image_task(task):  # encoded images (bytes) through the image processor
+        from .imagedata import size_kwargs, to_pil
+
+        batch = tokenizer(images=[to_pil(x, "served model") for x in texts], return_tensors="pt",
+                          **size_kwargs(tokenizer, task.get("image_size")))
+    else:
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits.float()
     if task["problem_type"] == "regression":

@@ -40,6 +40,7 @@ from .distributed import Context, ShardedBatches
 from .errors import TrainingError
 from .gendata import GENERATIVE_KINDS
 from .generation import IGNORE, CausalCollator, evaluate_generative, loss_of
+from .imagedata import IMAGE_CLASSIFICATION
 from .io import dir_size_bytes, fingerprint, read_json, write_json
 from .methods import build_method
 from .metrics import compute_metrics
@@ -79,9 +80,28 @@ class Collator:
         return batch
 
 
+class ImageCollator:
+    """Stacks prepared images (flattened float16 pixel values) into a float32 ``pixel_values``
+    batch of ``shape`` (C, H, W) each."""
+
+    def __init__(self, shape: list[int]):
+        self.shape = tuple(int(x) for x in shape)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pixels = np.stack([np.asarray(r["pixel_values"], dtype=np.float32).reshape(self.shape) for r in rows])
+        return {"pixel_values": torch.from_numpy(pixels), "labels": torch.tensor([r["label"] for r in rows])}
+
+
 def _rows(frame: pd.DataFrame) -> list[dict]:
-    cols = [c for c in ("input_ids", "token_type_ids", "label", "prompt_length") if c in frame]
+    cols = [c for c in ("input_ids", "token_type_ids", "pixel_values", "label", "prompt_length") if c in frame]
     return frame[cols].to_dict("records")
+
+
+def row_lengths(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's token count (a prepared image: all the same, its patches)."""
+    if "input_ids" not in frame:
+        return np.ones(len(frame), dtype=int)
+    return frame["input_ids"].map(len).to_numpy()
 
 
 def is_generative(stats: dict) -> bool:
@@ -89,8 +109,15 @@ def is_generative(stats: dict) -> bool:
     return stats.get("kind", "classification") in GENERATIVE_KINDS
 
 
-def collator_for(stats: dict, tokenizer) -> Collator | CausalCollator:
-    """The batches of a prepared task: classifier rows, or prompt + target rows of a causal LM."""
+def is_image(stats: dict) -> bool:
+    """An image-classification task (pixel values through a ViT)."""
+    return stats.get("kind") == IMAGE_CLASSIFICATION
+
+
+def collator_for(stats: dict, tokenizer) -> Collator | CausalCollator | ImageCollator:
+    """The batches of a prepared task: classifier rows, images, or prompt + target rows of a causal LM."""
+    if is_image(stats):
+        return ImageCollator(stats["image_shape"])
     if is_generative(stats):
         return CausalCollator(tokenizer.pad_token_id, bool(stats["task"].get("train_on_prompt", False)))
     return Collator(tokenizer.pad_token_id, stats["problem_type"] == REGRESSION)
@@ -176,15 +203,19 @@ class Throughput:
     def restart(self) -> None:
         self.mark = time.perf_counter()
 
-    def step(self, attention_mask: torch.Tensor) -> None:
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Count a finished step of ``batch`` (an image batch, with no attention mask, counts
+        one token per image)."""
         now = time.perf_counter()
         self.seen += 1
         if self.seen > self.warmup:
             self.steps += 1
             self.seconds += now - self.mark
-            self.examples += int(attention_mask.shape[0])
-            self.tokens += int(attention_mask.sum())
-            self.padded += int(attention_mask.numel())
+            mask = batch.get("attention_mask")
+            rows = len(batch["labels"])
+            self.examples += rows
+            self.tokens += int(mask.sum()) if mask is not None else rows
+            self.padded += int(mask.numel()) if mask is not None else rows
         self.mark = now
 
     def summary(self) -> dict[str, Any] | None:
@@ -201,11 +232,12 @@ def make_train_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, 
     """The shuffled training loader: plain random batches, or ``LengthGroupedBatches``, of
     ``batch_size`` rows (a global batch); with ``world`` processes, this ``rank``'s shard of each
     (``distributed.ShardedBatches``: every process draws the same order)."""
+    group_by_length = group_by_length and "input_ids" in frame  # images all have one length
     if not group_by_length and world == 1:
         return make_loader(frame, batch_size, collator, shuffle=True, seed=seed, pin_memory=pin_memory)
     gen = torch.Generator().manual_seed(seed)
     if group_by_length:
-        sampler = LengthGroupedBatches(frame["input_ids"].map(len).tolist(), batch_size, gen)
+        sampler = LengthGroupedBatches(row_lengths(frame).tolist(), batch_size, gen)
     else:  # what DataLoader(shuffle=True) builds, drawing from the same generator
         sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(len(frame)), generator=gen),
                                                 batch_size, drop_last=False)
@@ -217,13 +249,16 @@ def make_train_loader(frame: pd.DataFrame, batch_size: int, collator: Collator, 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """``batch`` cut into batches of ``size`` rows (gradient accumulation), each trimmed to its
-    own longest row (rows are right-padded)."""
-    n = len(batch["attention_mask"])
+    own longest row (rows are right-padded; images are not cut)."""
+    n = len(batch["labels"])
     if n <= size:
         return [batch]
     out = []
     for start in range(0, n, size):
         part = {k: v[start:start + size] for k, v in batch.items()}
+        if "attention_mask" not in part:
+            out.append(part)
+            continue
         width = int(part["attention_mask"].sum(dim=1).max())
         out.append({k: v[:, :width] if v.ndim == 2 else v for k, v in part.items()})
     return out
@@ -243,7 +278,7 @@ def make_eval_loader(frame: pd.DataFrame, batch_size: int, collator: Collator,
     """Batches of rows sorted by token count, so each batch pads to a similar length (on
     rotten_tomatoes' validation split, half the time of batches in file order). ``predict``
     puts the outputs back in the frame's row order."""
-    order = np.argsort(frame["input_ids"].map(len).to_numpy(), kind="stable")
+    order = np.argsort(row_lengths(frame), kind="stable")
     loader = make_loader(frame.iloc[order], batch_size, collator, shuffle=False, pin_memory=pin_memory)
     loader.row_order = order
     return loader
@@ -649,7 +684,7 @@ class _Loop:
         """One optimizer step on ``batch`` (this process's share of a global batch):
         "trained", "skipped" (a non-finite loss under ``skip``) or "stop" (the run failed)."""
         cfg, guard = self.cfg, self.guard
-        self.attention_mask = batch["attention_mask"]
+        self.last_batch = batch
         loss = self._backward(batch)
         if self.defer:
             self.pending.append((self.step, loss))
@@ -706,7 +741,7 @@ class _Loop:
             self.bar.set_postfix(loss=f"{self.running / self.n_running:.4f}")
             self.running, self.n_running = 0.0, 0
         self.batch_in_epoch += 1
-        self.speed.step(self.attention_mask)
+        self.speed.step(self.last_batch)
         if self.step in self.evaluate_at:
             self.validate_now()
             self.speed.restart()

@@ -50,6 +50,13 @@ def check_dropout(key: str, value) -> None:
         raise ValueError(f"{key} must be in [0, 1), got {value!r}")
 
 
+# methods with no meaning on an image task, and why (config validation refuses them at DAG build)
+TEXT_ONLY_METHODS = {
+    "prompt_tuning": "it prepends trained virtual tokens to a text model's input embeddings, and an image "
+                     "model reads pixels (visual prompt tuning is a different method, not implemented here)",
+}
+
+
 @dataclass
 class MethodConfig:
     """Base class of the typed per-method configs (fields = the variant's ``method:`` keys)."""

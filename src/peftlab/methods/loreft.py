@@ -8,7 +8,10 @@ state added after chosen transformer blocks (ReFT paper, Eq. 2):
 R (r x d) has orthonormal rows; W (r x d), b (r) are a plain linear map. The edit acts on the
 OUTPUT of each chosen block, only at the first ``first_n`` and last ``last_n`` non-pad tokens
 of every sequence (found from the attention mask, so left and right padding give the same
-positions). Only the edits and the classification head train. The edit acts on activations,
+positions). On an image model (a ViT: CLS, then the patches in raster order) there is no
+padding and no meaningful "last" patch: the first ``first_n`` positions (the CLS token) get the
+first edit and the ``last_n`` positions right after them (the first patches) the second; with
+the defaults, the CLS and first patch positions. Only the edits and the classification head train. The edit acts on activations,
 so it cannot be merged into the weights: inference pays for it (a few r x d products per
 intervened block).
 
@@ -84,6 +87,7 @@ class _PositionTracker:
     def __init__(self, first_n: int, last_n: int):
         self.first_n, self.last_n = first_n, last_n
         self.positions: torch.Tensor | None = None
+        self.image = False  # the current call reads pixel values: positions follow from the block's output
         self.prompt_length: torch.Tensor | None = None
 
     def take_prompt_length(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -91,7 +95,20 @@ class _PositionTracker:
         self.prompt_length = kwargs.pop("prompt_length", None)
         return args, kwargs
 
+    def image_positions(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """A ViT's edited positions: FIRST at the first ``first_n`` tokens (CLS), LAST at the
+        ``last_n`` after them (the first patches)."""
+        pos = torch.full(shape, NONE, dtype=torch.long, device=device)
+        pos[:, :self.first_n] = FIRST
+        pos[:, self.first_n:self.first_n + self.last_n] = LAST
+        return pos
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pixels = kwargs.get("pixel_values", args[0] if args and getattr(args[0], "dim", lambda: 0)() == 4 else None)
+        self.image = pixels is not None
+        if self.image:
+            self.positions = None
+            return
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:  # HF backbones: (input_ids, attention_mask, ...)
             mask = args[1]
@@ -175,7 +192,8 @@ class LoreftLayer(nn.Module):
         self._tracker = tracker  # shared with the backbone pre-hook (a plain object, no state)
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
-        pos = self._tracker.positions
+        tracker = self._tracker
+        pos = tracker.image_positions(h.shape[:2], h.device) if tracker.image else tracker.positions
         if pos is None or pos.shape != h.shape[:2]:
             raise RuntimeError(
                 "loreft: no edited positions for this call; call the model (or its backbone) "
