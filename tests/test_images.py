@@ -293,3 +293,37 @@ def test_an_image_run_exports_and_serves_encoded_images(method, fashion_task, tm
     assert set(out["label"]) <= set(manifest["task"]["label_names"]) and (out["score"] > 0).all()
     assert [c.name for c in serving.signature(manifest["task"]).inputs.inputs] == ["image"]
     assert isinstance(out, pd.DataFrame)
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit"])
+def test_vit_and_deit_folders_resolve_roles_and_train(arch, tmp_path):
+    """A ViT and a DeiT saved as local folders (small random weights, their own processors, which
+    resize both edges with no crop): known as image models before loading, every role resolves
+    to one linear per layer, Fashion-MNIST is processed at their size and LoRA trains on it."""
+    import transformers
+
+    from peftlab.io import read_json
+    from peftlab.models import ROLES, is_image_spec, load_tokenizer, resolve_targets
+
+    config_cls, model_cls = {"vit": ("ViTConfig", "ViTForImageClassification"),
+                             "deit": ("DeiTConfig", "DeiTForImageClassification")}[arch]
+    config = getattr(transformers, config_cls)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(config).save_pretrained(tmp_path / arch)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / arch)
+    spec = ModelSpec.from_config(arch, {"pretrained": str(tmp_path / arch)})
+    assert is_image_spec(spec) is True
+    model = load_model(spec, 10, "single_label_classification", seed=0)
+    assert type(model).__name__ == model_cls
+    for role in ROLES:
+        assert len(resolve_targets(model, [role])) == 2, role
+    task = TaskSpec.from_config("fashion_mnist", {"max_train_examples": 40, "max_eval_examples": 20})
+    stats = prepare_task(task, load_tokenizer(spec), tmp_path / "data", patch_size=16)
+    assert stats["image_shape"] == [3, 32, 32] and stats["patch_grid"] == [2, 2]
+    assert read_json(tmp_path / "data" / "stats.json")["kind"] == "image_classification"
+    lora = build_method("lora", {"r": 2, "targets": ["query", "value"]}).apply(model)
+    loss = lora(**_batch(tmp_path / "data", 4)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for n, p in lora.named_parameters() if "lora_" in n)

@@ -617,8 +617,9 @@ def auto_model_class(num_labels: int, problem_type: str, image: bool = False):
 
     if problem_type in GENERATIVE_PROBLEMS:
         return AutoModelForCausalLM, {}
-    if image:
-        return AutoModelForImageClassification, {"num_labels": num_labels, "problem_type": problem_type}
+    if image:  # an image checkpoint often has a head of its own (ImageNet's 1,000 classes): replaced
+        return AutoModelForImageClassification, {"num_labels": num_labels, "problem_type": problem_type,
+                                                 "ignore_mismatched_sizes": True}
     return AutoModelForSequenceClassification, {"num_labels": num_labels, "problem_type": problem_type}
 
 
@@ -649,13 +650,14 @@ def held_load_report():
 
 
 def _report_load(spec: ModelSpec, model, info: dict, reports: list[logging.LogRecord]) -> None:
-    """A new task head is what fine-tuning expects: it is said once, in one line. Any other
+    """A new task head (or, on an image checkpoint, its own head resized to the task's classes)
+    is what fine-tuning expects: it is said once, in one line. Any other
     departure from the checkpoint (unexpected, mismatched or other missing weights) keeps
     transformers' own report."""
     missing = set(info.get("missing_keys") or ())
+    missing |= {k[0] if isinstance(k, (list, tuple)) else k for k in info.get("mismatched_keys") or ()}
     heads = set(head_module_names(model))
-    if missing and not info.get("unexpected_keys") and not info.get("mismatched_keys") \
-            and all(key.split(".")[0] in heads for key in missing):
+    if missing and not info.get("unexpected_keys") and all(key.split(".")[0] in heads for key in missing):
         log.info("%s: new task head (%s), not in the checkpoint: as expected, fine-tuning trains it",
                  spec.name, ", ".join(sorted(missing)))
         return
